@@ -1,0 +1,13 @@
+//! The OpenAI Images wire contract: request parsing and validation, model rule presets,
+//! the response body and the error body. Nothing here knows about backends or the server;
+//! everything else converts into these types at the edge.
+
+mod error;
+mod request;
+mod response;
+mod rules;
+
+pub use error::{ApiError, ErrorKind};
+pub use request::{parse_request, ImageRequest, RawRequest};
+pub use response::{ImageData, ImagesResponse, ModelList, ModelObject};
+pub use rules::{ModelRules, Quality, ResponseFormat, Size, Style};

@@ -1,0 +1,394 @@
+//! Parsing and validation of `POST /v1/images/generations` bodies.
+//!
+//! Parsing goes through `serde_json::Value` rather than a derived struct so that every error
+//! can name its field (`param`) and use OpenAI's wording, which SDK users match on.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::rules::{ModelRules, Quality, ResponseFormat, Size, Style};
+
+pub const DEFAULT_MODEL: &str = "dall-e-2";
+
+/// A body that is well-formed JSON with the right field types, not yet checked against a
+/// model's rules (which needs the model resolved first: unknown model is a 404, not a 400).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub n: Option<i64>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    pub response_format: Option<String>,
+    pub user: Option<String>,
+}
+
+/// A request that satisfies its model's rules, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub model: String,
+    pub prompt: String,
+    pub n: u32,
+    pub size: Size,
+    /// Present when the client sent it or the model offers a choice (dall-e-3).
+    pub quality: Option<Quality>,
+    /// Present when the model accepts a style.
+    pub style: Option<Style>,
+    pub response_format: ResponseFormat,
+    pub user: Option<String>,
+}
+
+const FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "n",
+    "size",
+    "quality",
+    "style",
+    "response_format",
+    "user",
+];
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a decimal",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(field: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid(
+        field,
+        format!(
+            "Invalid type for '{field}': expected {expected}, but got {} instead.",
+            type_name(got)
+        ),
+    )
+}
+
+fn take_string(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+/// Parses a JSON body into a [`RawRequest`]: malformed JSON, a non-object body, unknown
+/// fields and wrong types are 400s naming the field. `null` means "not given".
+pub fn parse_request(body: &[u8]) -> Result<RawRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            super::ErrorKind::InvalidRequest,
+            format!(
+                "We could not parse the JSON body of your request ({e}). The API expects a \
+                 JSON object as the body of a POST request."
+            ),
+        )
+    })?;
+    let mut obj = match value {
+        Value::Object(map) => map,
+        other => {
+            return Err(ApiError::new(
+                super::ErrorKind::InvalidRequest,
+                format!(
+                    "Invalid request body: expected a JSON object, but got {} instead.",
+                    type_name(&other)
+                ),
+            ))
+        }
+    };
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            unknown,
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
+    let n = match obj.remove("n") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(num)) if num.is_i64() => num.as_i64(),
+        // Larger than i64::MAX: an integer, and certainly above every maximum.
+        Some(Value::Number(num)) if num.is_u64() => Some(i64::MAX),
+        Some(other) => return Err(wrong_type("n", "an integer", &other)),
+    };
+    Ok(RawRequest {
+        model: take_string(&mut obj, "model")?,
+        prompt: take_string(&mut obj, "prompt")?,
+        n,
+        size: take_string(&mut obj, "size")?,
+        quality: take_string(&mut obj, "quality")?,
+        style: take_string(&mut obj, "style")?,
+        response_format: take_string(&mut obj, "response_format")?,
+        user: take_string(&mut obj, "user")?,
+    })
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("'{i}'")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn not_one_of<T: std::fmt::Display>(value: &str, allowed: &[T], field: &str) -> ApiError {
+    ApiError::invalid(
+        field,
+        format!("'{value}' is not one of {} - '{field}'", list(allowed)),
+    )
+}
+
+/// Checks an enum-valued field: first against the contract's values, then against what
+/// this model accepts.
+fn check_choice<T>(
+    value: Option<&str>,
+    field: &str,
+    all: &[T],
+    parse: fn(&str) -> Option<T>,
+    allowed: &[T],
+    model: &str,
+) -> Result<Option<T>, ApiError>
+where
+    T: Copy + PartialEq + std::fmt::Display,
+{
+    let Some(value) = value else { return Ok(None) };
+    let parsed = parse(value).ok_or_else(|| not_one_of(value, all, field))?;
+    if allowed.is_empty() {
+        return Err(ApiError::invalid(
+            field,
+            format!("Invalid '{field}': the model '{model}' does not support the '{field}' parameter."),
+        ));
+    }
+    if !allowed.contains(&parsed) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "'{value}' is not supported by the model '{model}'; expected one of {} - '{field}'",
+                list(allowed)
+            ),
+        ));
+    }
+    Ok(Some(parsed))
+}
+
+impl RawRequest {
+    /// The model asked for, or the contract's default.
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or(DEFAULT_MODEL)
+    }
+
+    /// Applies a model's rules and fills in defaults. `model` is the public model name.
+    pub fn validate(self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
+        let model = self.model().to_string();
+        let prompt = self.prompt.ok_or_else(|| {
+            ApiError::invalid("prompt", "Missing required parameter: 'prompt'.")
+        })?;
+        if prompt.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "prompt",
+                "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+            ));
+        }
+        let chars = prompt.chars().count();
+        if chars > rules.max_prompt_chars {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "Invalid 'prompt': string too long. Expected a string with maximum length {}, but got a string with length {chars} instead.",
+                    rules.max_prompt_chars
+                ),
+            ));
+        }
+
+        let n = self.n.unwrap_or(1);
+        if n < 1 {
+            return Err(ApiError::invalid(
+                "n",
+                format!("Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead."),
+            ));
+        }
+        if n > i64::from(rules.max_n) {
+            let message = if rules.max_n == 1 {
+                "You must provide n=1 for this model.".to_string()
+            } else {
+                format!(
+                    "Invalid 'n': integer above maximum value. Expected a value <= {}, but got {n} instead.",
+                    rules.max_n
+                )
+            };
+            return Err(ApiError::invalid("n", message));
+        }
+
+        let size = match self.size.as_deref() {
+            None => rules.default_size,
+            Some(s) => s
+                .parse::<Size>()
+                .ok()
+                .filter(|size| rules.sizes.contains(size))
+                .ok_or_else(|| not_one_of(s, &rules.sizes, "size"))?,
+        };
+
+        let quality = check_choice(
+            self.quality.as_deref(),
+            "quality",
+            Quality::ALL,
+            Quality::parse,
+            &rules.qualities,
+            &model,
+        )?
+        .or((rules.qualities.len() > 1).then_some(Quality::Standard));
+        let style = check_choice(
+            self.style.as_deref(),
+            "style",
+            Style::ALL,
+            Style::parse,
+            &rules.styles,
+            &model,
+        )?
+        .or((!rules.styles.is_empty()).then_some(Style::Vivid));
+
+        let response_format = match self.response_format.as_deref() {
+            None => ResponseFormat::Url,
+            Some(s) => ResponseFormat::parse(s)
+                .ok_or_else(|| not_one_of(s, ResponseFormat::ALL, "response_format"))?,
+        };
+
+        Ok(ImageRequest {
+            model,
+            prompt,
+            n: n as u32,
+            size,
+            quality,
+            style,
+            response_format,
+            user: self.user,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(json: &str, rules: ModelRules) -> Result<ImageRequest, ApiError> {
+        parse_request(json.as_bytes())?.validate(&rules)
+    }
+
+    fn param_of(json: &str, rules: ModelRules) -> Option<String> {
+        validate(json, rules).unwrap_err().param
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let raw = parse_request(br#"{"prompt":"a cat"}"#).unwrap();
+        assert_eq!(raw.model(), "dall-e-2");
+        let req = raw.validate(&ModelRules::dalle2()).unwrap();
+        assert_eq!(req.n, 1);
+        assert_eq!(req.size, Size::new(1024, 1024));
+        assert_eq!(req.response_format, ResponseFormat::Url);
+        assert_eq!(req.quality, None);
+        assert_eq!(req.style, None);
+
+        let req = validate(r#"{"model":"dall-e-3","prompt":"a cat"}"#, ModelRules::dalle3()).unwrap();
+        assert_eq!(req.quality, Some(Quality::Standard));
+        assert_eq!(req.style, Some(Style::Vivid));
+    }
+
+    #[test]
+    fn nulls_mean_absent() {
+        let req = validate(
+            r#"{"prompt":"x","n":null,"size":null,"user":null,"quality":null,"style":null}"#,
+            ModelRules::dalle2(),
+        )
+        .unwrap();
+        assert_eq!(req.n, 1);
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        for (json, field) in [
+            (r#"{"prompt":5}"#, "prompt"),
+            (r#"{"prompt":"x","n":"2"}"#, "n"),
+            (r#"{"prompt":"x","n":1.5}"#, "n"),
+            (r#"{"prompt":"x","size":1024}"#, "size"),
+            (r#"{"prompt":"x","user":{}}"#, "user"),
+            (r#"{"prompt":"x","model":["a"]}"#, "model"),
+            (r#"{"prompt":"x","response_format":true}"#, "response_format"),
+            (r#"{"prompt":"x","colour":"red"}"#, "colour"),
+        ] {
+            let err = parse_request(json.as_bytes()).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(field), "{json}");
+            assert_eq!(err.status(), 400);
+        }
+    }
+
+    #[test]
+    fn malformed_and_non_object_bodies_are_400() {
+        for body in ["", "{", "[1]", "\"prompt\"", "null"] {
+            let err = parse_request(body.as_bytes()).unwrap_err();
+            assert_eq!(err.status(), 400, "{body}");
+            assert!(err.param.is_none());
+        }
+    }
+
+    #[test]
+    fn dalle2_rules() {
+        let d2 = ModelRules::dalle2;
+        assert_eq!(param_of(r#"{"prompt":""}"#, d2()).as_deref(), Some("prompt"));
+        assert_eq!(param_of(r#"{"prompt":"   "}"#, d2()).as_deref(), Some("prompt"));
+        assert_eq!(param_of(r#"{}"#, d2()).as_deref(), Some("prompt"));
+        let long = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(1001));
+        assert_eq!(param_of(&long, d2()).as_deref(), Some("prompt"));
+        let ok = format!(r#"{{"prompt":"{}"}}"#, "é".repeat(1000));
+        assert!(validate(&ok, d2()).is_ok(), "limit counts characters, not bytes");
+        assert!(validate(r#"{"prompt":"x","n":10}"#, d2()).is_ok());
+        assert_eq!(param_of(r#"{"prompt":"x","n":11}"#, d2()).as_deref(), Some("n"));
+        assert_eq!(param_of(r#"{"prompt":"x","n":0}"#, d2()).as_deref(), Some("n"));
+        assert_eq!(param_of(r#"{"prompt":"x","n":-3}"#, d2()).as_deref(), Some("n"));
+        assert_eq!(
+            param_of(r#"{"prompt":"x","n":18446744073709551615}"#, d2()).as_deref(),
+            Some("n")
+        );
+        for size in ["256x256", "512x512", "1024x1024"] {
+            let json = format!(r#"{{"prompt":"x","size":"{size}"}}"#);
+            assert_eq!(validate(&json, d2()).unwrap().size.to_string(), size);
+        }
+        assert_eq!(param_of(r#"{"prompt":"x","size":"1792x1024"}"#, d2()).as_deref(), Some("size"));
+        assert!(validate(r#"{"prompt":"x","quality":"standard"}"#, d2()).is_ok());
+        assert_eq!(param_of(r#"{"prompt":"x","quality":"hd"}"#, d2()).as_deref(), Some("quality"));
+        assert_eq!(param_of(r#"{"prompt":"x","style":"vivid"}"#, d2()).as_deref(), Some("style"));
+    }
+
+    #[test]
+    fn dalle3_rules() {
+        let d3 = ModelRules::dalle3;
+        let j = |rest: &str| format!(r#"{{"model":"dall-e-3","prompt":"x"{rest}}}"#);
+        assert_eq!(param_of(&j(r#","n":2"#), d3()).as_deref(), Some("n"));
+        assert_eq!(
+            validate(&j(r#","n":2"#), d3()).unwrap_err().message,
+            "You must provide n=1 for this model."
+        );
+        assert_eq!(param_of(&j(r#","size":"512x512""#), d3()).as_deref(), Some("size"));
+        let req = validate(&j(r#","size":"1024x1792","quality":"hd","style":"natural""#), d3()).unwrap();
+        assert_eq!((req.quality, req.style), (Some(Quality::Hd), Some(Style::Natural)));
+        assert_eq!(param_of(&j(r#","quality":"ultra""#), d3()).as_deref(), Some("quality"));
+        assert_eq!(param_of(&j(r#","style":"cartoon""#), d3()).as_deref(), Some("style"));
+        assert_eq!(param_of(&j(r#","response_format":"png""#), d3()).as_deref(), Some("response_format"));
+        let long = format!(r#"{{"model":"dall-e-3","prompt":"{}"}}"#, "a".repeat(4000));
+        assert!(validate(&long, d3()).is_ok());
+        let long = format!(r#"{{"model":"dall-e-3","prompt":"{}"}}"#, "a".repeat(4001));
+        assert_eq!(param_of(&long, d3()).as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn size_error_uses_openai_wording() {
+        let err = validate(r#"{"prompt":"x","size":"1024x1025"}"#, ModelRules::dalle2()).unwrap_err();
+        assert_eq!(
+            err.message,
+            "'1024x1025' is not one of ['256x256', '512x512', '1024x1024'] - 'size'"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! Who is calling: bearer parsing, key hashing, the [`KeyStore`] trait and the [`Principal`]
+//! a request carries once authenticated.
+//!
+//! Keys are looked up by the SHA-256 of the presented secret, so a store never holds (and a
+//! log never shows) a secret; the key's public `id` is what logs and usage records name.
+
+mod static_store;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use crate::api::ApiError;
+
+pub use static_store::StaticKeyStore;
+
+pub type KeyHash = [u8; 32];
+
+pub fn hash_secret(secret: &str) -> KeyHash {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The models a principal may use.
+#[derive(Debug, Clone)]
+pub enum ModelSet {
+    All,
+    Only(Arc<HashSet<String>>),
+}
+
+impl ModelSet {
+    pub fn from_list(models: &[String]) -> Self {
+        if models.iter().any(|m| m == "*") {
+            ModelSet::All
+        } else {
+            ModelSet::Only(Arc::new(models.iter().cloned().collect()))
+        }
+    }
+
+    pub fn contains(&self, model: &str) -> bool {
+        match self {
+            ModelSet::All => true,
+            ModelSet::Only(set) => set.contains(model),
+        }
+    }
+
+    /// Models allowed by both sets (a key narrows its tenant).
+    pub fn intersect(&self, other: &ModelSet) -> ModelSet {
+        match (self, other) {
+            (ModelSet::All, x) | (x, ModelSet::All) => x.clone(),
+            (ModelSet::Only(a), ModelSet::Only(b)) => {
+                ModelSet::Only(Arc::new(a.intersection(b).cloned().collect()))
+            }
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: Arc<str>,
+    pub tenant: Arc<str>,
+    pub models: ModelSet,
+}
+
+impl Principal {
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models.contains(model)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing API key")]
+    Missing,
+    #[error("malformed Authorization header")]
+    Malformed,
+    #[error("unknown API key")]
+    Unknown,
+    #[error("disabled API key")]
+    Disabled,
+    #[error("key store unavailable: {0}")]
+    Store(String),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing => ApiError::invalid_api_key(
+                "You didn't provide an API key. You need to provide your API key in an \
+                 Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            ),
+            AuthError::Malformed => ApiError::invalid_api_key(
+                "Malformed Authorization header: expected `Authorization: Bearer YOUR_KEY`.",
+            ),
+            AuthError::Unknown => ApiError::invalid_api_key("Incorrect API key provided."),
+            AuthError::Disabled => ApiError::invalid_api_key("This API key has been disabled."),
+            AuthError::Store(_) => ApiError::new(
+                crate::api::ErrorKind::Unavailable,
+                "The key store is temporarily unavailable; please retry.",
+            )
+            .retry_after(std::time::Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Where keys live. The static store reads gateway.yaml; persistent stores (SQLite,
+/// PostgreSQL) implement the same trait.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    async fn authenticate(&self, hash: &KeyHash) -> Result<Principal, AuthError>;
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(header: Option<&http::HeaderValue>) -> Result<&str, AuthError> {
+    let value = header.ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?.trim();
+    if value.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn bearer_parsing() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(bearer_token(Some(&h("Bearer sk-1"))).unwrap(), "sk-1");
+        assert_eq!(bearer_token(Some(&h("bearer  sk-1 "))).unwrap(), "sk-1");
+        assert!(matches!(bearer_token(None), Err(AuthError::Missing)));
+        assert!(matches!(bearer_token(Some(&h("Basic abc"))), Err(AuthError::Malformed)));
+        assert!(matches!(bearer_token(Some(&h("Bearer"))), Err(AuthError::Malformed)));
+        assert!(matches!(bearer_token(Some(&h("sk-1"))), Err(AuthError::Malformed)));
+    }
+
+    #[test]
+    fn model_sets_intersect() {
+        let tenant = ModelSet::from_list(&["a".into(), "b".into()]);
+        let key = ModelSet::from_list(&["b".into(), "c".into()]);
+        let both = tenant.intersect(&key);
+        assert!(both.contains("b") && !both.contains("a") && !both.contains("c"));
+        assert!(ModelSet::All.intersect(&tenant).contains("a"));
+        assert!(ModelSet::from_list(&["*".into()]).contains("anything"));
+    }
+}

@@ -1,0 +1,169 @@
+//! Upstreams behind one [`Backend`] trait. One file per kind; adding a kind touches this
+//! directory and the config enum, nothing else.
+
+mod openai;
+mod sandbox;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::api::{ApiError, ErrorKind, ImageRequest};
+use crate::config::BackendConfig;
+
+pub use openai::OpenAiBackend;
+pub use sandbox::SandboxBackend;
+
+/// What a backend is asked to do: a validated request plus where it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamCall<'a> {
+    pub request: &'a ImageRequest,
+    /// Model name (Azure: deployment) the route target names; `None` means the backend's
+    /// default (Azure: its configured deployment; elsewhere: the public model name).
+    pub upstream_model: Option<&'a str>,
+    /// Our request id, forwarded as `x-request-id`.
+    pub request_id: &'a str,
+    /// The request's overall deadline; a backend never waits past it.
+    pub deadline: Instant,
+}
+
+impl UpstreamCall<'_> {
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Images as the upstream returned them; `images::` turns them into what the client asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    pub images: Vec<GeneratedImage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub payload: ImagePayload,
+    pub revised_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ImagePayload {
+    /// Decoded image bytes (from base64 or a binary answer).
+    Bytes(Bytes),
+    /// A URL the upstream hosts.
+    Url(String),
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> &'static str;
+    async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError>;
+}
+
+/// How an upstream call failed, in terms the client-facing mapping needs.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The upstream refused the request itself (400, e.g. content policy): passed through.
+    #[error("upstream rejected the request: {message}")]
+    Rejected {
+        message: String,
+        error_type: Option<String>,
+        code: Option<String>,
+        param: Option<String>,
+    },
+    /// Our credentials were refused (401/403): a gateway problem, never the client's.
+    #[error("upstream refused our credentials (HTTP {status})")]
+    Unauthorized { status: u16 },
+    #[error("upstream rate limited the request")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("upstream did not answer in time")]
+    Timeout,
+    #[error("cannot connect to upstream: {0}")]
+    Connect(String),
+    #[error("upstream answered HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("upstream answer unusable: {0}")]
+    BadResponse(String),
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Rejected {
+                message,
+                error_type,
+                code,
+                param,
+            } => {
+                let mut err = ApiError::new(ErrorKind::InvalidRequest, message);
+                if let Some(t) = error_type {
+                    err = err.error_type(t);
+                }
+                err.code = code;
+                err.param = param;
+                err
+            }
+            BackendError::Unauthorized { .. } => ApiError::new(
+                ErrorKind::BadGateway,
+                "The upstream provider refused the gateway's credentials. This is a gateway \
+                 configuration problem; please contact its operators.",
+            )
+            .code("upstream_auth_failed")
+            .should_retry(false),
+            BackendError::RateLimited { retry_after } => {
+                let after = retry_after.unwrap_or(Duration::from_secs(1));
+                ApiError::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                        "The upstream provider is rate limiting requests for this model. Please retry after {} s.",
+                        after.as_secs_f64().ceil() as u64
+                    ),
+                )
+                .code("rate_limit_exceeded")
+                .retry_after(after)
+            }
+            BackendError::Timeout => ApiError::new(
+                ErrorKind::Timeout,
+                "The upstream provider did not answer in time.",
+            )
+            .code("upstream_timeout"),
+            BackendError::Connect(_) => ApiError::new(
+                ErrorKind::BadGateway,
+                "The gateway could not connect to the upstream provider.",
+            )
+            .code("upstream_unreachable"),
+            BackendError::Status { status, .. } => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The upstream provider failed (HTTP {status})."),
+            )
+            .code("upstream_error"),
+            BackendError::BadResponse(detail) => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The upstream provider returned an unusable answer: {detail}."),
+            )
+            .code("upstream_error"),
+        }
+    }
+}
+
+/// Builds the backend a config entry describes. `http` is shared by all remote backends.
+pub fn build(config: &BackendConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
+    match config {
+        BackendConfig::Openai(c) => Arc::new(OpenAiBackend::openai(c, http.clone())),
+        BackendConfig::Azure(c) => Arc::new(OpenAiBackend::azure(c, http.clone())),
+        BackendConfig::Sandbox(c) => Arc::new(SandboxBackend::new(c)),
+    }
+}
+
+/// The reqwest client every remote backend shares: pooled, no redirects (an API call that
+/// redirects is a misconfiguration, and following it could leak credentials).
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+        .build()
+}

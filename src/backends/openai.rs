@@ -1,0 +1,353 @@
+//! OpenAI-compatible upstreams (OpenAI itself and anything that speaks its Images API) and
+//! Azure OpenAI, which differs only in URL shape and auth header.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
+use crate::config::{AzureConfig, OpenAiConfig, Secret};
+
+/// Largest upstream answer we read (ten large base64 PNGs fit comfortably).
+const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
+
+enum Flavor {
+    OpenAi { endpoint: String },
+    Azure {
+        base: String,
+        api_version: String,
+        default_deployment: Option<String>,
+    },
+}
+
+pub struct OpenAiBackend {
+    http: reqwest::Client,
+    flavor: Flavor,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+fn header_map(extra: &std::collections::BTreeMap<String, Secret>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in extra {
+        // Validated at config load.
+        if let (Ok(n), Ok(mut v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value.expose()),
+        ) {
+            v.set_sensitive(true);
+            headers.insert(n, v);
+        }
+    }
+    headers
+}
+
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+impl OpenAiBackend {
+    pub fn openai(c: &OpenAiConfig, http: reqwest::Client) -> Self {
+        let mut headers = header_map(&c.headers);
+        if let Some(v) = c
+            .api_key
+            .as_ref()
+            .and_then(|k| sensitive(&format!("Bearer {}", k.expose())))
+        {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        if let Some(v) = c.organization.as_deref().and_then(sensitive) {
+            headers.insert("openai-organization", v);
+        }
+        if let Some(v) = c.project.as_deref().and_then(sensitive) {
+            headers.insert("openai-project", v);
+        }
+        OpenAiBackend {
+            http,
+            flavor: Flavor::OpenAi {
+                endpoint: format!("{}/images/generations", c.base_url.trim_end_matches('/')),
+            },
+            headers,
+            timeout: c.timeout,
+        }
+    }
+
+    pub fn azure(c: &AzureConfig, http: reqwest::Client) -> Self {
+        let mut headers = header_map(&c.headers);
+        if let Some(v) = sensitive(c.api_key.expose()) {
+            headers.insert("api-key", v);
+        }
+        OpenAiBackend {
+            http,
+            flavor: Flavor::Azure {
+                base: c.endpoint.trim_end_matches('/').to_string(),
+                api_version: c.api_version.clone(),
+                default_deployment: c.deployment.clone(),
+            },
+            headers,
+            timeout: c.timeout,
+        }
+    }
+
+    fn url_and_body(&self, call: &UpstreamCall<'_>) -> (String, Value) {
+        let r = call.request;
+        let mut body = json!({
+            "prompt": r.prompt,
+            "n": r.n,
+            "size": r.size.to_string(),
+            "response_format": r.response_format.as_str(),
+        });
+        if let Some(q) = r.quality {
+            body["quality"] = q.as_str().into();
+        }
+        if let Some(s) = r.style {
+            body["style"] = s.as_str().into();
+        }
+        if let Some(u) = &r.user {
+            body["user"] = u.as_str().into();
+        }
+        let url = match &self.flavor {
+            Flavor::OpenAi { endpoint } => {
+                body["model"] = call.upstream_model.unwrap_or(&r.model).into();
+                endpoint.clone()
+            }
+            Flavor::Azure {
+                base,
+                api_version,
+                default_deployment,
+            } => {
+                // The upstream model of an Azure target is its deployment; a target that names
+                // none uses the backend's default deployment.
+                let deployment = call
+                    .upstream_model
+                    .or(default_deployment.as_deref())
+                    .unwrap_or(&r.model);
+                format!(
+                    "{base}/openai/deployments/{}/images/generations?api-version={}",
+                    url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),
+                    url::form_urlencoded::byte_serialize(api_version.as_bytes()).collect::<String>()
+                )
+            }
+        };
+        (url, body)
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    data: Vec<AnswerImage>,
+}
+
+#[derive(Deserialize)]
+struct AnswerImage {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    b64_json: Option<String>,
+    #[serde(default)]
+    revised_prompt: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: UpstreamError,
+}
+
+#[derive(Deserialize, Default)]
+struct UpstreamError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, rename = "type")]
+    error_type: Option<String>,
+    #[serde(default)]
+    param: Option<String>,
+    /// A string at OpenAI, sometimes a number elsewhere.
+    #[serde(default)]
+    code: Option<Value>,
+}
+
+/// `retry-after-ms` (float ms), else `retry-after` in seconds.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    let secs = get("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| get("retry-after"))?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> BackendError {
+    let err = serde_json::from_slice::<ErrorEnvelope>(body)
+        .map(|e| e.error)
+        .unwrap_or_default();
+    let code = err.code.map(|c| match c {
+        Value::String(s) => s,
+        other => other.to_string(),
+    });
+    match status {
+        400 => {
+            // Azure says `contentFilter`; clients know OpenAI's code.
+            let code = match code.as_deref() {
+                Some("contentFilter") | Some("content_filter") => {
+                    Some("content_policy_violation".to_string())
+                }
+                _ => code,
+            };
+            BackendError::Rejected {
+                message: err
+                    .message
+                    .unwrap_or_else(|| "The upstream provider rejected the request.".into()),
+                error_type: Some(
+                    err.error_type
+                        .unwrap_or_else(|| "invalid_request_error".to_string()),
+                ),
+                code,
+                param: err.param,
+            }
+        }
+        401 | 403 => BackendError::Unauthorized { status },
+        408 => BackendError::Timeout,
+        429 => BackendError::RateLimited {
+            retry_after: retry_after(headers),
+        },
+        _ => BackendError::Status {
+            status,
+            message: err.message.unwrap_or_default(),
+        },
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(BackendError::BadResponse(format!(
+                "answer larger than {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn transport_error(e: reqwest::Error) -> BackendError {
+    if e.is_timeout() {
+        BackendError::Timeout
+    } else if e.is_connect() {
+        BackendError::Connect(e.without_url().to_string())
+    } else {
+        BackendError::Status {
+            status: 0,
+            message: e.without_url().to_string(),
+        }
+    }
+}
+
+fn parse_answer(body: &[u8]) -> Result<Generation, BackendError> {
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|e| BackendError::BadResponse(format!("invalid JSON ({e})")))?;
+    if answer.data.is_empty() {
+        return Err(BackendError::BadResponse("no images in the answer".into()));
+    }
+    let engine = base64::engine::general_purpose::STANDARD;
+    let images = answer
+        .data
+        .into_iter()
+        .map(|img| {
+            let payload = match (img.b64_json, img.url) {
+                (Some(b64), _) => ImagePayload::Bytes(Bytes::from(
+                    engine
+                        .decode(b64.trim())
+                        .map_err(|_| BackendError::BadResponse("invalid base64 image".into()))?,
+                )),
+                (None, Some(url)) => ImagePayload::Url(url),
+                (None, None) => {
+                    return Err(BackendError::BadResponse(
+                        "an image has neither url nor b64_json".into(),
+                    ))
+                }
+            };
+            Ok(GeneratedImage {
+                payload,
+                revised_prompt: img.revised_prompt,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Generation { images })
+}
+
+#[async_trait]
+impl Backend for OpenAiBackend {
+    fn kind(&self) -> &'static str {
+        match self.flavor {
+            Flavor::OpenAi { .. } => "openai",
+            Flavor::Azure { .. } => "azure",
+        }
+    }
+
+    async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        let (url, body) = self.url_and_body(&call);
+        let timeout = self.timeout.min(call.remaining());
+        if timeout.is_zero() {
+            return Err(BackendError::Timeout);
+        }
+        let resp = self
+            .http
+            .post(url)
+            .headers(self.headers.clone())
+            .header("x-request-id", call.request_id)
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = read_capped(resp).await?;
+        if (200..300).contains(&status) {
+            parse_answer(&body)
+        } else {
+            Err(map_error(status, &headers, &body))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_content_filter_becomes_openai_code() {
+        let body = br#"{"error":{"code":"contentFilter","message":"Your task failed as a result of our safety system."}}"#;
+        match map_error(400, &Default::default(), body) {
+            BackendError::Rejected { code, error_type, .. } => {
+                assert_eq!(code.as_deref(), Some("content_policy_violation"));
+                assert_eq!(error_type.as_deref(), Some("invalid_request_error"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after-ms", "1500".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn numeric_error_codes_are_kept_as_strings() {
+        let body = br#"{"error":{"code":429,"message":"slow down"}}"#;
+        assert!(matches!(map_error(429, &Default::default(), body), BackendError::RateLimited { .. }));
+        let body = br#"{"error":{"code":500,"message":"boom"}}"#;
+        assert!(matches!(map_error(500, &Default::default(), body), BackendError::Status { status: 500, .. }));
+    }
+}

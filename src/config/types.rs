@@ -1,0 +1,385 @@
+//! The shape of gateway.yaml. Every key is documented in README.md ("Configuration").
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Base of image URLs handed to clients; defaults to `http://{listen}`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub images: ImagesConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+impl Config {
+    /// `public_url` without a trailing slash.
+    pub fn public_base(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest accepted request body; larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
+    #[serde(default = "default_shutdown", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Time a client has to send its request headers.
+    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: default_max_body(),
+            shutdown_timeout: default_shutdown(),
+            header_timeout: default_header_timeout(),
+        }
+    }
+}
+
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+fn default_shutdown() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    #[serde(default)]
+    pub store: StoreKind,
+    /// Lifetime of a signed image URL (and of the stored image).
+    #[serde(default = "default_url_ttl", deserialize_with = "duration")]
+    pub url_ttl: Duration,
+    /// HMAC key for signed URLs; replicas that share it verify each other's links. When absent
+    /// a random key is generated once and kept in `data_dir/url-signing.key`.
+    #[serde(default)]
+    pub signing_key: Option<Secret>,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            store: StoreKind::Local,
+            url_ttl: default_url_ttl(),
+            signing_key: None,
+        }
+    }
+}
+
+fn default_url_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Local,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, pretty otherwise.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// One upstream. Adding a kind means a variant here and a file in `backends/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    Openai(OpenAiConfig),
+    Azure(AzureConfig),
+    Sandbox(SandboxConfig),
+}
+
+impl BackendConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Openai(_) => "openai",
+            BackendConfig::Azure(_) => "azure",
+            BackendConfig::Sandbox(_) => "sandbox",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Up to and including `/v1`, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    #[serde(default)]
+    pub organization: Option<String>,
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Per-attempt timeout for one upstream call.
+    #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// `https://{resource}.openai.azure.com`
+    pub endpoint: String,
+    /// Deployment used when a route target names no upstream model.
+    #[serde(default)]
+    pub deployment: Option<String>,
+    #[serde(default = "default_azure_version")]
+    pub api_version: String,
+    pub api_key: Secret,
+    #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+}
+
+fn default_azure_version() -> String {
+    "2024-10-21".to_string()
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Artificial latency per request, for trying timeouts and drains.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub delay: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A preset name (`dall-e-2`, `dall-e-3`) or custom rules.
+    pub rules: RulesConfig,
+    pub route: RouteConfig,
+    /// Overall deadline of one request to this model.
+    #[serde(default = "default_model_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_model_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RulesConfig {
+    Preset(String),
+    Custom(CustomRules),
+}
+
+/// Custom rules, optionally starting from a preset and overriding some fields.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomRules {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub sizes: Option<Vec<String>>,
+    #[serde(default)]
+    pub default_size: Option<String>,
+    #[serde(default)]
+    pub max_n: Option<u32>,
+    #[serde(default)]
+    pub max_prompt_chars: Option<usize>,
+    /// Accepted `quality` values; empty rejects the field.
+    #[serde(default)]
+    pub quality: Option<Vec<String>>,
+    /// Accepted `style` values; empty rejects the field.
+    #[serde(default)]
+    pub style: Option<Vec<String>>,
+    #[serde(default)]
+    pub revised_prompt: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Random by weight within the best available tier.
+    #[default]
+    Weighted,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub backend: String,
+    /// Model name sent upstream (Azure: the deployment); defaults to the public name.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Tier: lower first.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Models this tenant may use; `"*"` means every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub images_per_minute: Option<u32>,
+    /// Extra requests/images allowed at once above the steady rate; defaults to the per-minute
+    /// value (a full minute's worth at once), as OpenAI's limits behave.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Public identifier: appears in logs, never the secret.
+    pub id: String,
+    pub tenant: String,
+    /// Hex SHA-256 of the secret (preferred).
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// Plaintext secret (local demos only; warned about at start).
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// Narrows the tenant's models for this key.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// A string that never prints itself.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// `"90s"`, `"60m"`, `"1h 30m"`, `"250ms"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationRepr {
+    Secs(u64),
+    Text(String),
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match DurationRepr::deserialize(d)? {
+        DurationRepr::Secs(s) => Ok(Duration::from_secs(s)),
+        DurationRepr::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}

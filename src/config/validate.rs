@@ -1,0 +1,273 @@
+//! Semantic checks that serde cannot express: references between sections, value ranges,
+//! URL shapes. Every error names its path.
+
+use std::collections::HashSet;
+
+use crate::api::{ModelRules, Quality, Size, Style};
+
+use super::{BackendConfig, Config, ConfigError, KeyConfig, RulesConfig};
+
+impl RulesConfig {
+    /// The effective rules of a model.
+    pub fn resolve(&self) -> Result<ModelRules, String> {
+        let custom = match self {
+            RulesConfig::Preset(name) => return preset(name),
+            RulesConfig::Custom(custom) => custom,
+        };
+        let mut rules = match &custom.preset {
+            Some(name) => preset(name)?,
+            None => {
+                if custom.sizes.is_none() {
+                    return Err("custom rules need `sizes` (or a `preset` to start from)".into());
+                }
+                ModelRules {
+                    max_prompt_chars: 1000,
+                    max_n: 1,
+                    sizes: Vec::new(),
+                    default_size: crate::api::Size::new(1024, 1024),
+                    qualities: Vec::new(),
+                    styles: Vec::new(),
+                    revised_prompt: false,
+                }
+            }
+        };
+        if let Some(sizes) = &custom.sizes {
+            if sizes.is_empty() {
+                return Err("`sizes` must list at least one size".into());
+            }
+            rules.sizes = sizes
+                .iter()
+                .map(|s| s.parse::<Size>())
+                .collect::<Result<_, _>>()?;
+        }
+        match &custom.default_size {
+            Some(s) => rules.default_size = s.parse::<Size>()?,
+            None if !rules.sizes.contains(&rules.default_size) => {
+                rules.default_size = rules.sizes[0];
+            }
+            None => {}
+        }
+        if !rules.sizes.contains(&rules.default_size) {
+            return Err(format!(
+                "default_size {} is not one of the model's sizes",
+                rules.default_size
+            ));
+        }
+        if let Some(n) = custom.max_n {
+            if !(1..=10).contains(&n) {
+                return Err(format!("max_n must be between 1 and 10, got {n}"));
+            }
+            rules.max_n = n;
+        }
+        if let Some(chars) = custom.max_prompt_chars {
+            if chars == 0 {
+                return Err("max_prompt_chars must be at least 1".into());
+            }
+            rules.max_prompt_chars = chars;
+        }
+        if let Some(q) = &custom.quality {
+            rules.qualities = choices(q, Quality::parse, "quality")?;
+        }
+        if let Some(s) = &custom.style {
+            rules.styles = choices(s, Style::parse, "style")?;
+        }
+        if let Some(r) = custom.revised_prompt {
+            rules.revised_prompt = r;
+        }
+        Ok(rules)
+    }
+}
+
+fn preset(name: &str) -> Result<ModelRules, String> {
+    ModelRules::preset(name).ok_or_else(|| {
+        format!(
+            "unknown rules preset \"{name}\" (presets: {})",
+            ModelRules::PRESETS.join(", ")
+        )
+    })
+}
+
+fn choices<T: Copy>(
+    values: &[String],
+    parse: fn(&str) -> Option<T>,
+    field: &str,
+) -> Result<Vec<T>, String> {
+    values
+        .iter()
+        .map(|v| parse(v).ok_or_else(|| format!("unknown {field} value \"{v}\"")))
+        .collect()
+}
+
+fn check_http_url(path: String, url: &str, errors: &mut Vec<ConfigError>) {
+    match url::Url::parse(url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
+        Ok(_) => errors.push(ConfigError::new(path, format!("\"{url}\" is not an http(s) URL"))),
+        Err(e) => errors.push(ConfigError::new(path, format!("invalid URL \"{url}\": {e}"))),
+    }
+}
+
+pub fn validate(config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+
+    if let Some(url) = &config.public_url {
+        check_http_url("public_url".into(), url, &mut errors);
+    }
+    if config.server.max_body_bytes < 1024 {
+        errors.push(ConfigError::new(
+            "server.max_body_bytes",
+            "must be at least 1024 bytes",
+        ));
+    }
+    if config.images.url_ttl.as_secs() < 1 {
+        errors.push(ConfigError::new("images.url_ttl", "must be at least 1s"));
+    }
+    if let Some(key) = &config.images.signing_key {
+        if key.expose().len() < 32 {
+            errors.push(ConfigError::new(
+                "images.signing_key",
+                "must be at least 32 characters",
+            ));
+        }
+    }
+
+    for (name, backend) in &config.backends {
+        let path = |field: &str| format!("backends.{name}.{field}");
+        match backend {
+            BackendConfig::Openai(c) => {
+                check_http_url(path("base_url"), &c.base_url, &mut errors);
+                check_headers(&c.headers, &path("headers"), &mut errors);
+            }
+            BackendConfig::Azure(c) => {
+                check_http_url(path("endpoint"), &c.endpoint, &mut errors);
+                check_headers(&c.headers, &path("headers"), &mut errors);
+            }
+            BackendConfig::Sandbox(_) => {}
+        }
+    }
+
+    for (name, model) in &config.models {
+        if let Err(message) = model.rules.resolve() {
+            errors.push(ConfigError::new(format!("models.{name}.rules"), message));
+        }
+        if model.route.targets.is_empty() {
+            errors.push(ConfigError::new(
+                format!("models.{name}.route.targets"),
+                "a route needs at least one target",
+            ));
+        }
+        for (i, target) in model.route.targets.iter().enumerate() {
+            let path = format!("models.{name}.route.targets[{i}]");
+            if !config.backends.contains_key(&target.backend) {
+                errors.push(ConfigError::new(
+                    format!("{path}.backend"),
+                    format!("unknown backend \"{}\"", target.backend),
+                ));
+            }
+            if target.weight == 0 {
+                errors.push(ConfigError::new(format!("{path}.weight"), "must be at least 1"));
+            }
+        }
+        if model.timeout.is_zero() {
+            errors.push(ConfigError::new(format!("models.{name}.timeout"), "must be above 0"));
+        }
+    }
+
+    for (name, tenant) in &config.tenants {
+        check_model_refs(config, &tenant.models, &format!("tenants.{name}.models"), &mut errors);
+        let limits = &tenant.limits;
+        for (field, value) in [
+            ("requests_per_minute", limits.requests_per_minute),
+            ("images_per_minute", limits.images_per_minute),
+            ("burst", limits.burst),
+        ] {
+            if value == Some(0) {
+                errors.push(ConfigError::new(
+                    format!("tenants.{name}.limits.{field}"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+    }
+
+    let mut ids = HashSet::new();
+    let mut hashes = HashSet::new();
+    for (i, key) in config.keys.iter().enumerate() {
+        let path = format!("keys[{i}]");
+        if key.id.is_empty() {
+            errors.push(ConfigError::new(format!("{path}.id"), "must not be empty"));
+        } else if !ids.insert(key.id.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate key id \"{}\"", key.id),
+            ));
+        }
+        if !config.tenants.contains_key(&key.tenant) {
+            errors.push(ConfigError::new(
+                format!("{path}.tenant"),
+                format!("unknown tenant \"{}\"", key.tenant),
+            ));
+        }
+        match key_hash(key) {
+            Ok(hash) => {
+                if !hashes.insert(hash) {
+                    errors.push(ConfigError::new(
+                        path.clone(),
+                        "two keys have the same secret",
+                    ));
+                }
+            }
+            Err(message) => errors.push(ConfigError::new(path.clone(), message)),
+        }
+        if let Some(models) = &key.models {
+            check_model_refs(config, models, &format!("{path}.models"), &mut errors);
+        }
+    }
+    errors
+}
+
+/// The SHA-256 of a configured key's secret, from `secret_sha256` or `secret`.
+pub fn key_hash(key: &KeyConfig) -> Result<[u8; 32], String> {
+    match (&key.secret_sha256, &key.secret) {
+        (Some(_), Some(_)) => Err("give either `secret_sha256` or `secret`, not both".into()),
+        (None, None) => Err("a key needs `secret_sha256` (preferred) or `secret`".into()),
+        (Some(hex_hash), None) => {
+            let bytes = hex::decode(hex_hash.trim())
+                .map_err(|_| "secret_sha256 must be 64 hexadecimal characters".to_string())?;
+            bytes
+                .try_into()
+                .map_err(|_| "secret_sha256 must be 64 hexadecimal characters".to_string())
+        }
+        (None, Some(secret)) => {
+            if secret.expose().len() < 8 {
+                return Err("secret must be at least 8 characters".into());
+            }
+            Ok(crate::auth::hash_secret(secret.expose()))
+        }
+    }
+}
+
+fn check_headers(
+    headers: &std::collections::BTreeMap<String, super::Secret>,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (name, value) in headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errors.push(ConfigError::new(format!("{path}.{name}"), "invalid header name"));
+        }
+        if http::HeaderValue::from_str(value.expose()).is_err() {
+            errors.push(ConfigError::new(format!("{path}.{name}"), "invalid header value"));
+        }
+    }
+}
+
+fn check_model_refs(config: &Config, models: &[String], path: &str, errors: &mut Vec<ConfigError>) {
+    for (i, model) in models.iter().enumerate() {
+        if model != "*" && !config.models.contains_key(model) {
+            errors.push(ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("unknown model \"{model}\""),
+            ));
+        }
+    }
+}

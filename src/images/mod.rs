@@ -1,0 +1,245 @@
+//! Turns what a backend returned into what the client asked for (`url` or `b64_json`), keeps
+//! images the gateway hosts in a [`BlobStore`] and serves them behind signed, expiring URLs.
+
+mod signing;
+mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::api::{ApiError, ErrorKind, ImageData, ResponseFormat};
+use crate::backends::{Generation, ImagePayload};
+
+pub use signing::{unix, SignatureError, UrlSigner};
+pub use store::{BlobStore, LocalStore};
+
+/// Image formats we accept from upstreams, by magic number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl ImageFormat {
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(ImageFormat::Png)
+        } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(ImageFormat::Jpeg)
+        } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+            Some(ImageFormat::Webp)
+        } else {
+            None
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpg",
+            ImageFormat::Webp => "webp",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Webp => "image/webp",
+        }
+    }
+
+    fn from_extension(ext: &str) -> Option<Self> {
+        match ext {
+            "png" => Some(ImageFormat::Png),
+            "jpg" => Some(ImageFormat::Jpeg),
+            "webp" => Some(ImageFormat::Webp),
+            _ => None,
+        }
+    }
+}
+
+/// An image ready to be sent by the file route.
+pub struct ServedImage {
+    pub bytes: Bytes,
+    pub content_type: &'static str,
+    pub etag: String,
+    pub max_age: Duration,
+}
+
+pub struct ImageService {
+    store: Arc<dyn BlobStore>,
+    signer: UrlSigner,
+    public_base: String,
+    ttl: Duration,
+}
+
+/// Route prefix of hosted images.
+pub const FILES_PREFIX: &str = "/images/";
+
+impl ImageService {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        signer: UrlSigner,
+        public_base: String,
+        ttl: Duration,
+    ) -> Self {
+        ImageService {
+            store,
+            signer,
+            public_base,
+            ttl,
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Builds the response items in the requested format. `fallback_revised` fills
+    /// `revised_prompt` where the model's rules promise one and the backend gave none.
+    pub async fn deliver(
+        &self,
+        generation: Generation,
+        format: ResponseFormat,
+        fallback_revised: Option<&str>,
+    ) -> Result<Vec<ImageData>, ApiError> {
+        let mut out = Vec::with_capacity(generation.images.len());
+        for image in generation.images {
+            let revised_prompt = image
+                .revised_prompt
+                .or_else(|| fallback_revised.map(str::to_string));
+            let item = match (image.payload, format) {
+                (ImagePayload::Bytes(bytes), ResponseFormat::B64Json) => {
+                    checked_format(&bytes)?;
+                    ImageData {
+                        url: None,
+                        b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                        revised_prompt,
+                    }
+                }
+                (ImagePayload::Bytes(bytes), ResponseFormat::Url) => ImageData {
+                    url: Some(self.host(bytes).await?),
+                    b64_json: None,
+                    revised_prompt,
+                },
+                (ImagePayload::Url(url), ResponseFormat::Url) => ImageData {
+                    url: Some(url),
+                    b64_json: None,
+                    revised_prompt,
+                },
+                (ImagePayload::Url(_), ResponseFormat::B64Json) => {
+                    return Err(ApiError::new(
+                        ErrorKind::BadGateway,
+                        "The upstream provider returned an image URL where b64_json was requested.",
+                    )
+                    .code("upstream_error"))
+                }
+            };
+            out.push(item);
+        }
+        Ok(out)
+    }
+
+    /// Stores image bytes under an unguessable name and returns a signed absolute URL.
+    pub async fn host(&self, bytes: Bytes) -> Result<String, ApiError> {
+        let format = checked_format(&bytes)?;
+        let id: [u8; 16] = rand::random();
+        let name = format!("{}.{}", hex::encode(id), format.extension());
+        self.store.put(&name, bytes).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot store image");
+            ApiError::internal("The gateway could not store the generated image.")
+        })?;
+        let (query, _) = self.signer.sign(&name, SystemTime::now(), self.ttl);
+        Ok(format!("{}{FILES_PREFIX}{name}?{query}", self.public_base))
+    }
+
+    /// Serves a hosted image if the link is genuine and unexpired. Tampered and expired
+    /// links are 403, unknown names 404; neither says more.
+    pub async fn serve(&self, name: &str, query: Option<&str>) -> Result<ServedImage, ApiError> {
+        let format = parse_name(name).ok_or_else(not_found)?;
+        let now = SystemTime::now();
+        let expires = self.signer.verify(name, query, now).map_err(|e| {
+            let message = match e {
+                SignatureError::Expired => "This image link has expired.",
+                SignatureError::Invalid | SignatureError::Malformed => {
+                    "This image link is not valid."
+                }
+            };
+            ApiError::new(ErrorKind::Permission, message)
+        })?;
+        let bytes = self
+            .store
+            .get(name)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read stored image");
+                ApiError::internal("The gateway could not read the image.")
+            })?
+            .ok_or_else(not_found)?;
+        let digest = Sha256::digest(&bytes);
+        Ok(ServedImage {
+            etag: format!("\"{}\"", hex::encode(&digest[..16])),
+            content_type: format.content_type(),
+            max_age: expires.duration_since(now).unwrap_or_default(),
+            bytes,
+        })
+    }
+
+    /// Deletes images whose links have all expired.
+    pub async fn sweep(&self) -> std::io::Result<usize> {
+        // A link lives `ttl` from the moment the file is written; keep a minute of slack.
+        let cutoff = SystemTime::now() - self.ttl - Duration::from_secs(60);
+        self.store.delete_older_than(cutoff).await
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "No such image.")
+}
+
+/// `<32 hex>.<ext>`: anything else (including path tricks) is unknown.
+fn parse_name(name: &str) -> Option<ImageFormat> {
+    let (id, ext) = name.split_once('.')?;
+    let ok = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    ok.then_some(())?;
+    ImageFormat::from_extension(ext)
+}
+
+fn checked_format(bytes: &[u8]) -> Result<ImageFormat, ApiError> {
+    ImageFormat::sniff(bytes).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::BadGateway,
+            "The upstream provider returned data that is not a PNG, JPEG or WebP image.",
+        )
+        .code("upstream_error")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_magic_numbers() {
+        assert_eq!(ImageFormat::sniff(b"\x89PNG\r\n\x1a\nrest"), Some(ImageFormat::Png));
+        assert_eq!(ImageFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(ImageFormat::Jpeg));
+        assert_eq!(ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(ImageFormat::Webp));
+        assert_eq!(ImageFormat::sniff(b"<html>"), None);
+        assert_eq!(ImageFormat::sniff(b""), None);
+    }
+
+    #[test]
+    fn names_are_strict() {
+        assert!(parse_name("0123456789abcdef0123456789abcdef.png").is_some());
+        assert!(parse_name("../0123456789abcdef0123456789abcd.png").is_none());
+        assert!(parse_name("0123456789ABCDEF0123456789abcdef.png").is_none());
+        assert!(parse_name("0123456789abcdef0123456789abcdef.gif").is_none());
+        assert!(parse_name("0123456789abcdef0123456789abcdef").is_none());
+    }
+}

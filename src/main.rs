@@ -1,0 +1,109 @@
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use imagegate::config::Config;
+use imagegate::server::{self, AppState};
+
+#[derive(Parser)]
+#[command(name = "imagegate", version, about = "An OpenAI-compatible gateway for image generation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file; relative paths inside it resolve against the working directory.
+        #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit non-zero with every error found.
+    Check {
+        #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the secret_sha256 of a key secret read from standard input.
+    HashKey,
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{}: invalid configuration:", path.display());
+        for e in &errors.0 {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} backends, {} models, {} tenants, {} keys)",
+                    config.display(),
+                    c.backends.len(),
+                    c.models.len(),
+                    c.tenants.len(),
+                    c.keys.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::HashKey => {
+            let mut secret = String::new();
+            if std::io::stdin().read_to_string(&mut secret).is_err() {
+                eprintln!("cannot read the secret from standard input");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", hex::encode(imagegate::auth::hash_secret(secret.trim())));
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("imagegate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    imagegate::telemetry::init(&config.log);
+    for id in imagegate::auth::StaticKeyStore::plaintext_key_ids(&config) {
+        tracing::warn!(
+            key_id = id,
+            "key has a plaintext `secret` in the config; use `secret_sha256` outside local demos"
+        );
+    }
+    let listen = config.listen;
+    let state = AppState::build(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(address = %listener.local_addr()?, "imagegate listening");
+    server::serve(state, listener, server::shutdown_signal()).await?;
+    Ok(())
+}

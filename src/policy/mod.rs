@@ -1,0 +1,118 @@
+//! What an authenticated caller may do: model rights and per-tenant rate limits (requests
+//! and images per minute, GCRA via governor, in process).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::api::{ApiError, ErrorKind};
+use crate::auth::Principal;
+use crate::config::{Config, LimitsConfig};
+
+struct Limit {
+    per_minute: u32,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl Limit {
+    fn new(per_minute: Option<u32>, burst: Option<u32>) -> Option<Self> {
+        let rate = NonZeroU32::new(per_minute?)?;
+        let burst = burst.and_then(NonZeroU32::new).unwrap_or(rate);
+        Some(Limit {
+            per_minute: rate.get(),
+            limiter: RateLimiter::direct(Quota::per_minute(rate).allow_burst(burst)),
+        })
+    }
+}
+
+#[derive(Default)]
+struct TenantLimits {
+    requests: Option<Limit>,
+    images: Option<Limit>,
+}
+
+pub struct Policy {
+    tenants: HashMap<String, TenantLimits>,
+    clock: DefaultClock,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Self {
+        let tenants = config
+            .tenants
+            .iter()
+            .map(|(name, t)| (name.clone(), Self::limits(&t.limits)))
+            .collect();
+        Policy {
+            tenants,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    fn limits(l: &LimitsConfig) -> TenantLimits {
+        TenantLimits {
+            requests: Limit::new(l.requests_per_minute, l.burst),
+            images: Limit::new(l.images_per_minute, l.burst),
+        }
+    }
+
+    /// Model rights: the same 404 for "no such model" and "not yours".
+    pub fn check_model(&self, principal: &Principal, model: &str) -> Result<(), ApiError> {
+        if principal.may_use(model) {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model))
+        }
+    }
+
+    /// Takes one request and `n` images from the tenant's limits, or says when to retry.
+    pub fn admit(&self, principal: &Principal, n: u32) -> Result<(), ApiError> {
+        let Some(limits) = self.tenants.get(&*principal.tenant) else {
+            return Ok(());
+        };
+        if let Some(l) = &limits.requests {
+            if let Err(not_until) = l.limiter.check() {
+                let wait = not_until.wait_time_from(self.clock.now());
+                return Err(limited("requests", l.per_minute, wait));
+            }
+        }
+        if let Some(l) = &limits.images {
+            let cells = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+            match l.limiter.check_n(cells) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    return Err(limited("images", l.per_minute, wait));
+                }
+                Err(_) => {
+                    return Err(ApiError::new(
+                        ErrorKind::RateLimited,
+                        format!(
+                            "This request asks for {n} images, more than the images-per-minute limit of {} allows at once.",
+                            l.per_minute
+                        ),
+                    )
+                    .code("rate_limit_exceeded")
+                    .should_retry(false))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn limited(what: &str, per_minute: u32, wait: Duration) -> ApiError {
+    let wait = wait.max(Duration::from_millis(1));
+    ApiError::new(
+        ErrorKind::RateLimited,
+        format!(
+            "Rate limit exceeded for {what} per minute. Limit: {per_minute}/1min. Please try again in {:.3}s.",
+            wait.as_secs_f64()
+        ),
+    )
+    .code("rate_limit_exceeded")
+    .retry_after(wait)
+}

@@ -1,0 +1,307 @@
+//! The routes, and the life of a generation request in one function
+//! ([`generations`]): auth -> parse -> model rights -> validate -> limits -> route ->
+//! backend -> images -> response. Each step returns a typed value or an `ApiError`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::respond::{self, Body, REQUEST_ID};
+use super::state::{AppState, Runtime};
+use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
+use crate::auth::{bearer_token, hash_secret, Principal};
+use crate::backends::{BackendError, UpstreamCall};
+use crate::images::{unix, FILES_PREFIX};
+
+/// What the access log line says about a request, filled in as it goes.
+#[derive(Default)]
+struct AccessLog {
+    key_id: Option<Arc<str>>,
+    tenant: Option<Arc<str>>,
+    model: Option<String>,
+    backend: Option<Arc<str>>,
+    upstream_error: Option<String>,
+}
+
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = respond::request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut log = AccessLog::default();
+
+    let mut resp = match route(&state, req, &request_id, &mut log).await {
+        Ok(resp) => resp,
+        Err(err) => respond::error(&err),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+
+    let status = resp.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
+    tracing::info!(
+        target: "imagegate::access",
+        request_id = %request_id,
+        method = %method,
+        path = %path,
+        status,
+        latency_ms = format_args!("{latency_ms:.1}"),
+        key_id = %dash(log.key_id.as_deref()),
+        tenant = %dash(log.tenant.as_deref()),
+        model = %dash(log.model.as_deref()),
+        backend = %dash(log.backend.as_deref()),
+        upstream_error = %dash(log.upstream_error.as_deref()),
+        "request"
+    );
+    Ok(resp)
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &str,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/v1/images/generations") => generations(state, req, request_id, log).await,
+        (&Method::GET, "/v1/models") => models(state, &req, log).await,
+        (&Method::GET, p) if p.starts_with("/v1/models/") => {
+            model(state, &req, &p["/v1/models/".len()..], log).await
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            Ok(respond::json(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(state)),
+        (&Method::GET | &Method::HEAD, p) if p.starts_with(FILES_PREFIX) => {
+            file(state, &req, &p[FILES_PREFIX.len()..]).await
+        }
+        (_, "/v1/images/generations" | "/v1/models" | "/healthz" | "/readyz") => Err(ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("Method {} is not allowed for {path}.", req.method()),
+        )),
+        (method, _) => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("Invalid URL ({method} {path})"),
+        )),
+    }
+}
+
+async fn authenticate(
+    rt: &Runtime,
+    req: &Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Principal, ApiError> {
+    let token = bearer_token(req.headers().get(http::header::AUTHORIZATION))?;
+    let principal = rt.keys.authenticate(&hash_secret(token)).await?;
+    log.key_id = Some(principal.key_id.clone());
+    log.tenant = Some(principal.tenant.clone());
+    Ok(principal)
+}
+
+fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        let shown = if content_type.is_empty() { "none" } else { content_type };
+        Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("Invalid Content-Type header ({shown}): this endpoint expects application/json."),
+        ))
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::PayloadTooLarge,
+        format!("The request body exceeds the maximum size of {limit} bytes."),
+    )
+    .code("request_too_large")
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Err(_) => Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            "The request body could not be read.",
+        )),
+    }
+}
+
+/// `POST /v1/images/generations`.
+async fn generations(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &str,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
+    // One config snapshot for the whole request.
+    let rt = state.runtime.load_full();
+    let principal = authenticate(&rt, &req, log).await?;
+    require_json(&req)?;
+    let body = read_body(req, rt.config.server.max_body_bytes).await?;
+    let raw = api::parse_request(&body)?;
+
+    let model_name = raw.model().to_string();
+    log.model = Some(model_name.clone());
+    rt.policy.check_model(&principal, &model_name)?;
+    let route = rt
+        .router
+        .model(&model_name)
+        .ok_or_else(|| ApiError::model_not_found(&model_name))?;
+    let request = raw.validate(&route.rules)?;
+    rt.policy.admit(&principal, request.n)?;
+
+    let deadline = Instant::now() + route.timeout;
+    let target = route.pick();
+    log.backend = Some(target.backend_name.clone());
+    let call = UpstreamCall {
+        request: &request,
+        upstream_model: target.upstream_model.as_deref(),
+        request_id,
+        deadline,
+    };
+    let outcome = tokio::time::timeout_at(deadline.into(), target.backend.generate(call)).await;
+    let generation = match outcome.unwrap_or(Err(BackendError::Timeout)) {
+        Ok(generation) => generation,
+        Err(e) => {
+            log.upstream_error = Some(e.to_string());
+            return Err(e.into());
+        }
+    };
+
+    let fallback_revised = route.rules.revised_prompt.then_some(request.prompt.as_str());
+    let data = state
+        .images
+        .deliver(generation, request.response_format, fallback_revised)
+        .await?;
+    Ok(respond::json(
+        StatusCode::OK,
+        &ImagesResponse {
+            created: unix(SystemTime::now()),
+            data,
+        },
+    ))
+}
+
+fn model_object(rt: &Runtime, id: &str) -> ModelObject {
+    ModelObject {
+        id: id.to_string(),
+        object: "model",
+        created: rt.created,
+        owned_by: "imagegate".to_string(),
+    }
+}
+
+/// `GET /v1/models`: exactly the models this key may use.
+async fn models(
+    state: &Arc<AppState>,
+    req: &Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
+    let rt = state.runtime.load_full();
+    let principal = authenticate(&rt, req, log).await?;
+    let mut ids: Vec<&str> = rt
+        .router
+        .model_names()
+        .filter(|m| principal.may_use(m))
+        .collect();
+    ids.sort_unstable();
+    let list = ModelList {
+        object: "list",
+        data: ids.into_iter().map(|id| model_object(&rt, id)).collect(),
+    };
+    Ok(respond::json(StatusCode::OK, &list))
+}
+
+/// `GET /v1/models/{id}`.
+async fn model(
+    state: &Arc<AppState>,
+    req: &Request<Incoming>,
+    id: &str,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
+    let rt = state.runtime.load_full();
+    let principal = authenticate(&rt, req, log).await?;
+    let id = percent_decode(id);
+    if rt.router.model(&id).is_none() || !principal.may_use(&id) {
+        return Err(ApiError::model_not_found(&id));
+    }
+    Ok(respond::json(StatusCode::OK, &model_object(&rt, &id)))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn readyz(state: &AppState) -> Response<Body> {
+    if state.draining.load(Ordering::SeqCst) {
+        return respond::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "draining"}),
+        );
+    }
+    let rt = state.runtime.load();
+    respond::json(
+        StatusCode::OK,
+        &json!({"status": "ready", "models": rt.router.model_names().count()}),
+    )
+}
+
+/// `GET /images/{name}?expires=..&signature=..`: a hosted image behind a signed link.
+async fn file(
+    state: &Arc<AppState>,
+    req: &Request<Incoming>,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let image = state.images.serve(name, req.uri().query()).await?;
+    let not_modified = req
+        .headers()
+        .get(IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == image.etag));
+    let mut resp = if not_modified {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        respond::with_type(StatusCode::OK, image.bytes, image.content_type)
+    };
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&image.etag) {
+        headers.insert(ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={}", image.max_age.as_secs())) {
+        headers.insert(CACHE_CONTROL, v);
+    }
+    Ok(resp)
+}

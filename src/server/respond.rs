@@ -1,0 +1,88 @@
+//! Response building: JSON bodies, OpenAI-shaped errors with their retry headers, request ids.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::api::ApiError;
+
+pub type Body = Full<Bytes>;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => with_type(status, bytes, "application/json"),
+        Err(e) => error(&ApiError::internal(format!("cannot encode the response: {e}"))),
+    }
+}
+
+pub fn with_type(status: StatusCode, bytes: impl Into<Bytes>, content_type: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(bytes.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+pub fn error(err: &ApiError) -> Response<Body> {
+    let mut resp = with_type(err.status(), err.to_json(), "application/json");
+    let headers = resp.headers_mut();
+    if let Some(after) = err.retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        headers.insert("retry-after-ms", HeaderValue::from(after.as_millis().max(1) as u64));
+    }
+    if let Some(retry) = err.should_retry {
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if retry { "true" } else { "false" }),
+        );
+    }
+    resp
+}
+
+/// The client's `x-request-id` when it is sane (1-128 of `[A-Za-z0-9._:-]`), else a new one.
+pub fn request_id(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        let ok = !v.is_empty()
+            && v.len() <= 128
+            && v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if ok {
+            return v.to_string();
+        }
+    }
+    let id: [u8; 16] = rand::random();
+    format!("req_{}", hex::encode(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123_X:9.z"));
+        assert_eq!(request_id(&h), "abc-123_X:9.z");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert!(request_id(&h).starts_with("req_"));
+        h.insert(REQUEST_ID, HeaderValue::from_str(&"a".repeat(129)).unwrap());
+        assert!(request_id(&h).starts_with("req_"));
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn errors_carry_retry_headers() {
+        let err = ApiError::new(crate::api::ErrorKind::RateLimited, "slow")
+            .retry_after(std::time::Duration::from_millis(1200));
+        let resp = error(&err);
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "2");
+        assert_eq!(resp.headers()["retry-after-ms"], "1200");
+    }
+}
