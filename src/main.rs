@@ -7,7 +7,11 @@ use imagegate::config::Config;
 use imagegate::server::{self, AppState};
 
 #[derive(Parser)]
-#[command(name = "imagegate", version, about = "An OpenAI-compatible gateway for image generation")]
+#[command(
+    name = "imagegate",
+    version,
+    about = "An OpenAI-compatible gateway for image generation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,7 @@ enum Command {
     HashKey,
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|errors| {
         eprintln!("{}: invalid configuration:", path.display());
         for e in &errors.0 {
@@ -63,7 +67,10 @@ fn main() -> ExitCode {
                 eprintln!("cannot read the secret from standard input");
                 return ExitCode::FAILURE;
             }
-            println!("{}", hex::encode(imagegate::auth::hash_secret(secret.trim())));
+            println!(
+                "{}",
+                hex::encode(imagegate::auth::hash_secret(secret.trim()))
+            );
             ExitCode::SUCCESS
         }
         Command::Serve { config } => {
@@ -71,7 +78,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the async runtime: {e}");

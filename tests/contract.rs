@@ -13,7 +13,9 @@ async fn gateway() -> Gateway {
 #[tokio::test]
 async fn dalle2_default_request_returns_a_hosted_png_url() {
     let gw = gateway().await;
-    let resp = gw.generate(json!({"prompt": "a lighthouse at dusk", "size": "256x256"})).await;
+    let resp = gw
+        .generate(json!({"prompt": "a lighthouse at dusk", "size": "256x256"}))
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -21,7 +23,10 @@ async fn dalle2_default_request_returns_a_hosted_png_url() {
     let data = body["data"].as_array().unwrap();
     assert_eq!(data.len(), 1);
     assert!(data[0].get("b64_json").is_none());
-    assert!(data[0].get("revised_prompt").is_none(), "dall-e-2 has no revised_prompt");
+    assert!(
+        data[0].get("revised_prompt").is_none(),
+        "dall-e-2 has no revised_prompt"
+    );
     let url = data[0]["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/images/", gw.base)), "{url}");
 
@@ -29,7 +34,10 @@ async fn dalle2_default_request_returns_a_hosted_png_url() {
     assert_eq!(img.status(), 200);
     assert_eq!(img.headers()["content-type"], "image/png");
     assert!(img.headers().contains_key("etag"));
-    assert!(img.headers()["cache-control"].to_str().unwrap().contains("max-age="));
+    assert!(img.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("max-age="));
     let bytes = img.bytes().await.unwrap();
     let decoded = image::load_from_memory(&bytes).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (256, 256));
@@ -38,7 +46,11 @@ async fn dalle2_default_request_returns_a_hosted_png_url() {
 #[tokio::test]
 async fn b64_json_returns_the_image_bytes_of_each_requested_size() {
     let gw = gateway().await;
-    for (model, size) in [("dall-e-2", "512x512"), ("dall-e-3", "1792x1024"), ("dall-e-3", "1024x1792")] {
+    for (model, size) in [
+        ("dall-e-2", "512x512"),
+        ("dall-e-3", "1792x1024"),
+        ("dall-e-3", "1024x1792"),
+    ] {
         let resp = gw
             .generate(json!({"model": model, "prompt": "a fox", "size": size, "response_format": "b64_json"}))
             .await;
@@ -74,7 +86,11 @@ async fn dalle2_n_images_are_all_different_and_the_prompt_matters() {
     let three = gen("a red fox", 3).await;
     assert_eq!(three.len(), 3);
     assert_ne!(three[0], three[1]);
-    assert_eq!(gen("a red fox", 1).await[0], three[0], "deterministic per prompt");
+    assert_eq!(
+        gen("a red fox", 1).await[0],
+        three[0],
+        "deterministic per prompt"
+    );
     assert_ne!(gen("a green frog", 1).await[0], three[0]);
 }
 
@@ -96,19 +112,34 @@ async fn validation_errors_are_400_and_name_the_field() {
         (json!({}), "prompt"),
         (json!({"prompt": ""}), "prompt"),
         (json!({"prompt": "a".repeat(1001)}), "prompt"),
-        (json!({"model": "dall-e-3", "prompt": "a".repeat(4001)}), "prompt"),
+        (
+            json!({"model": "dall-e-3", "prompt": "a".repeat(4001)}),
+            "prompt",
+        ),
         (json!({"prompt": "x", "n": 11}), "n"),
         (json!({"prompt": "x", "n": 0}), "n"),
         (json!({"prompt": "x", "n": "1"}), "n"),
         (json!({"model": "dall-e-3", "prompt": "x", "n": 2}), "n"),
         (json!({"prompt": "x", "size": "1792x1024"}), "size"),
-        (json!({"model": "dall-e-3", "prompt": "x", "size": "256x256"}), "size"),
+        (
+            json!({"model": "dall-e-3", "prompt": "x", "size": "256x256"}),
+            "size",
+        ),
         (json!({"prompt": "x", "size": "big"}), "size"),
         (json!({"prompt": "x", "quality": "hd"}), "quality"),
         (json!({"prompt": "x", "style": "vivid"}), "style"),
-        (json!({"model": "dall-e-3", "prompt": "x", "quality": "ultra"}), "quality"),
-        (json!({"model": "dall-e-3", "prompt": "x", "style": "anime"}), "style"),
-        (json!({"prompt": "x", "response_format": "png"}), "response_format"),
+        (
+            json!({"model": "dall-e-3", "prompt": "x", "quality": "ultra"}),
+            "quality",
+        ),
+        (
+            json!({"model": "dall-e-3", "prompt": "x", "style": "anime"}),
+            "style",
+        ),
+        (
+            json!({"prompt": "x", "response_format": "png"}),
+            "response_format",
+        ),
         (json!({"prompt": "x", "user": 7}), "user"),
         (json!({"prompt": "x", "seed": 7}), "seed"),
     ];
@@ -118,7 +149,12 @@ async fn validation_errors_are_400_and_name_the_field() {
         assert_eq!(err["type"], "invalid_request_error");
     }
     // dall-e-3's n rule uses OpenAI's wording.
-    let err = expect_error(gw.generate(json!({"model": "dall-e-3", "prompt": "x", "n": 2})).await, 400).await;
+    let err = expect_error(
+        gw.generate(json!({"model": "dall-e-3", "prompt": "x", "n": 2}))
+            .await,
+        400,
+    )
+    .await;
     assert_eq!(err["message"], "You must provide n=1 for this model.");
     // Limits are inclusive and count characters.
     let ok = gw.generate(json!({"prompt": "ü".repeat(1000), "size": "256x256", "n": 10, "response_format": "b64_json"})).await;
@@ -138,17 +174,41 @@ async fn malformed_bodies_wrong_content_type_and_oversize_bodies() {
         }
         rb.send()
     };
-    let err = expect_error(post("{\"prompt\":", Some("application/json")).await.unwrap(), 400).await;
-    assert!(err["message"].as_str().unwrap().contains("parse the JSON body"));
-    expect_error(post("[\"prompt\"]", Some("application/json")).await.unwrap(), 400).await;
-    let err = expect_error(post("{\"prompt\":\"x\"}", Some("text/plain")).await.unwrap(), 400).await;
+    let err = expect_error(
+        post("{\"prompt\":", Some("application/json"))
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("parse the JSON body"));
+    expect_error(
+        post("[\"prompt\"]", Some("application/json"))
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    let err = expect_error(
+        post("{\"prompt\":\"x\"}", Some("text/plain"))
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
     assert!(err["message"].as_str().unwrap().contains("Content-Type"));
     expect_error(post("{\"prompt\":\"x\"}", None).await.unwrap(), 400).await;
     assert_eq!(
-        post("{\"prompt\":\"x\",\"size\":\"256x256\"}", Some("application/json; charset=utf-8"))
-            .await
-            .unwrap()
-            .status(),
+        post(
+            "{\"prompt\":\"x\",\"size\":\"256x256\"}",
+            Some("application/json; charset=utf-8")
+        )
+        .await
+        .unwrap()
+        .status(),
         200
     );
 
@@ -166,7 +226,10 @@ async fn malformed_bodies_wrong_content_type_and_oversize_bodies() {
 
 #[tokio::test]
 async fn body_limit_is_configurable_and_applies_to_chunked_bodies() {
-    let yaml = sandbox_config("", "").replace("log: {level: warn}", "log: {level: warn}\nserver: {max_body_bytes: 2048}");
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {max_body_bytes: 2048}",
+    );
     let gw = Gateway::start(&yaml).await;
     let body = format!("{{\"prompt\":\"{}\"}}", "a".repeat(3000));
     // A streamed body has no Content-Length: the limit must hold while reading.
@@ -182,8 +245,11 @@ async fn body_limit_is_configurable_and_applies_to_chunked_bodies() {
     expect_error(resp, 413).await;
 }
 
-fn futures_stream(bytes: Vec<u8>) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(512).map(|c| Ok(c.to_vec())).collect();
+fn futures_stream(
+    bytes: Vec<u8>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(512).map(|c| Ok(c.to_vec())).collect();
     tokio_stream::iter(chunks)
 }
 
@@ -194,9 +260,17 @@ async fn auth_failures_are_401_invalid_api_key() {
     for key in ["sk-wrong", "sk-revoked-key", "sk-off-tenant-key"] {
         let err = expect_error(gw.generate_as(key, body.clone()).await, 401).await;
         assert_eq!(err["code"], "invalid_api_key");
-        assert!(!err["message"].as_str().unwrap().contains(key), "the key must not be echoed");
+        assert!(
+            !err["message"].as_str().unwrap().contains(key),
+            "the key must not be echoed"
+        );
     }
-    for header in [None, Some("Basic abc"), Some("Bearer"), Some("sk-imagegate-demo")] {
+    for header in [
+        None,
+        Some("Basic abc"),
+        Some("Bearer"),
+        Some("sk-imagegate-demo"),
+    ] {
         let mut rb = client().post(gw.url("/v1/images/generations")).json(&body);
         if let Some(h) = header {
             rb = rb.header("authorization", h);
@@ -211,17 +285,31 @@ async fn auth_failures_are_401_invalid_api_key() {
 #[tokio::test]
 async fn unknown_and_forbidden_models_get_the_same_404() {
     let gw = gateway().await;
-    let err = expect_error(gw.generate(json!({"model": "dall-e-9", "prompt": "x"})).await, 404).await;
-    assert_eq!(err["code"], "model_not_found");
-    assert_eq!(err["message"], "The model `dall-e-9` does not exist or you do not have access to it.");
-    let forbidden = expect_error(
-        gw.generate_as("sk-narrow-key", json!({"model": "dall-e-3", "prompt": "x"})).await,
+    let err = expect_error(
+        gw.generate(json!({"model": "dall-e-9", "prompt": "x"}))
+            .await,
         404,
     )
     .await;
-    assert_eq!(forbidden["message"], "The model `dall-e-3` does not exist or you do not have access to it.");
+    assert_eq!(err["code"], "model_not_found");
+    assert_eq!(
+        err["message"],
+        "The model `dall-e-9` does not exist or you do not have access to it."
+    );
+    let forbidden = expect_error(
+        gw.generate_as("sk-narrow-key", json!({"model": "dall-e-3", "prompt": "x"}))
+            .await,
+        404,
+    )
+    .await;
+    assert_eq!(
+        forbidden["message"],
+        "The model `dall-e-3` does not exist or you do not have access to it."
+    );
     assert_eq!(forbidden["code"], "model_not_found");
-    let ok = gw.generate_as("sk-narrow-key", json!({"prompt": "x", "size": "256x256"})).await;
+    let ok = gw
+        .generate_as("sk-narrow-key", json!({"prompt": "x", "size": "256x256"}))
+        .await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -248,9 +336,19 @@ async fn models_lists_exactly_what_the_key_may_use() {
     };
     assert_eq!(list(DEMO_KEY).await, ["dall-e-2", "dall-e-3"]);
     assert_eq!(list("sk-narrow-key").await, ["dall-e-2"]);
-    let one = client().get(gw.url("/v1/models/dall-e-2")).bearer_auth("sk-narrow-key").send().await.unwrap();
+    let one = client()
+        .get(gw.url("/v1/models/dall-e-2"))
+        .bearer_auth("sk-narrow-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), 200);
-    let hidden = client().get(gw.url("/v1/models/dall-e-3")).bearer_auth("sk-narrow-key").send().await.unwrap();
+    let hidden = client()
+        .get(gw.url("/v1/models/dall-e-3"))
+        .bearer_auth("sk-narrow-key")
+        .send()
+        .await
+        .unwrap();
     expect_error(hidden, 404).await;
     let anon = client().get(gw.url("/v1/models")).send().await.unwrap();
     expect_error(anon, 401).await;
@@ -294,7 +392,12 @@ async fn image_links_reject_tampering_expiry_and_unknown_names() {
 
     let get = |u: String| async move { client().get(u).send().await.unwrap() };
     let etag = get(url.clone()).await.headers()["etag"].clone();
-    let cached = client().get(&url).header("if-none-match", etag).send().await.unwrap();
+    let cached = client()
+        .get(&url)
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(cached.status(), 304);
 
     let tampered = format!("{path}?{}", query.replace("expires=", "expires=1"));
@@ -309,7 +412,10 @@ async fn image_links_reject_tampering_expiry_and_unknown_names() {
 
 #[tokio::test]
 async fn expired_links_are_403_and_swept_files_are_gone() {
-    let yaml = sandbox_config("", "").replace("log: {level: warn}", "log: {level: warn}\nimages: {url_ttl: 1s}");
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nimages: {url_ttl: 1s}",
+    );
     let gw = Gateway::start(&yaml).await;
     let body: serde_json::Value = gw
         .generate(json!({"prompt": "x", "size": "256x256"}))
@@ -327,11 +433,27 @@ async fn expired_links_are_403_and_swept_files_are_gone() {
 #[tokio::test]
 async fn health_endpoints_and_unknown_routes() {
     let gw = gateway().await;
-    assert_eq!(client().get(gw.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client()
+            .get(gw.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let ready = client().get(gw.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     expect_error(client().get(gw.url("/v1/nope")).send().await.unwrap(), 404).await;
-    expect_error(client().get(gw.url("/v1/images/generations")).send().await.unwrap(), 405).await;
+    expect_error(
+        client()
+            .get(gw.url("/v1/images/generations"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -343,15 +465,53 @@ async fn custom_rules_apply_to_a_custom_model() {
         .await;
     assert_eq!(ok.status(), 200);
     let body: serde_json::Value = ok.json().await.unwrap();
-    let img = image::load_from_memory(&unb64(body["data"][0]["b64_json"].as_str().unwrap())).unwrap();
-    assert_eq!(img.width(), 512, "default size is the first listed when 1024x1024 is not allowed");
+    let img =
+        image::load_from_memory(&unb64(body["data"][0]["b64_json"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        img.width(),
+        512,
+        "default size is the first listed when 1024x1024 is not allowed"
+    );
     for (body, param) in [
         (json!({"model": "sdxl", "prompt": "x", "n": 3}), "n"),
         (json!({"model": "sdxl", "prompt": "x".repeat(21)}), "prompt"),
-        (json!({"model": "sdxl", "prompt": "x", "size": "1024x1024"}), "size"),
-        (json!({"model": "sdxl", "prompt": "x", "style": "vivid"}), "style"),
+        (
+            json!({"model": "sdxl", "prompt": "x", "size": "1024x1024"}),
+            "size",
+        ),
+        (
+            json!({"model": "sdxl", "prompt": "x", "style": "vivid"}),
+            "style",
+        ),
     ] {
         let err = expect_error(gw.generate(body).await, 400).await;
         assert_eq!(err["param"], param);
     }
+}
+
+#[tokio::test]
+async fn tenant_rate_limits_answer_429_with_retry_after() {
+    let yaml = sandbox_config("", "").replace(
+        "demo: {models: [\"*\"]}",
+        "demo: {models: [\"*\"], limits: {requests_per_minute: 2, images_per_minute: 3}}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let body = json!({"prompt": "x", "size": "256x256", "response_format": "b64_json"});
+    assert_eq!(gw.generate(body.clone()).await.status(), 200);
+    assert_eq!(gw.generate(body.clone()).await.status(), 200);
+    let resp = gw.generate(body.clone()).await;
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let err = expect_error(resp, 429).await;
+    assert_eq!(err["code"], "rate_limit_exceeded");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("requests per minute"));
+    // Another tenant is not affected.
+    assert_eq!(gw.generate_as("sk-narrow-key", body).await.status(), 200);
 }

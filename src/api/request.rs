@@ -159,7 +159,9 @@ where
     if allowed.is_empty() {
         return Err(ApiError::invalid(
             field,
-            format!("Invalid '{field}': the model '{model}' does not support the '{field}' parameter."),
+            format!(
+                "Invalid '{field}': the model '{model}' does not support the '{field}' parameter."
+            ),
         ));
     }
     if !allowed.contains(&parsed) {
@@ -183,9 +185,9 @@ impl RawRequest {
     /// Applies a model's rules and fills in defaults. `model` is the public model name.
     pub fn validate(self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
         let model = self.model().to_string();
-        let prompt = self.prompt.ok_or_else(|| {
-            ApiError::invalid("prompt", "Missing required parameter: 'prompt'.")
-        })?;
+        let prompt = self
+            .prompt
+            .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
         if prompt.trim().is_empty() {
             return Err(ApiError::invalid(
                 "prompt",
@@ -292,7 +294,11 @@ mod tests {
         assert_eq!(req.quality, None);
         assert_eq!(req.style, None);
 
-        let req = validate(r#"{"model":"dall-e-3","prompt":"a cat"}"#, ModelRules::dalle3()).unwrap();
+        let req = validate(
+            r#"{"model":"dall-e-3","prompt":"a cat"}"#,
+            ModelRules::dalle3(),
+        )
+        .unwrap();
         assert_eq!(req.quality, Some(Quality::Standard));
         assert_eq!(req.style, Some(Style::Vivid));
     }
@@ -316,7 +322,10 @@ mod tests {
             (r#"{"prompt":"x","size":1024}"#, "size"),
             (r#"{"prompt":"x","user":{}}"#, "user"),
             (r#"{"prompt":"x","model":["a"]}"#, "model"),
-            (r#"{"prompt":"x","response_format":true}"#, "response_format"),
+            (
+                r#"{"prompt":"x","response_format":true}"#,
+                "response_format",
+            ),
             (r#"{"prompt":"x","colour":"red"}"#, "colour"),
         ] {
             let err = parse_request(json.as_bytes()).unwrap_err();
@@ -337,17 +346,35 @@ mod tests {
     #[test]
     fn dalle2_rules() {
         let d2 = ModelRules::dalle2;
-        assert_eq!(param_of(r#"{"prompt":""}"#, d2()).as_deref(), Some("prompt"));
-        assert_eq!(param_of(r#"{"prompt":"   "}"#, d2()).as_deref(), Some("prompt"));
+        assert_eq!(
+            param_of(r#"{"prompt":""}"#, d2()).as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"   "}"#, d2()).as_deref(),
+            Some("prompt")
+        );
         assert_eq!(param_of(r#"{}"#, d2()).as_deref(), Some("prompt"));
         let long = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(1001));
         assert_eq!(param_of(&long, d2()).as_deref(), Some("prompt"));
         let ok = format!(r#"{{"prompt":"{}"}}"#, "é".repeat(1000));
-        assert!(validate(&ok, d2()).is_ok(), "limit counts characters, not bytes");
+        assert!(
+            validate(&ok, d2()).is_ok(),
+            "limit counts characters, not bytes"
+        );
         assert!(validate(r#"{"prompt":"x","n":10}"#, d2()).is_ok());
-        assert_eq!(param_of(r#"{"prompt":"x","n":11}"#, d2()).as_deref(), Some("n"));
-        assert_eq!(param_of(r#"{"prompt":"x","n":0}"#, d2()).as_deref(), Some("n"));
-        assert_eq!(param_of(r#"{"prompt":"x","n":-3}"#, d2()).as_deref(), Some("n"));
+        assert_eq!(
+            param_of(r#"{"prompt":"x","n":11}"#, d2()).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"x","n":0}"#, d2()).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"x","n":-3}"#, d2()).as_deref(),
+            Some("n")
+        );
         assert_eq!(
             param_of(r#"{"prompt":"x","n":18446744073709551615}"#, d2()).as_deref(),
             Some("n")
@@ -356,10 +383,19 @@ mod tests {
             let json = format!(r#"{{"prompt":"x","size":"{size}"}}"#);
             assert_eq!(validate(&json, d2()).unwrap().size.to_string(), size);
         }
-        assert_eq!(param_of(r#"{"prompt":"x","size":"1792x1024"}"#, d2()).as_deref(), Some("size"));
+        assert_eq!(
+            param_of(r#"{"prompt":"x","size":"1792x1024"}"#, d2()).as_deref(),
+            Some("size")
+        );
         assert!(validate(r#"{"prompt":"x","quality":"standard"}"#, d2()).is_ok());
-        assert_eq!(param_of(r#"{"prompt":"x","quality":"hd"}"#, d2()).as_deref(), Some("quality"));
-        assert_eq!(param_of(r#"{"prompt":"x","style":"vivid"}"#, d2()).as_deref(), Some("style"));
+        assert_eq!(
+            param_of(r#"{"prompt":"x","quality":"hd"}"#, d2()).as_deref(),
+            Some("quality")
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"x","style":"vivid"}"#, d2()).as_deref(),
+            Some("style")
+        );
     }
 
     #[test]
@@ -371,12 +407,31 @@ mod tests {
             validate(&j(r#","n":2"#), d3()).unwrap_err().message,
             "You must provide n=1 for this model."
         );
-        assert_eq!(param_of(&j(r#","size":"512x512""#), d3()).as_deref(), Some("size"));
-        let req = validate(&j(r#","size":"1024x1792","quality":"hd","style":"natural""#), d3()).unwrap();
-        assert_eq!((req.quality, req.style), (Some(Quality::Hd), Some(Style::Natural)));
-        assert_eq!(param_of(&j(r#","quality":"ultra""#), d3()).as_deref(), Some("quality"));
-        assert_eq!(param_of(&j(r#","style":"cartoon""#), d3()).as_deref(), Some("style"));
-        assert_eq!(param_of(&j(r#","response_format":"png""#), d3()).as_deref(), Some("response_format"));
+        assert_eq!(
+            param_of(&j(r#","size":"512x512""#), d3()).as_deref(),
+            Some("size")
+        );
+        let req = validate(
+            &j(r#","size":"1024x1792","quality":"hd","style":"natural""#),
+            d3(),
+        )
+        .unwrap();
+        assert_eq!(
+            (req.quality, req.style),
+            (Some(Quality::Hd), Some(Style::Natural))
+        );
+        assert_eq!(
+            param_of(&j(r#","quality":"ultra""#), d3()).as_deref(),
+            Some("quality")
+        );
+        assert_eq!(
+            param_of(&j(r#","style":"cartoon""#), d3()).as_deref(),
+            Some("style")
+        );
+        assert_eq!(
+            param_of(&j(r#","response_format":"png""#), d3()).as_deref(),
+            Some("response_format")
+        );
         let long = format!(r#"{{"model":"dall-e-3","prompt":"{}"}}"#, "a".repeat(4000));
         assert!(validate(&long, d3()).is_ok());
         let long = format!(r#"{{"model":"dall-e-3","prompt":"{}"}}"#, "a".repeat(4001));
@@ -385,7 +440,8 @@ mod tests {
 
     #[test]
     fn size_error_uses_openai_wording() {
-        let err = validate(r#"{"prompt":"x","size":"1024x1025"}"#, ModelRules::dalle2()).unwrap_err();
+        let err =
+            validate(r#"{"prompt":"x","size":"1024x1025"}"#, ModelRules::dalle2()).unwrap_err();
         assert_eq!(
             err.message,
             "'1024x1025' is not one of ['256x256', '512x512', '1024x1024'] - 'size'"

@@ -95,7 +95,11 @@ impl ModelRules {
         ModelRules {
             max_prompt_chars: 1000,
             max_n: 10,
-            sizes: vec![Size::new(256, 256), Size::new(512, 512), Size::new(1024, 1024)],
+            sizes: vec![
+                Size::new(256, 256),
+                Size::new(512, 512),
+                Size::new(1024, 1024),
+            ],
             default_size: DEFAULT_SIZE,
             qualities: vec![Quality::Standard],
             styles: vec![],
@@ -109,7 +113,11 @@ impl ModelRules {
         ModelRules {
             max_prompt_chars: 4000,
             max_n: 1,
-            sizes: vec![Size::new(1024, 1024), Size::new(1792, 1024), Size::new(1024, 1792)],
+            sizes: vec![
+                Size::new(1024, 1024),
+                Size::new(1792, 1024),
+                Size::new(1024, 1792),
+            ],
             default_size: DEFAULT_SIZE,
             qualities: vec![Quality::Standard, Quality::Hd],
             styles: vec![Style::Vivid, Style::Natural],
@@ -137,7 +145,18 @@ mod tests {
         let s: Size = "1792x1024".parse().unwrap();
         assert_eq!(s, Size::new(1792, 1024));
         assert_eq!(s.to_string(), "1792x1024");
-        for bad in ["", "1024", "1024x", "x1024", "0x10", "10x0", "-1x5", "1024X1024", "1e3x10", "999999x1"] {
+        for bad in [
+            "",
+            "1024",
+            "1024x",
+            "x1024",
+            "0x10",
+            "10x0",
+            "-1x5",
+            "1024X1024",
+            "1e3x10",
+            "999999x1",
+        ] {
             assert!(bad.parse::<Size>().is_err(), "{bad} should not parse");
         }
     }

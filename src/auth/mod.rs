@@ -138,9 +138,18 @@ mod tests {
         assert_eq!(bearer_token(Some(&h("Bearer sk-1"))).unwrap(), "sk-1");
         assert_eq!(bearer_token(Some(&h("bearer  sk-1 "))).unwrap(), "sk-1");
         assert!(matches!(bearer_token(None), Err(AuthError::Missing)));
-        assert!(matches!(bearer_token(Some(&h("Basic abc"))), Err(AuthError::Malformed)));
-        assert!(matches!(bearer_token(Some(&h("Bearer"))), Err(AuthError::Malformed)));
-        assert!(matches!(bearer_token(Some(&h("sk-1"))), Err(AuthError::Malformed)));
+        assert!(matches!(
+            bearer_token(Some(&h("Basic abc"))),
+            Err(AuthError::Malformed)
+        ));
+        assert!(matches!(
+            bearer_token(Some(&h("Bearer"))),
+            Err(AuthError::Malformed)
+        ));
+        assert!(matches!(
+            bearer_token(Some(&h("sk-1"))),
+            Err(AuthError::Malformed)
+        ));
     }
 
     #[test]

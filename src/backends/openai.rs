@@ -17,7 +17,9 @@ use crate::config::{AzureConfig, OpenAiConfig, Secret};
 const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
 
 enum Flavor {
-    OpenAi { endpoint: String },
+    OpenAi {
+        endpoint: String,
+    },
     Azure {
         base: String,
         api_version: String,
@@ -132,7 +134,8 @@ impl OpenAiBackend {
                 format!(
                     "{base}/openai/deployments/{}/images/generations?api-version={}",
                     url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),
-                    url::form_urlencoded::byte_serialize(api_version.as_bytes()).collect::<String>()
+                    url::form_urlencoded::byte_serialize(api_version.as_bytes())
+                        .collect::<String>()
                 )
             }
         };
@@ -326,7 +329,9 @@ mod tests {
     fn azure_content_filter_becomes_openai_code() {
         let body = br#"{"error":{"code":"contentFilter","message":"Your task failed as a result of our safety system."}}"#;
         match map_error(400, &Default::default(), body) {
-            BackendError::Rejected { code, error_type, .. } => {
+            BackendError::Rejected {
+                code, error_type, ..
+            } => {
                 assert_eq!(code.as_deref(), Some("content_policy_violation"));
                 assert_eq!(error_type.as_deref(), Some("invalid_request_error"));
             }
@@ -346,8 +351,14 @@ mod tests {
     #[test]
     fn numeric_error_codes_are_kept_as_strings() {
         let body = br#"{"error":{"code":429,"message":"slow down"}}"#;
-        assert!(matches!(map_error(429, &Default::default(), body), BackendError::RateLimited { .. }));
+        assert!(matches!(
+            map_error(429, &Default::default(), body),
+            BackendError::RateLimited { .. }
+        ));
         let body = br#"{"error":{"code":500,"message":"boom"}}"#;
-        assert!(matches!(map_error(500, &Default::default(), body), BackendError::Status { status: 500, .. }));
+        assert!(matches!(
+            map_error(500, &Default::default(), body),
+            BackendError::Status { status: 500, .. }
+        ));
     }
 }

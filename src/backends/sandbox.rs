@@ -49,7 +49,11 @@ impl Rng {
 
 fn blend(under: [u8; 3], over: [u8; 3], alpha: u32) -> [u8; 3] {
     let mix = |a: u8, b: u8| ((u32::from(a) * (256 - alpha) + u32::from(b) * alpha) >> 8) as u8;
-    [mix(under[0], over[0]), mix(under[1], over[1]), mix(under[2], over[2])]
+    [
+        mix(under[0], over[0]),
+        mix(under[1], over[1]),
+        mix(under[2], over[2]),
+    ]
 }
 
 /// Draws the picture for `prompt`; `index` varies the images of one request.

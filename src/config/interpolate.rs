@@ -74,12 +74,12 @@ pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                 None => (inner, None),
             };
             let valid = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.as_bytes()[0].is_ascii_digit();
             if !valid {
-                return Err(format!("invalid variable name \"{name}\" in \"${{{inner}}}\""));
+                return Err(format!(
+                    "invalid variable name \"{name}\" in \"${{{inner}}}\""
+                ));
             }
             match (lookup(name), default) {
                 (Some(v), _) => out.push_str(&v),
@@ -114,19 +114,26 @@ mod tests {
 
     #[test]
     fn expands_variables_and_defaults() {
-        assert_eq!(expand("https://${HOST}/v1", &env).unwrap(), "https://example.org/v1");
+        assert_eq!(
+            expand("https://${HOST}/v1", &env).unwrap(),
+            "https://example.org/v1"
+        );
         assert_eq!(expand("${MISSING:-fallback}", &env).unwrap(), "fallback");
         assert_eq!(expand("${EMPTY:-fallback}", &env).unwrap(), "");
         assert_eq!(expand("cost $$5 and $x", &env).unwrap(), "cost $5 and $x");
-        assert!(expand("${MISSING}", &env).unwrap_err().contains("MISSING is not set"));
+        assert!(expand("${MISSING}", &env)
+            .unwrap_err()
+            .contains("MISSING is not set"));
         assert!(expand("${HOST", &env).is_err());
         assert!(expand("${1BAD}", &env).is_err());
     }
 
     #[test]
     fn errors_name_the_path() {
-        let mut doc: Value =
-            serde_yaml_ng::from_str("backends:\n  openai:\n    api_key: ${NOPE}\nlist: [a, '${NOPE2}']").unwrap();
+        let mut doc: Value = serde_yaml_ng::from_str(
+            "backends:\n  openai:\n    api_key: ${NOPE}\nlist: [a, '${NOPE2}']",
+        )
+        .unwrap();
         let mut errors = Vec::new();
         interpolate(&mut doc, &mut Vec::new(), &env, &mut errors);
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();

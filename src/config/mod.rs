@@ -70,9 +70,8 @@ impl From<ConfigError> for ConfigErrors {
 impl Config {
     /// Reads and validates a config file, taking variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok())
     }
 

@@ -50,7 +50,10 @@ fn a_good_config_loads_with_defaults() {
 fn unknown_backend_is_named_by_path() {
     let yaml = GOOD.replace("{backend: openai}", "{backend: x}");
     let err = load(&yaml).unwrap_err().to_string();
-    assert_eq!(err, r#"models.dall-e-3.route.targets[0].backend: unknown backend "x""#);
+    assert_eq!(
+        err,
+        r#"models.dall-e-3.route.targets[0].backend: unknown backend "x""#
+    );
 }
 
 #[test]
@@ -71,7 +74,10 @@ fn typos_are_named_by_path() {
 fn unset_variables_are_errors_unless_defaulted() {
     let yaml = GOOD.replace("${OPENAI_KEY}", "${NOT_SET}");
     let err = load(&yaml).unwrap_err().to_string();
-    assert!(err.starts_with("backends.openai.api_key: environment variable NOT_SET"), "{err}");
+    assert!(
+        err.starts_with("backends.openai.api_key: environment variable NOT_SET"),
+        "{err}"
+    );
     let yaml = GOOD.replace("${OPENAI_KEY}", "${NOT_SET:-sk-default}");
     assert!(load(&yaml).is_ok());
 }
@@ -90,7 +96,10 @@ fn cross_references_are_checked() {
 #[test]
 fn bad_rules_and_keys_are_rejected() {
     let yaml = GOOD.replace("rules: dall-e-3", "rules: dall-e-9");
-    assert!(load(&yaml).unwrap_err().to_string().contains("unknown rules preset"));
+    assert!(load(&yaml)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown rules preset"));
     let yaml = GOOD.replace("[512x512, 1024x1024]", "[512x512, big]");
     assert!(load(&yaml).is_err());
     let yaml = GOOD.replace("secret: sk-imagegate-demo", "secret_sha256: abc");

@@ -101,8 +101,14 @@ fn choices<T: Copy>(
 fn check_http_url(path: String, url: &str, errors: &mut Vec<ConfigError>) {
     match url::Url::parse(url) {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
-        Ok(_) => errors.push(ConfigError::new(path, format!("\"{url}\" is not an http(s) URL"))),
-        Err(e) => errors.push(ConfigError::new(path, format!("invalid URL \"{url}\": {e}"))),
+        Ok(_) => errors.push(ConfigError::new(
+            path,
+            format!("\"{url}\" is not an http(s) URL"),
+        )),
+        Err(e) => errors.push(ConfigError::new(
+            path,
+            format!("invalid URL \"{url}\": {e}"),
+        )),
     }
 }
 
@@ -164,16 +170,27 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 ));
             }
             if target.weight == 0 {
-                errors.push(ConfigError::new(format!("{path}.weight"), "must be at least 1"));
+                errors.push(ConfigError::new(
+                    format!("{path}.weight"),
+                    "must be at least 1",
+                ));
             }
         }
         if model.timeout.is_zero() {
-            errors.push(ConfigError::new(format!("models.{name}.timeout"), "must be above 0"));
+            errors.push(ConfigError::new(
+                format!("models.{name}.timeout"),
+                "must be above 0",
+            ));
         }
     }
 
     for (name, tenant) in &config.tenants {
-        check_model_refs(config, &tenant.models, &format!("tenants.{name}.models"), &mut errors);
+        check_model_refs(
+            config,
+            &tenant.models,
+            &format!("tenants.{name}.models"),
+            &mut errors,
+        );
         let limits = &tenant.limits;
         for (field, value) in [
             ("requests_per_minute", limits.requests_per_minute),
@@ -253,10 +270,16 @@ fn check_headers(
 ) {
     for (name, value) in headers {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            errors.push(ConfigError::new(format!("{path}.{name}"), "invalid header name"));
+            errors.push(ConfigError::new(
+                format!("{path}.{name}"),
+                "invalid header name",
+            ));
         }
         if http::HeaderValue::from_str(value.expose()).is_err() {
-            errors.push(ConfigError::new(format!("{path}.{name}"), "invalid header value"));
+            errors.push(ConfigError::new(
+                format!("{path}.{name}"),
+                "invalid header value",
+            ));
         }
     }
 }

@@ -206,7 +206,10 @@ fn not_found() -> ApiError {
 /// `<32 hex>.<ext>`: anything else (including path tricks) is unknown.
 fn parse_name(name: &str) -> Option<ImageFormat> {
     let (id, ext) = name.split_once('.')?;
-    let ok = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let ok = id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
     ok.then_some(())?;
     ImageFormat::from_extension(ext)
 }
@@ -227,9 +230,18 @@ mod tests {
 
     #[test]
     fn sniffs_magic_numbers() {
-        assert_eq!(ImageFormat::sniff(b"\x89PNG\r\n\x1a\nrest"), Some(ImageFormat::Png));
-        assert_eq!(ImageFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(ImageFormat::Jpeg));
-        assert_eq!(ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(ImageFormat::Webp));
+        assert_eq!(
+            ImageFormat::sniff(b"\x89PNG\r\n\x1a\nrest"),
+            Some(ImageFormat::Png)
+        );
+        assert_eq!(
+            ImageFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]),
+            Some(ImageFormat::Jpeg)
+        );
+        assert_eq!(
+            ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "),
+            Some(ImageFormat::Webp)
+        );
         assert_eq!(ImageFormat::sniff(b"<html>"), None);
         assert_eq!(ImageFormat::sniff(b""), None);
     }

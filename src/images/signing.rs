@@ -118,7 +118,9 @@ impl UrlSigner {
 }
 
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -131,14 +133,29 @@ mod tests {
         let now = SystemTime::now();
         let (q, _) = s.sign("abc.png", now, Duration::from_secs(60));
         assert!(s.verify("abc.png", Some(&q), now).is_ok());
-        assert_eq!(s.verify("abd.png", Some(&q), now), Err(SignatureError::Invalid));
+        assert_eq!(
+            s.verify("abd.png", Some(&q), now),
+            Err(SignatureError::Invalid)
+        );
         let later = now + Duration::from_secs(61);
-        assert_eq!(s.verify("abc.png", Some(&q), later), Err(SignatureError::Expired));
+        assert_eq!(
+            s.verify("abc.png", Some(&q), later),
+            Err(SignatureError::Expired)
+        );
         let bumped = q.replacen("expires=", "expires=9", 1);
-        assert_eq!(s.verify("abc.png", Some(&bumped), now), Err(SignatureError::Invalid));
-        assert_eq!(s.verify("abc.png", None, now), Err(SignatureError::Malformed));
+        assert_eq!(
+            s.verify("abc.png", Some(&bumped), now),
+            Err(SignatureError::Invalid)
+        );
+        assert_eq!(
+            s.verify("abc.png", None, now),
+            Err(SignatureError::Malformed)
+        );
         let other = UrlSigner::new(b"j".repeat(32));
-        assert_eq!(other.verify("abc.png", Some(&q), now), Err(SignatureError::Invalid));
+        assert_eq!(
+            other.verify("abc.png", Some(&q), now),
+            Err(SignatureError::Invalid)
+        );
     }
 
     #[test]

@@ -50,10 +50,11 @@ impl BlobStore for LocalStore {
             let Ok(meta) = entry.metadata().await else {
                 continue;
             };
-            if meta.is_file() && meta.modified().is_ok_and(|m| m < cutoff) {
-                if tokio::fs::remove_file(entry.path()).await.is_ok() {
-                    removed += 1;
-                }
+            if meta.is_file()
+                && meta.modified().is_ok_and(|m| m < cutoff)
+                && tokio::fs::remove_file(entry.path()).await.is_ok()
+            {
+                removed += 1;
             }
         }
         Ok(removed)

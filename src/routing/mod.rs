@@ -66,7 +66,10 @@ impl Router {
             .collect();
         let mut models = HashMap::new();
         for (name, m) in &config.models {
-            let rules = m.rules.resolve().map_err(|e| format!("models.{name}.rules: {e}"))?;
+            let rules = m
+                .rules
+                .resolve()
+                .map_err(|e| format!("models.{name}.rules: {e}"))?;
             let mut targets = m
                 .route
                 .targets

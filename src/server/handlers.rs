@@ -31,7 +31,10 @@ struct AccessLog {
     upstream_error: Option<String>,
 }
 
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let request_id = respond::request_id(req.headers());
     let method = req.method().clone();
@@ -86,10 +89,12 @@ async fn route(
         (&Method::GET | &Method::HEAD, p) if p.starts_with(FILES_PREFIX) => {
             file(state, &req, &p[FILES_PREFIX.len()..]).await
         }
-        (_, "/v1/images/generations" | "/v1/models" | "/healthz" | "/readyz") => Err(ApiError::new(
-            ErrorKind::MethodNotAllowed,
-            format!("Method {} is not allowed for {path}.", req.method()),
-        )),
+        (_, "/v1/images/generations" | "/v1/models" | "/healthz" | "/readyz") => {
+            Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("Method {} is not allowed for {path}.", req.method()),
+            ))
+        }
         (method, _) => Err(ApiError::new(
             ErrorKind::NotFound,
             format!("Invalid URL ({method} {path})"),
@@ -119,10 +124,16 @@ fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
     if essence.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {
-        let shown = if content_type.is_empty() { "none" } else { content_type };
+        let shown = if content_type.is_empty() {
+            "none"
+        } else {
+            content_type
+        };
         Err(ApiError::new(
             ErrorKind::InvalidRequest,
-            format!("Invalid Content-Type header ({shown}): this endpoint expects application/json."),
+            format!(
+                "Invalid Content-Type header ({shown}): this endpoint expects application/json."
+            ),
         ))
     }
 }
@@ -196,7 +207,10 @@ async fn generations(
         }
     };
 
-    let fallback_revised = route.rules.revised_prompt.then_some(request.prompt.as_str());
+    let fallback_revised = route
+        .rules
+        .revised_prompt
+        .then_some(request.prompt.as_str());
     let data = state
         .images
         .deliver(generation, request.response_format, fallback_revised)

@@ -15,11 +15,17 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => with_type(status, bytes, "application/json"),
-        Err(e) => error(&ApiError::internal(format!("cannot encode the response: {e}"))),
+        Err(e) => error(&ApiError::internal(format!(
+            "cannot encode the response: {e}"
+        ))),
     }
 }
 
-pub fn with_type(status: StatusCode, bytes: impl Into<Bytes>, content_type: &'static str) -> Response<Body> {
+pub fn with_type(
+    status: StatusCode,
+    bytes: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Body> {
     let mut resp = Response::new(Full::new(bytes.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -33,7 +39,10 @@ pub fn error(err: &ApiError) -> Response<Body> {
     if let Some(after) = err.retry_after {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        headers.insert("retry-after-ms", HeaderValue::from(after.as_millis().max(1) as u64));
+        headers.insert(
+            "retry-after-ms",
+            HeaderValue::from(after.as_millis().max(1) as u64),
+        );
     }
     if let Some(retry) = err.should_retry {
         headers.insert(
@@ -49,8 +58,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
     if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
         let ok = !v.is_empty()
             && v.len() <= 128
-            && v
-                .bytes()
+            && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         if ok {
             return v.to_string();

@@ -55,14 +55,15 @@ impl AppState {
             &config.data_dir,
         )
         .map_err(|e| anyhow::anyhow!("images: cannot load the URL signing key: {e}"))?;
-        let store = match config.images.store {
-            StoreKind::Local => {
-                let dir = config.data_dir.join("images");
-                Arc::new(LocalStore::new(dir.clone()).map_err(|e| {
-                    anyhow::anyhow!("images: cannot create {}: {e}", dir.display())
-                })?)
-            }
-        };
+        let store =
+            match config.images.store {
+                StoreKind::Local => {
+                    let dir = config.data_dir.join("images");
+                    Arc::new(LocalStore::new(dir.clone()).map_err(|e| {
+                        anyhow::anyhow!("images: cannot create {}: {e}", dir.display())
+                    })?)
+                }
+            };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl);
         let runtime = Runtime::build(config, &http)?;
         Ok(Arc::new(AppState {

@@ -39,8 +39,10 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let data_dir = tempfile::tempdir().unwrap();
-        let mut env: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let mut env: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         env.insert("PORT".into(), addr.port().to_string());
         env.insert("DATA_DIR".into(), data_dir.path().display().to_string());
         let config = Config::from_yaml(yaml, &|name| env.get(name).cloned())
@@ -102,7 +104,10 @@ pub async fn expect_error(resp: reqwest::Response, status: u16) -> serde_json::V
     assert_eq!(got, status, "body: {body}");
     let err = body["error"].clone();
     assert!(err["message"].is_string(), "no message in {body}");
-    assert!(err.get("type").is_some() && err.get("param").is_some() && err.get("code").is_some(), "{body}");
+    assert!(
+        err.get("type").is_some() && err.get("param").is_some() && err.get("code").is_some(),
+        "{body}"
+    );
     err
 }
 
@@ -194,19 +199,30 @@ impl FakeUpstream {
         let rec = recorded.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (handler, rec) = (handler.clone(), rec.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (handler, rec) = (handler.clone(), rec.clone());
                         async move {
                             let (parts, body) = req.into_parts();
-                            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let bytes = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             let recorded = Recorded {
                                 method: parts.method.to_string(),
-                                path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                                path_and_query: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default(),
                                 headers: parts.headers,
-                                body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+                                body: serde_json::from_slice(&bytes)
+                                    .unwrap_or(serde_json::Value::Null),
                             };
                             let reply = handler(&recorded);
                             rec.lock().unwrap().push(recorded);
@@ -230,7 +246,11 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { addr, recorded, task }
+        FakeUpstream {
+            addr,
+            recorded,
+            task,
+        }
     }
 
     pub fn base_url(&self) -> String {
