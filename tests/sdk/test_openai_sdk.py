@@ -1,0 +1,97 @@
+"""The official `openai` Python SDK, unchanged, against imagegate."""
+
+import base64
+import struct
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+
+def png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture
+def client(gateway):
+    return OpenAI(api_key="sk-imagegate-demo", base_url=f"{gateway}/v1", max_retries=0)
+
+
+def test_generate_url_returns_a_real_png_of_the_requested_size(client):
+    resp = client.images.generate(model="dall-e-3", prompt="A cute cat walking in space",
+                                  size="1792x1024", quality="hd", style="natural", n=1)
+    assert resp.created > 0
+    assert len(resp.data) == 1
+    assert resp.data[0].revised_prompt == "A cute cat walking in space"
+    with urllib.request.urlopen(resp.data[0].url) as r:
+        assert r.headers["content-type"] == "image/png"
+        assert png_size(r.read()) == (1792, 1024)
+
+
+def test_generate_b64_json_returns_the_bytes(client):
+    resp = client.images.generate(prompt="a lighthouse", n=2, size="256x256", response_format="b64_json")
+    assert len(resp.data) == 2
+    images = [base64.b64decode(d.b64_json) for d in resp.data]
+    assert all(png_size(i) == (256, 256) for i in images)
+    assert images[0] != images[1]
+    assert resp.data[0].url is None
+
+
+def test_models_list(client):
+    ids = sorted(m.id for m in client.models.list())
+    assert ids == ["dall-e-2", "dall-e-3", "remote"]
+
+
+def test_400_is_bad_request_error_naming_the_param(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="dall-e-3", prompt="x", n=2)
+    assert e.value.status_code == 400
+    assert e.value.param == "n"
+    assert e.value.type == "invalid_request_error"
+    assert e.value.request_id and e.value.request_id.startswith("req_")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="dall-e-2", prompt="x", size="1792x1024")
+    assert e.value.param == "size"
+
+
+def test_401_is_authentication_error(gateway):
+    bad = OpenAI(api_key="sk-not-a-key", base_url=f"{gateway}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.images.generate(prompt="x")
+    assert e.value.code == "invalid_api_key"
+
+
+def test_404_is_not_found_error(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.images.generate(model="dall-e-9", prompt="x")
+    assert e.value.code == "model_not_found"
+
+
+def test_429_from_a_tenant_limit_is_rate_limit_error(gateway):
+    tight = OpenAI(api_key="sk-tight-limit", base_url=f"{gateway}/v1", max_retries=0)
+    tight.images.generate(prompt="first", size="256x256")
+    with pytest.raises(openai.RateLimitError) as e:
+        tight.images.generate(prompt="second", size="256x256")
+    assert e.value.code == "rate_limit_exceeded"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_upstream_429_is_rate_limit_error(client):
+    with pytest.raises(openai.RateLimitError) as e:
+        client.images.generate(model="remote", prompt="upstream-429")
+    assert e.value.response.headers["retry-after"] == "2"
+
+
+def test_upstream_content_policy_is_bad_request_error(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="remote", prompt="unsafe")
+    assert e.value.code == "content_policy_violation"
+
+
+def test_upstream_500_is_internal_server_error(client):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.images.generate(model="remote", prompt="boom")
+    assert e.value.status_code == 502
