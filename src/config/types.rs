@@ -151,6 +151,14 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
+    pub fn health(&self) -> &HealthConfig {
+        match self {
+            BackendConfig::Openai(c) => &c.health,
+            BackendConfig::Azure(c) => &c.health,
+            BackendConfig::Sandbox(c) => &c.health,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             BackendConfig::Openai(_) => "openai",
@@ -163,6 +171,8 @@ impl BackendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Up to and including `/v1`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     #[serde(default)]
@@ -181,6 +191,8 @@ pub struct OpenAiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
+    #[serde(default)]
+    pub health: HealthConfig,
     /// `https://{resource}.openai.azure.com`
     pub endpoint: String,
     /// Deployment used when a route target names no upstream model.
@@ -206,9 +218,52 @@ fn default_upstream_timeout() -> Duration {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Artificial latency per request, for trying timeouts and drains.
     #[serde(default, deserialize_with = "opt_duration")]
     pub delay: Option<Duration>,
+}
+
+/// Passive health (outlier ejection) of one backend.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Consecutive failures (connect error, timeout, 5xx) before the backend is ejected.
+    #[serde(default = "default_eject_after")]
+    pub eject_after: u32,
+    /// First cool-down; it doubles on each repeated ejection.
+    #[serde(default = "default_ejection", deserialize_with = "duration")]
+    pub ejection: Duration,
+    #[serde(default = "default_max_ejection", deserialize_with = "duration")]
+    pub max_ejection: Duration,
+    /// How long an upstream 429 without `retry-after` parks the backend.
+    #[serde(default = "default_throttle", deserialize_with = "duration")]
+    pub throttle: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            eject_after: default_eject_after(),
+            ejection: default_ejection(),
+            max_ejection: default_max_ejection(),
+            throttle: default_throttle(),
+        }
+    }
+}
+
+fn default_eject_after() -> u32 {
+    5
+}
+fn default_ejection() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_throttle() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,6 +317,13 @@ pub struct CustomRules {
 pub struct RouteConfig {
     #[serde(default)]
     pub strategy: Strategy,
+    /// Upstream calls one request may make (each to a different target); default: up to 3,
+    /// never more than the number of targets.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Which upstream failures move the request to another target.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<RetryOn>,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -271,6 +333,32 @@ pub enum Strategy {
     /// Random by weight within the best available tier.
     #[default]
     Weighted,
+    /// Power of two choices (drawn by weight) on in-flight requests.
+    LeastOutstanding,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// Connection refused, reset, DNS failure.
+    Connect,
+    /// No answer within the backend's timeout.
+    Timeout,
+    /// Upstream 429.
+    RateLimited,
+    /// Upstream 5xx or an unusable answer.
+    ServerError,
+    /// Upstream 401/403 (our credentials for that backend).
+    UpstreamAuth,
+}
+
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![
+        RetryOn::Connect,
+        RetryOn::Timeout,
+        RetryOn::RateLimited,
+        RetryOn::ServerError,
+    ]
 }
 
 #[derive(Debug, Clone, Deserialize)]

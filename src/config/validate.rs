@@ -138,6 +138,19 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
 
     for (name, backend) in &config.backends {
         let path = |field: &str| format!("backends.{name}.{field}");
+        let health = backend.health();
+        if health.eject_after == 0 {
+            errors.push(ConfigError::new(
+                path("health.eject_after"),
+                "must be at least 1",
+            ));
+        }
+        if health.max_ejection < health.ejection {
+            errors.push(ConfigError::new(
+                path("health.max_ejection"),
+                "must not be shorter than health.ejection",
+            ));
+        }
         match backend {
             BackendConfig::Openai(c) => {
                 check_http_url(path("base_url"), &c.base_url, &mut errors);
@@ -175,6 +188,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     "must be at least 1",
                 ));
             }
+        }
+        if model.route.max_attempts == Some(0) {
+            errors.push(ConfigError::new(
+                format!("models.{name}.route.max_attempts"),
+                "must be at least 1",
+            ));
         }
         if model.timeout.is_zero() {
             errors.push(ConfigError::new(

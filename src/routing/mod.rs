@@ -1,19 +1,26 @@
-//! Model name -> the backend that serves it. A model's route lists targets in priority tiers
-//! (lower first) with weights; a request goes to a weighted random target of the best tier.
+//! Model name -> a pool of targets, and the life of one upstream dispatch: pick a target
+//! (tiers by `priority`, then `weighted` or `least_outstanding` within the tier), call it, and
+//! on a retryable failure move to another target, within `max_attempts` and the request's
+//! deadline. Every attempt's outcome feeds the backend's passive health ([`health`]).
 
-use std::collections::HashMap;
+pub mod health;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::api::ModelRules;
-use crate::backends::Backend;
-use crate::config::Config;
+use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
+use crate::backends::{Backend, BackendError, Generation, UpstreamCall};
+use crate::config::{Config, RetryOn, Strategy};
+
+use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
 
 pub struct Target {
     pub backend_name: Arc<str>,
     pub backend: Arc<dyn Backend>,
+    pub health: Arc<BackendHealth>,
     pub upstream_model: Option<String>,
     pub weight: u32,
     pub priority: u32,
@@ -22,37 +29,215 @@ pub struct Target {
 pub struct ModelRoute {
     pub rules: ModelRules,
     pub timeout: Duration,
+    strategy: Strategy,
+    max_attempts: u32,
+    retry_on: HashSet<RetryOn>,
     /// Sorted by priority.
     targets: Vec<Target>,
 }
 
-impl ModelRoute {
-    /// A weighted random choice among the targets of the best tier.
-    pub fn pick(&self) -> &Target {
-        let tier = self.targets[0].priority;
-        let tier: Vec<&Target> = self
-            .targets
-            .iter()
-            .take_while(|t| t.priority == tier)
-            .collect();
-        let total: u64 = tier.iter().map(|t| u64::from(t.weight)).sum();
-        let mut roll = rand::rng().random_range(0..total.max(1));
-        for t in &tier {
-            if roll < u64::from(t.weight) {
-                return t;
-            }
-            roll -= u64::from(t.weight);
-        }
-        tier[0]
-    }
+/// The result of one dispatch, with what ops need to know about it.
+pub struct Dispatch {
+    pub result: Result<Generation, ApiError>,
+    /// The backend that answered (or failed last).
+    pub backend: Option<Arc<str>>,
+    pub attempts: u32,
+}
 
+impl ModelRoute {
     pub fn targets(&self) -> &[Target] {
         &self.targets
     }
+
+    /// Whether some target could take a request now.
+    pub fn available(&self, now: Instant) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.health.availability(now).is_ok())
+    }
+
+    /// Picks and claims a target not yet `tried`: the lowest tier with an available target,
+    /// then by strategy within it. `Err` carries the earliest time one becomes available.
+    fn select(&self, tried: &mut [bool], now: Instant) -> Result<(usize, Permit), Option<Instant>> {
+        let mut earliest: Option<Instant> = None;
+        let mut start = 0;
+        while start < self.targets.len() {
+            let tier = self.targets[start].priority;
+            let end = start
+                + self.targets[start..]
+                    .iter()
+                    .take_while(|t| t.priority == tier)
+                    .count();
+            // Claiming can race with other requests; retry within the tier until it is empty.
+            loop {
+                let candidates: Vec<usize> = (start..end)
+                    .filter(|&i| !tried[i])
+                    .filter(|&i| match self.targets[i].health.availability(now) {
+                        Ok(()) => true,
+                        Err(Unavailable::Ejected(t) | Unavailable::Throttled(t)) => {
+                            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                            false
+                        }
+                        Err(Unavailable::Probing) => false,
+                    })
+                    .collect();
+                if candidates.is_empty() {
+                    break;
+                }
+                let i = self.choose(&candidates);
+                match self.targets[i].health.acquire(now) {
+                    Ok(permit) => return Ok((i, permit)),
+                    Err(_) => tried[i] = true,
+                }
+            }
+            start = end;
+        }
+        Err(earliest)
+    }
+
+    fn choose(&self, candidates: &[usize]) -> usize {
+        let mut rng = rand::rng();
+        let total: u64 = candidates
+            .iter()
+            .map(|&i| u64::from(self.targets[i].weight))
+            .sum();
+        let mut by_weight = || {
+            let mut roll = rng.random_range(0..total.max(1));
+            for &i in candidates {
+                let w = u64::from(self.targets[i].weight);
+                if roll < w {
+                    return i;
+                }
+                roll -= w;
+            }
+            candidates[0]
+        };
+        match self.strategy {
+            Strategy::Weighted => by_weight(),
+            Strategy::LeastOutstanding => {
+                let (a, b) = (by_weight(), by_weight());
+                // Load relative to weight: (in_flight + 1) / weight, compared without division.
+                let load = |i: usize| {
+                    let t = &self.targets[i];
+                    (u64::from(t.health.in_flight()) + 1, u64::from(t.weight))
+                };
+                let ((la, wa), (lb, wb)) = (load(a), load(b));
+                if lb * wa < la * wb {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+
+    fn retryable(&self, e: &BackendError) -> bool {
+        let class = match e {
+            BackendError::Rejected { .. } => return false,
+            BackendError::Connect(_) => RetryOn::Connect,
+            BackendError::Timeout => RetryOn::Timeout,
+            BackendError::RateLimited { .. } => RetryOn::RateLimited,
+            BackendError::Status { .. } | BackendError::BadResponse(_) => RetryOn::ServerError,
+            BackendError::Unauthorized { .. } => RetryOn::UpstreamAuth,
+        };
+        self.retry_on.contains(&class)
+    }
+
+    /// Sends the request to the pool: at most `max_attempts` calls, each to a different target,
+    /// all inside `deadline`. 4xx answers of the upstream's own are never retried.
+    pub async fn dispatch(
+        &self,
+        request: &ImageRequest,
+        request_id: &str,
+        deadline: Instant,
+    ) -> Dispatch {
+        let mut tried = vec![false; self.targets.len()];
+        let mut attempts = 0;
+        let mut last: Option<(Arc<str>, BackendError)> = None;
+        while attempts < self.max_attempts {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let (index, permit) = match self.select(&mut tried, now) {
+                Ok(picked) => picked,
+                Err(earliest) => {
+                    if attempts == 0 {
+                        return Dispatch {
+                            result: Err(no_target(&request.model, earliest, now)),
+                            backend: None,
+                            attempts,
+                        };
+                    }
+                    break;
+                }
+            };
+            tried[index] = true;
+            attempts += 1;
+            let target = &self.targets[index];
+            let call = UpstreamCall {
+                request,
+                upstream_model: target.upstream_model.as_deref(),
+                request_id,
+                deadline,
+            };
+            let result = tokio::time::timeout_at(deadline.into(), target.backend.generate(call))
+                .await
+                .unwrap_or(Err(BackendError::Timeout));
+            permit.record(Outcome::of(&result.as_ref().map(|_| ())));
+            match result {
+                Ok(generation) => {
+                    return Dispatch {
+                        result: Ok(generation),
+                        backend: Some(target.backend_name.clone()),
+                        attempts,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        request_id,
+                        backend = %target.backend_name,
+                        attempt = attempts,
+                        error = %e,
+                        "upstream attempt failed"
+                    );
+                    let retry = self.retryable(&e);
+                    last = Some((target.backend_name.clone(), e));
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        let (backend, error) = match last {
+            Some((b, e)) => (Some(b), e),
+            None => (None, BackendError::Timeout),
+        };
+        Dispatch {
+            result: Err(error.into()),
+            backend,
+            attempts,
+        }
+    }
+}
+
+fn no_target(model: &str, earliest: Option<Instant>, now: Instant) -> ApiError {
+    let after = earliest
+        .map(|t| t.saturating_duration_since(now))
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(100));
+    ApiError::new(
+        ErrorKind::Unavailable,
+        format!("No backend is available for the model `{model}` right now. Please retry later."),
+    )
+    .code("no_backend_available")
+    .retry_after(after)
 }
 
 pub struct Router {
     models: HashMap<String, ModelRoute>,
+    /// Per backend, shared by every model routed to it. Sorted for stable output.
+    health: BTreeMap<String, Arc<BackendHealth>>,
 }
 
 impl Router {
@@ -63,6 +248,11 @@ impl Router {
             .backends
             .iter()
             .map(|(name, c)| (name.as_str(), crate::backends::build(c, http)))
+            .collect();
+        let health: BTreeMap<String, Arc<BackendHealth>> = config
+            .backends
+            .iter()
+            .map(|(name, c)| (name.clone(), BackendHealth::new(name, c.health().clone())))
             .collect();
         let mut models = HashMap::new();
         for (name, m) in &config.models {
@@ -75,12 +265,15 @@ impl Router {
                 .targets
                 .iter()
                 .map(|t| {
-                    let backend = backends.get(t.backend.as_str()).cloned().ok_or_else(|| {
-                        format!("models.{name}: unknown backend \"{}\"", t.backend)
-                    })?;
+                    let (Some(backend), Some(h)) =
+                        (backends.get(t.backend.as_str()), health.get(&t.backend))
+                    else {
+                        return Err(format!("models.{name}: unknown backend \"{}\"", t.backend));
+                    };
                     Ok(Target {
-                        backend_name: Arc::from(t.backend.as_str()),
-                        backend,
+                        backend_name: h.name.clone(),
+                        backend: backend.clone(),
+                        health: h.clone(),
                         upstream_model: t.model.clone(),
                         weight: t.weight.max(1),
                         priority: t.priority,
@@ -91,16 +284,24 @@ impl Router {
                 return Err(format!("models.{name}: no targets"));
             }
             targets.sort_by_key(|t| t.priority);
+            let max_attempts = m
+                .route
+                .max_attempts
+                .unwrap_or(3)
+                .clamp(1, targets.len() as u32);
             models.insert(
                 name.clone(),
                 ModelRoute {
                     rules,
                     timeout: m.timeout,
+                    strategy: m.route.strategy,
+                    max_attempts,
+                    retry_on: m.route.retry_on.iter().copied().collect(),
                     targets,
                 },
             );
         }
-        Ok(Router { models })
+        Ok(Router { models, health })
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelRoute> {
@@ -110,4 +311,26 @@ impl Router {
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
     }
+
+    /// Models with no available target right now.
+    pub fn unavailable_models(&self, now: Instant) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .models
+            .iter()
+            .filter(|(_, m)| !m.available(now))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    pub fn backend_states(&self, now: Instant) -> BTreeMap<&str, HealthSnapshot> {
+        self.health
+            .iter()
+            .map(|(name, h)| (name.as_str(), h.snapshot(now)))
+            .collect()
+    }
 }
+
+#[cfg(test)]
+mod tests;

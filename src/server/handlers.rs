@@ -18,7 +18,6 @@ use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
 use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
 use crate::auth::{bearer_token, hash_secret, Principal};
-use crate::backends::{BackendError, UpstreamCall};
 use crate::images::{unix, FILES_PREFIX};
 
 /// What the access log line says about a request, filled in as it goes.
@@ -28,7 +27,7 @@ struct AccessLog {
     tenant: Option<Arc<str>>,
     model: Option<String>,
     backend: Option<Arc<str>>,
-    upstream_error: Option<String>,
+    attempts: u32,
 }
 
 pub async fn handle(
@@ -45,8 +44,20 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => respond::error(&err),
     };
+    let headers = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+        headers.insert(REQUEST_ID, v);
+    }
+    // What routing did, for ops: in headers and the log line, never in the body.
+    if let Some(backend) = log
+        .backend
+        .as_deref()
+        .and_then(|b| HeaderValue::from_str(b).ok())
+    {
+        headers.insert("x-imagegate-backend", backend);
+    }
+    if log.attempts > 0 {
+        headers.insert("x-imagegate-attempts", HeaderValue::from(log.attempts));
     }
 
     let status = resp.status().as_u16();
@@ -63,7 +74,7 @@ pub async fn handle(
         tenant = %dash(log.tenant.as_deref()),
         model = %dash(log.model.as_deref()),
         backend = %dash(log.backend.as_deref()),
-        upstream_error = %dash(log.upstream_error.as_deref()),
+        attempts = log.attempts,
         "request"
     );
     Ok(resp)
@@ -190,22 +201,10 @@ async fn generations(
     rt.policy.admit(&principal, request.n)?;
 
     let deadline = Instant::now() + route.timeout;
-    let target = route.pick();
-    log.backend = Some(target.backend_name.clone());
-    let call = UpstreamCall {
-        request: &request,
-        upstream_model: target.upstream_model.as_deref(),
-        request_id,
-        deadline,
-    };
-    let outcome = tokio::time::timeout_at(deadline.into(), target.backend.generate(call)).await;
-    let generation = match outcome.unwrap_or(Err(BackendError::Timeout)) {
-        Ok(generation) => generation,
-        Err(e) => {
-            log.upstream_error = Some(e.to_string());
-            return Err(e.into());
-        }
-    };
+    let dispatch = route.dispatch(&request, request_id, deadline).await;
+    log.backend = dispatch.backend;
+    log.attempts = dispatch.attempts;
+    let generation = dispatch.result?;
 
     let fallback_revised = route
         .rules
@@ -277,17 +276,27 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Ready while not draining and every model has an available target; the body lists each
+/// backend's state either way.
 fn readyz(state: &AppState) -> Response<Body> {
-    if state.draining.load(Ordering::SeqCst) {
-        return respond::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "draining"}),
-        );
-    }
     let rt = state.runtime.load();
+    let now = Instant::now();
+    let draining = state.draining.load(Ordering::SeqCst);
+    let unavailable = rt.router.unavailable_models(now);
+    let (status, word) = if draining {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !unavailable.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    } else {
+        (StatusCode::OK, "ready")
+    };
     respond::json(
-        StatusCode::OK,
-        &json!({"status": "ready", "models": rt.router.model_names().count()}),
+        status,
+        &json!({
+            "status": word,
+            "unavailable_models": unavailable,
+            "backends": rt.router.backend_states(now),
+        }),
     )
 }
 
