@@ -296,3 +296,37 @@ async fn least_outstanding_sends_fewer_requests_to_a_slow_target() {
     assert_eq!(f + s, 240);
     assert!(s * 2 < f, "slow got {s}, fast got {f}");
 }
+
+#[tokio::test]
+async fn a_full_node_sends_the_request_to_another_node_before_503() {
+    let backends = "  gpu1: {kind: sandbox, delay: 600ms, max_concurrency: 1, max_queue: 0}\n  \
+                    gpu2: {kind: sandbox, delay: 600ms, max_concurrency: 1, max_queue: 0}";
+    let models = "  pool: {rules: dall-e-2, route: {targets: [{backend: gpu1}, {backend: gpu2}]}}";
+    let gw = Arc::new(Gateway::start(&sandbox_config(backends, models)).await);
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let gw = gw.clone();
+        running.push(tokio::spawn(async move {
+            let resp = generate(&gw).await;
+            (resp.status().as_u16(), header(&resp, "x-imagegate-backend"))
+        }));
+    }
+    // Both nodes are busy now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = generate(&gw).await;
+    assert_eq!(header(&resp, "retry-after"), "1");
+    let err = expect_error(resp, 503).await;
+    assert_eq!(err["code"], "backend_busy");
+    let mut served = Vec::new();
+    for r in running {
+        let (status, backend) = r.await.unwrap();
+        assert_eq!(status, 200);
+        served.push(backend);
+    }
+    served.sort();
+    assert_eq!(
+        served,
+        ["gpu1", "gpu2"],
+        "the second request went to the free node"
+    );
+}

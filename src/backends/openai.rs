@@ -176,13 +176,49 @@ struct UpstreamError {
     code: Option<Value>,
 }
 
-/// `retry-after-ms` (float ms), else `retry-after` in seconds.
+/// `retry-after-ms` (float ms), else `retry-after` in seconds, else OpenAI's reset header of
+/// whichever limit is exhausted (`x-ratelimit-reset-requests: 6m0s`).
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let get = |name: &str| text(name)?.parse::<f64>().ok();
     let secs = get("retry-after-ms")
         .map(|ms| ms / 1000.0)
-        .or_else(|| get("retry-after"))?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+        .or_else(|| get("retry-after"));
+    if let Some(secs) = secs {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(3600.0)));
+    }
+    ["requests", "tokens"]
+        .iter()
+        .filter(|kind| text(&format!("x-ratelimit-remaining-{kind}")) == Some("0"))
+        .filter_map(|kind| go_duration(text(&format!("x-ratelimit-reset-{kind}"))?))
+        .max()
+}
+
+/// Go-style durations as OpenAI sends them: `1s`, `6m0s`, `12ms`, `1h2m3.5s`.
+fn go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..split].parse().ok()?;
+        rest = &rest[split..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    (total.is_finite() && total > 0.0).then(|| Duration::from_secs_f64(total.min(3600.0)))
 }
 
 fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> BackendError {
@@ -346,6 +382,22 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert("retry-after-ms", "1500".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn openai_reset_headers_stand_in_for_retry_after() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        h.insert("x-ratelimit-reset-requests", "6m0s".parse().unwrap());
+        h.insert("x-ratelimit-remaining-tokens", "100".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "12ms".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(360)));
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(go_duration("12ms"), Some(Duration::from_millis(12)));
+        assert_eq!(go_duration("soon"), None);
     }
 
     #[test]

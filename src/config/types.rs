@@ -150,7 +150,49 @@ pub enum BackendConfig {
     Sandbox(SandboxConfig),
 }
 
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            max_concurrency: None,
+            max_queue: default_max_queue(),
+            queue_timeout: default_queue_timeout(),
+            health: HealthConfig::default(),
+            delay: None,
+        }
+    }
+}
+
+/// Per-backend capacity: at most `max_concurrency` requests at once (unlimited when unset),
+/// up to `max_queue` more waiting at most `queue_timeout` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub max_concurrency: Option<u32>,
+    pub max_queue: u32,
+    pub queue_timeout: Duration,
+}
+
+fn default_max_queue() -> u32 {
+    16
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
 impl BackendConfig {
+    pub fn capacity(&self) -> Capacity {
+        let (max_concurrency, max_queue, queue_timeout) = match self {
+            BackendConfig::Openai(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+            BackendConfig::Azure(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+            BackendConfig::Sandbox(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+        };
+        Capacity {
+            max_concurrency,
+            max_queue,
+            queue_timeout,
+        }
+    }
+
     pub fn health(&self) -> &HealthConfig {
         match self {
             BackendConfig::Openai(c) => &c.health,
@@ -171,6 +213,13 @@ impl BackendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
+    /// Requests this backend works on at once; more wait in a bounded queue.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub queue_timeout: Duration,
     #[serde(default)]
     pub health: HealthConfig,
     /// Up to and including `/v1`, e.g. `https://api.openai.com/v1`.
@@ -191,6 +240,13 @@ pub struct OpenAiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
+    /// Requests this backend works on at once; more wait in a bounded queue.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub queue_timeout: Duration,
     #[serde(default)]
     pub health: HealthConfig,
     /// `https://{resource}.openai.azure.com`
@@ -215,9 +271,16 @@ fn default_upstream_timeout() -> Duration {
     Duration::from_secs(120)
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
+    /// Requests this backend works on at once; more wait in a bounded queue.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub queue_timeout: Duration,
     #[serde(default)]
     pub health: HealthConfig,
     /// Artificial latency per request, for trying timeouts and drains.

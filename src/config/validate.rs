@@ -138,6 +138,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
 
     for (name, backend) in &config.backends {
         let path = |field: &str| format!("backends.{name}.{field}");
+        if backend.capacity().max_concurrency == Some(0) {
+            errors.push(ConfigError::new(
+                path("max_concurrency"),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
         let health = backend.health();
         if health.eject_after == 0 {
             errors.push(ConfigError::new(

@@ -3,6 +3,7 @@
 //! on a retryable failure move to another target, within `max_attempts` and the request's
 //! deadline. Every attempt's outcome feeds the backend's passive health ([`health`]).
 
+pub mod capacity;
 pub mod health;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,12 +16,15 @@ use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
 use crate::backends::{Backend, BackendError, Generation, UpstreamCall};
 use crate::config::{Config, RetryOn, Strategy};
 
+use capacity::CapacityGate;
 use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
+use serde::Serialize;
 
 pub struct Target {
     pub backend_name: Arc<str>,
     pub backend: Arc<dyn Backend>,
     pub health: Arc<BackendHealth>,
+    pub capacity: Arc<CapacityGate>,
     pub upstream_model: Option<String>,
     pub weight: u32,
     pub priority: u32,
@@ -153,6 +157,7 @@ impl ModelRoute {
     ) -> Dispatch {
         let mut tried = vec![false; self.targets.len()];
         let mut attempts = 0;
+        let mut busy = false;
         let mut last: Option<(Arc<str>, BackendError)> = None;
         while attempts < self.max_attempts {
             let now = Instant::now();
@@ -163,8 +168,13 @@ impl ModelRoute {
                 Ok(picked) => picked,
                 Err(earliest) => {
                     if attempts == 0 {
+                        let error = if busy {
+                            at_capacity(&request.model)
+                        } else {
+                            no_target(&request.model, earliest, now)
+                        };
                         return Dispatch {
-                            result: Err(no_target(&request.model, earliest, now)),
+                            result: Err(error),
                             backend: None,
                             attempts,
                         };
@@ -173,8 +183,29 @@ impl ModelRoute {
                 }
             };
             tried[index] = true;
-            attempts += 1;
             let target = &self.targets[index];
+            // A full node sends the request to another target of the pool, not to a 503.
+            let _slot = match target.capacity.acquire(deadline).await {
+                Ok((slot, waited)) => {
+                    if !waited.is_zero() {
+                        tracing::info!(request_id, backend = %target.backend_name, waited_ms = waited.as_millis() as u64, "waited for backend capacity");
+                    }
+                    slot
+                }
+                Err(why) => {
+                    tracing::info!(
+                        request_id,
+                        backend = %target.backend_name,
+                        reason = ?why,
+                        queue_depth = target.capacity.queue_depth(),
+                        "backend at capacity"
+                    );
+                    busy = true;
+                    drop(permit);
+                    continue;
+                }
+            };
+            attempts += 1;
             let call = UpstreamCall {
                 request,
                 upstream_model: target.upstream_model.as_deref(),
@@ -210,11 +241,12 @@ impl ModelRoute {
             }
         }
         let (backend, error) = match last {
-            Some((b, e)) => (Some(b), e),
-            None => (None, BackendError::Timeout),
+            Some((b, e)) => (Some(b), e.into()),
+            None if busy && Instant::now() < deadline => (None, at_capacity(&request.model)),
+            None => (None, BackendError::Timeout.into()),
         };
         Dispatch {
-            result: Err(error.into()),
+            result: Err(error),
             backend,
             attempts,
         }
@@ -234,10 +266,28 @@ fn no_target(model: &str, earliest: Option<Instant>, now: Instant) -> ApiError {
     .retry_after(after)
 }
 
+fn at_capacity(model: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::Unavailable,
+        format!("Every backend for the model `{model}` is at capacity. Please retry shortly."),
+    )
+    .code("backend_busy")
+    .retry_after(Duration::from_secs(1))
+}
+
+/// One backend's state as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendState {
+    #[serde(flatten)]
+    pub health: HealthSnapshot,
+    pub queue_depth: u32,
+}
+
 pub struct Router {
     models: HashMap<String, ModelRoute>,
     /// Per backend, shared by every model routed to it. Sorted for stable output.
     health: BTreeMap<String, Arc<BackendHealth>>,
+    capacity: HashMap<String, Arc<CapacityGate>>,
 }
 
 impl Router {
@@ -254,6 +304,11 @@ impl Router {
             .iter()
             .map(|(name, c)| (name.clone(), BackendHealth::new(name, c.health().clone())))
             .collect();
+        let capacity: HashMap<String, Arc<CapacityGate>> = config
+            .backends
+            .iter()
+            .map(|(name, c)| (name.clone(), Arc::new(CapacityGate::new(c.capacity()))))
+            .collect();
         let mut models = HashMap::new();
         for (name, m) in &config.models {
             let rules = m
@@ -265,15 +320,18 @@ impl Router {
                 .targets
                 .iter()
                 .map(|t| {
-                    let (Some(backend), Some(h)) =
-                        (backends.get(t.backend.as_str()), health.get(&t.backend))
-                    else {
+                    let (Some(backend), Some(h), Some(cap)) = (
+                        backends.get(t.backend.as_str()),
+                        health.get(&t.backend),
+                        capacity.get(&t.backend),
+                    ) else {
                         return Err(format!("models.{name}: unknown backend \"{}\"", t.backend));
                     };
                     Ok(Target {
                         backend_name: h.name.clone(),
                         backend: backend.clone(),
                         health: h.clone(),
+                        capacity: cap.clone(),
                         upstream_model: t.model.clone(),
                         weight: t.weight.max(1),
                         priority: t.priority,
@@ -301,7 +359,11 @@ impl Router {
                 },
             );
         }
-        Ok(Router { models, health })
+        Ok(Router {
+            models,
+            health,
+            capacity,
+        })
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelRoute> {
@@ -324,10 +386,16 @@ impl Router {
         out
     }
 
-    pub fn backend_states(&self, now: Instant) -> BTreeMap<&str, HealthSnapshot> {
+    pub fn backend_states(&self, now: Instant) -> BTreeMap<&str, BackendState> {
         self.health
             .iter()
-            .map(|(name, h)| (name.as_str(), h.snapshot(now)))
+            .map(|(name, h)| {
+                let state = BackendState {
+                    health: h.snapshot(now),
+                    queue_depth: self.capacity.get(name).map_or(0, |c| c.queue_depth()),
+                };
+                (name.as_str(), state)
+            })
             .collect()
     }
 }

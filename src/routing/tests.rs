@@ -15,6 +15,9 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
                     ..HealthConfig::default()
                 },
             ),
+            capacity: Arc::new(capacity::CapacityGate::new(
+                crate::config::BackendConfig::Sandbox(SandboxConfig::default()).capacity(),
+            )),
             upstream_model: None,
             weight,
             priority,
