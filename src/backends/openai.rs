@@ -392,10 +392,8 @@ mod tests {
         h.insert("x-ratelimit-remaining-tokens", "100".parse().unwrap());
         h.insert("x-ratelimit-reset-tokens", "12ms".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(360)));
-        assert_eq!(
-            go_duration("1h2m3.5s"),
-            Some(Duration::from_secs_f64(3723.5))
-        );
+        assert_eq!(go_duration("2m3.5s"), Some(Duration::from_secs_f64(123.5)));
+        assert_eq!(go_duration("2h"), Some(Duration::from_secs(3600)), "capped");
         assert_eq!(go_duration("12ms"), Some(Duration::from_millis(12)));
         assert_eq!(go_duration("soon"), None);
     }
