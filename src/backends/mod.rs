@@ -49,8 +49,10 @@ pub struct GeneratedImage {
 
 #[derive(Debug, Clone)]
 pub enum ImagePayload {
-    /// Decoded image bytes (from base64 or a binary answer).
+    /// Decoded image bytes (a binary answer, or rendered locally).
     Bytes(Bytes),
+    /// Base64 text as the upstream sent it (kept as is: b64 -> b64 makes no copy).
+    Base64(Bytes),
     /// A URL the upstream hosts.
     Url(String),
 }

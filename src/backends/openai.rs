@@ -1,10 +1,10 @@
 //! OpenAI-compatible upstreams (OpenAI itself and anything that speaks its Images API) and
 //! Azure OpenAI, which differs only in URL shape and auth header.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
@@ -144,16 +144,18 @@ impl OpenAiBackend {
 }
 
 #[derive(Deserialize)]
-struct Answer {
-    data: Vec<AnswerImage>,
+struct Answer<'a> {
+    #[serde(borrow)]
+    data: Vec<AnswerImage<'a>>,
 }
 
 #[derive(Deserialize)]
-struct AnswerImage {
+struct AnswerImage<'a> {
     #[serde(default)]
     url: Option<String>,
-    #[serde(default)]
-    b64_json: Option<String>,
+    /// Borrowed from the answer's buffer when it has no escapes (base64 never needs any).
+    #[serde(default, borrow)]
+    b64_json: Option<Cow<'a, str>>,
     #[serde(default)]
     revised_prompt: Option<String>,
 }
@@ -263,7 +265,12 @@ fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> 
 }
 
 async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError> {
-    let mut buf = BytesMut::new();
+    // Size the buffer once from Content-Length, so a 20 MB answer is not regrown and copied.
+    let expected = resp
+        .content_length()
+        .unwrap_or(0)
+        .min(MAX_ANSWER_BYTES as u64) as usize;
+    let mut buf = BytesMut::with_capacity(expected);
     while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
         if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(BackendError::BadResponse(format!(
@@ -288,23 +295,21 @@ fn transport_error(e: reqwest::Error) -> BackendError {
     }
 }
 
-fn parse_answer(body: &[u8]) -> Result<Generation, BackendError> {
-    let answer: Answer = serde_json::from_slice(body)
+fn parse_answer(body: &Bytes) -> Result<Generation, BackendError> {
+    let answer: Answer<'_> = serde_json::from_slice(body)
         .map_err(|e| BackendError::BadResponse(format!("invalid JSON ({e})")))?;
     if answer.data.is_empty() {
         return Err(BackendError::BadResponse("no images in the answer".into()));
     }
-    let engine = base64::engine::general_purpose::STANDARD;
     let images = answer
         .data
         .into_iter()
         .map(|img| {
             let payload = match (img.b64_json, img.url) {
-                (Some(b64), _) => ImagePayload::Bytes(Bytes::from(
-                    engine
-                        .decode(b64.trim())
-                        .map_err(|_| BackendError::BadResponse("invalid base64 image".into()))?,
-                )),
+                (Some(Cow::Borrowed(b64)), _) => {
+                    ImagePayload::Base64(body.slice_ref(b64.as_bytes()))
+                }
+                (Some(Cow::Owned(b64)), _) => ImagePayload::Base64(Bytes::from(b64)),
                 (None, Some(url)) => ImagePayload::Url(url),
                 (None, None) => {
                     return Err(BackendError::BadResponse(

@@ -162,6 +162,29 @@ impl Default for SandboxConfig {
     }
 }
 
+/// `passthrough`: hand the provider's URL to the client; `rehost`: download it and serve it
+/// from the gateway's image store, hiding the provider.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageUrlMode {
+    Passthrough,
+    Rehost,
+}
+
+fn default_max_image_bytes() -> usize {
+    50 * 1024 * 1024
+}
+
+/// How image URLs returned by one backend are treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUrlPolicy {
+    pub mode: ImageUrlMode,
+    pub trusted_hosts: Vec<String>,
+    pub allow_private: bool,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
 /// Per-backend capacity: at most `max_concurrency` requests at once (unlimited when unset),
 /// up to `max_queue` more waiting at most `queue_timeout` each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +216,46 @@ impl BackendConfig {
         }
     }
 
+    pub fn image_url_policy(&self) -> ImageUrlPolicy {
+        let host_of = |u: &str| {
+            url::Url::parse(u)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        match self {
+            BackendConfig::Openai(c) => ImageUrlPolicy {
+                mode: c.image_urls.unwrap_or(ImageUrlMode::Passthrough),
+                trusted_hosts: c
+                    .image_hosts
+                    .clone()
+                    .unwrap_or_else(|| host_of(&c.base_url)),
+                allow_private: c.allow_private_image_hosts,
+                max_bytes: c.max_image_bytes,
+                timeout: c.timeout,
+            },
+            BackendConfig::Azure(c) => ImageUrlPolicy {
+                mode: c.image_urls.unwrap_or(ImageUrlMode::Passthrough),
+                trusted_hosts: c
+                    .image_hosts
+                    .clone()
+                    .unwrap_or_else(|| host_of(&c.endpoint)),
+                allow_private: c.allow_private_image_hosts,
+                max_bytes: c.max_image_bytes,
+                timeout: c.timeout,
+            },
+            // Local kinds answer with bytes; should one hand out URLs, serve them ourselves.
+            BackendConfig::Sandbox(_) => ImageUrlPolicy {
+                mode: ImageUrlMode::Rehost,
+                trusted_hosts: Vec::new(),
+                allow_private: false,
+                max_bytes: default_max_image_bytes(),
+                timeout: Duration::from_secs(30),
+            },
+        }
+    }
+
     pub fn health(&self) -> &HealthConfig {
         match self {
             BackendConfig::Openai(c) => &c.health,
@@ -213,6 +276,18 @@ impl BackendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
+    /// What to do with image URLs this upstream returns when the client wants a URL.
+    #[serde(default)]
+    pub image_urls: Option<ImageUrlMode>,
+    /// Hosts whose image URLs may be fetched (`*.example.com` matches subdomains); default:
+    /// the host of this backend's own URL.
+    #[serde(default)]
+    pub image_hosts: Option<Vec<String>>,
+    /// Allow fetching images from loopback, private and link-local addresses (off: SSRF guard).
+    #[serde(default)]
+    pub allow_private_image_hosts: bool,
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: usize,
     /// Requests this backend works on at once; more wait in a bounded queue.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
@@ -240,6 +315,18 @@ pub struct OpenAiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
+    /// What to do with image URLs this upstream returns when the client wants a URL.
+    #[serde(default)]
+    pub image_urls: Option<ImageUrlMode>,
+    /// Hosts whose image URLs may be fetched (`*.example.com` matches subdomains); default:
+    /// the host of this backend's own URL.
+    #[serde(default)]
+    pub image_hosts: Option<Vec<String>>,
+    /// Allow fetching images from loopback, private and link-local addresses (off: SSRF guard).
+    #[serde(default)]
+    pub allow_private_image_hosts: bool,
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: usize,
     /// Requests this backend works on at once; more wait in a bounded queue.
     #[serde(default)]
     pub max_concurrency: Option<u32>,

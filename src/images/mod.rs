@@ -1,11 +1,12 @@
 //! Turns what a backend returned into what the client asked for (`url` or `b64_json`), keeps
 //! images the gateway hosts in a [`BlobStore`] and serves them behind signed, expiring URLs.
 
+mod fetch;
 mod signing;
 mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -13,7 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{ApiError, ErrorKind, ImageData, ResponseFormat};
 use crate::backends::{Generation, ImagePayload};
+use crate::config::{ImageUrlMode, ImageUrlPolicy};
 
+pub use fetch::{is_private, FetchError, ImageFetcher};
 pub use signing::{unix, SignatureError, UrlSigner};
 pub use store::{BlobStore, LocalStore};
 
@@ -74,6 +77,7 @@ pub struct ServedImage {
 
 pub struct ImageService {
     store: Arc<dyn BlobStore>,
+    fetcher: ImageFetcher,
     signer: UrlSigner,
     public_base: String,
     ttl: Duration,
@@ -88,62 +92,97 @@ impl ImageService {
         signer: UrlSigner,
         public_base: String,
         ttl: Duration,
-    ) -> Self {
-        ImageService {
+    ) -> reqwest::Result<Self> {
+        Ok(ImageService {
             store,
+            fetcher: ImageFetcher::new()?,
             signer,
             public_base,
             ttl,
-        }
+        })
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// Builds the response items in the requested format. `fallback_revised` fills
-    /// `revised_prompt` where the model's rules promise one and the backend gave none.
+    /// Builds the response items in the requested format, whatever the backend returned.
+    /// `fallback_revised` fills `revised_prompt` where the model's rules promise one and the
+    /// backend gave none; `policy` says how this backend's image URLs are treated.
     pub async fn deliver(
         &self,
         generation: Generation,
         format: ResponseFormat,
         fallback_revised: Option<&str>,
+        policy: &ImageUrlPolicy,
+        deadline: Instant,
     ) -> Result<Vec<ImageData>, ApiError> {
         let mut out = Vec::with_capacity(generation.images.len());
         for image in generation.images {
             let revised_prompt = image
                 .revised_prompt
                 .or_else(|| fallback_revised.map(str::to_string));
-            let item = match (image.payload, format) {
+            let mut item = ImageData {
+                revised_prompt,
+                ..ImageData::default()
+            };
+            match (image.payload, format) {
+                (ImagePayload::Base64(b64), ResponseFormat::B64Json) => {
+                    check_base64(&b64)?;
+                    item.b64_json = Some(b64);
+                }
+                (ImagePayload::Base64(b64), ResponseFormat::Url) => {
+                    item.url = Some(self.host(decode_base64(&b64)?).await?);
+                }
                 (ImagePayload::Bytes(bytes), ResponseFormat::B64Json) => {
                     checked_format(&bytes)?;
-                    ImageData {
-                        url: None,
-                        b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
-                        revised_prompt,
-                    }
+                    item.b64_json = Some(encode_base64(&bytes));
                 }
-                (ImagePayload::Bytes(bytes), ResponseFormat::Url) => ImageData {
-                    url: Some(self.host(bytes).await?),
-                    b64_json: None,
-                    revised_prompt,
-                },
-                (ImagePayload::Url(url), ResponseFormat::Url) => ImageData {
-                    url: Some(url),
-                    b64_json: None,
-                    revised_prompt,
-                },
-                (ImagePayload::Url(_), ResponseFormat::B64Json) => {
-                    return Err(ApiError::new(
-                        ErrorKind::BadGateway,
-                        "The upstream provider returned an image URL where b64_json was requested.",
-                    )
-                    .code("upstream_error"))
+                (ImagePayload::Bytes(bytes), ResponseFormat::Url) => {
+                    item.url = Some(self.host(bytes).await?);
                 }
-            };
+                (ImagePayload::Url(url), ResponseFormat::Url) => {
+                    item.url = Some(match policy.mode {
+                        ImageUrlMode::Passthrough => url,
+                        ImageUrlMode::Rehost => {
+                            self.host(self.download(&url, policy, deadline).await?)
+                                .await?
+                        }
+                    });
+                }
+                (ImagePayload::Url(url), ResponseFormat::B64Json) => {
+                    let bytes = self.download(&url, policy, deadline).await?;
+                    checked_format(&bytes)?;
+                    item.b64_json = Some(encode_base64(&bytes));
+                }
+            }
             out.push(item);
         }
         Ok(out)
+    }
+
+    async fn download(
+        &self,
+        url: &str,
+        policy: &ImageUrlPolicy,
+        deadline: Instant,
+    ) -> Result<Bytes, ApiError> {
+        self.fetcher
+            .fetch(url, policy, deadline)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "upstream image download refused or failed");
+                let kind = if e == FetchError::Timeout {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::BadGateway
+                };
+                ApiError::new(
+                    kind,
+                    format!("The upstream provider's image could not be used: {e}."),
+                )
+                .code("upstream_error")
+            })
     }
 
     /// Stores image bytes under an unguessable name and returns a signed absolute URL.
@@ -214,6 +253,43 @@ fn parse_name(name: &str) -> Option<ImageFormat> {
     ImageFormat::from_extension(ext)
 }
 
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn encode_base64(bytes: &[u8]) -> Bytes {
+    Bytes::from(B64.encode(bytes))
+}
+
+fn bad_base64() -> ApiError {
+    ApiError::new(
+        ErrorKind::BadGateway,
+        "The upstream provider returned invalid base64 image data.",
+    )
+    .code("upstream_error")
+}
+
+fn decode_base64(b64: &[u8]) -> Result<Bytes, ApiError> {
+    let bytes = Bytes::from(B64.decode(b64).map_err(|_| bad_base64())?);
+    checked_format(&bytes)?;
+    Ok(bytes)
+}
+
+/// Checks base64 text without decoding it all: the alphabet and padding throughout, and the
+/// image magic number in its first bytes. Passing it on unchanged then makes no copy.
+fn check_base64(b64: &[u8]) -> Result<ImageFormat, ApiError> {
+    let body = b64
+        .strip_suffix(b"==")
+        .or_else(|| b64.strip_suffix(b"="))
+        .unwrap_or(b64);
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    if b64.len() % 4 != 0 || b64.is_empty() || !body.iter().all(alphabet) {
+        return Err(bad_base64());
+    }
+    let head = B64
+        .decode(&b64[..b64.len().min(16)])
+        .map_err(|_| bad_base64())?;
+    checked_format(&head)
+}
+
 fn checked_format(bytes: &[u8]) -> Result<ImageFormat, ApiError> {
     ImageFormat::sniff(bytes).ok_or_else(|| {
         ApiError::new(
@@ -244,6 +320,21 @@ mod tests {
         );
         assert_eq!(ImageFormat::sniff(b"<html>"), None);
         assert_eq!(ImageFormat::sniff(b""), None);
+    }
+
+    #[test]
+    fn base64_is_checked_without_decoding_it_all() {
+        let png = b"\x89PNG\r\n\x1a\n0123456789abcdef";
+        let good = encode_base64(png);
+        assert_eq!(check_base64(&good).unwrap(), ImageFormat::Png);
+        assert!(check_base64(&encode_base64(b"<html>not an image</html>")).is_err());
+        let mut broken = good.to_vec();
+        let last = broken.len() - 5;
+        broken[last] = b'!';
+        assert!(check_base64(&broken).is_err());
+        assert!(check_base64(b"").is_err());
+        assert!(check_base64(&good[..good.len() - 1]).is_err());
+        assert_eq!(decode_base64(&good).unwrap().as_ref(), png);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rand::Rng;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
 use crate::backends::{Backend, BackendError, Generation, UpstreamCall};
-use crate::config::{Config, RetryOn, Strategy};
+use crate::config::{Config, ImageUrlPolicy, RetryOn, Strategy};
 
 use capacity::CapacityGate;
 use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
@@ -25,6 +25,7 @@ pub struct Target {
     pub backend: Arc<dyn Backend>,
     pub health: Arc<BackendHealth>,
     pub capacity: Arc<CapacityGate>,
+    pub url_policy: Arc<ImageUrlPolicy>,
     pub upstream_model: Option<String>,
     pub weight: u32,
     pub priority: u32,
@@ -46,6 +47,8 @@ pub struct Dispatch {
     /// The backend that answered (or failed last).
     pub backend: Option<Arc<str>>,
     pub attempts: u32,
+    /// How the answering backend's image URLs are treated.
+    pub url_policy: Option<Arc<ImageUrlPolicy>>,
 }
 
 impl ModelRoute {
@@ -177,6 +180,7 @@ impl ModelRoute {
                             result: Err(error),
                             backend: None,
                             attempts,
+                            url_policy: None,
                         };
                     }
                     break;
@@ -222,6 +226,7 @@ impl ModelRoute {
                         result: Ok(generation),
                         backend: Some(target.backend_name.clone()),
                         attempts,
+                        url_policy: Some(target.url_policy.clone()),
                     }
                 }
                 Err(e) => {
@@ -249,6 +254,7 @@ impl ModelRoute {
             result: Err(error),
             backend,
             attempts,
+            url_policy: None,
         }
     }
 }
@@ -304,6 +310,11 @@ impl Router {
             .iter()
             .map(|(name, c)| (name.clone(), BackendHealth::new(name, c.health().clone())))
             .collect();
+        let url_policies: HashMap<&str, Arc<ImageUrlPolicy>> = config
+            .backends
+            .iter()
+            .map(|(name, c)| (name.as_str(), Arc::new(c.image_url_policy())))
+            .collect();
         let capacity: HashMap<String, Arc<CapacityGate>> = config
             .backends
             .iter()
@@ -320,10 +331,11 @@ impl Router {
                 .targets
                 .iter()
                 .map(|t| {
-                    let (Some(backend), Some(h), Some(cap)) = (
+                    let (Some(backend), Some(h), Some(cap), Some(policy)) = (
                         backends.get(t.backend.as_str()),
                         health.get(&t.backend),
                         capacity.get(&t.backend),
+                        url_policies.get(t.backend.as_str()),
                     ) else {
                         return Err(format!("models.{name}: unknown backend \"{}\"", t.backend));
                     };
@@ -332,6 +344,7 @@ impl Router {
                         backend: backend.clone(),
                         health: h.clone(),
                         capacity: cap.clone(),
+                        url_policy: policy.clone(),
                         upstream_model: t.model.clone(),
                         weight: t.weight.max(1),
                         priority: t.priority,

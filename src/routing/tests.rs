@@ -18,6 +18,9 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
             capacity: Arc::new(capacity::CapacityGate::new(
                 crate::config::BackendConfig::Sandbox(SandboxConfig::default()).capacity(),
             )),
+            url_policy: Arc::new(
+                crate::config::BackendConfig::Sandbox(SandboxConfig::default()).image_url_policy(),
+            ),
             upstream_model: None,
             weight,
             priority,

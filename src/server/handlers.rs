@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -205,6 +205,9 @@ async fn generations(
     log.backend = dispatch.backend;
     log.attempts = dispatch.attempts;
     let generation = dispatch.result?;
+    let url_policy = dispatch
+        .url_policy
+        .ok_or_else(|| ApiError::internal("no image URL policy for the answering backend"))?;
 
     let fallback_revised = route
         .rules
@@ -212,14 +215,22 @@ async fn generations(
         .then_some(request.prompt.as_str());
     let data = state
         .images
-        .deliver(generation, request.response_format, fallback_revised)
+        .deliver(
+            generation,
+            request.response_format,
+            fallback_revised,
+            &url_policy,
+            deadline,
+        )
         .await?;
-    Ok(respond::json(
+    let response = ImagesResponse {
+        created: unix(SystemTime::now()),
+        data,
+    };
+    Ok(respond::with_type(
         StatusCode::OK,
-        &ImagesResponse {
-            created: unix(SystemTime::now()),
-            data,
-        },
+        Body::chunks(response.to_chunks()),
+        "application/json",
     ))
 }
 
@@ -313,7 +324,7 @@ async fn file(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == image.etag));
     let mut resp = if not_modified {
-        let mut r = Response::new(Full::new(Bytes::new()));
+        let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {

@@ -1,20 +1,73 @@
 //! Response building: JSON bodies, OpenAI-shaped errors with their retry headers, request ids.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
-use http_body_util::Full;
+use http_body::{Frame, SizeHint};
 use serde::Serialize;
 
 use crate::api::ApiError;
 
-pub type Body = Full<Bytes>;
+/// A response body of buffers sent in order, with an exact length: large images go out as the
+/// buffers they are held in, never concatenated.
+#[derive(Debug, Default)]
+pub struct Body {
+    chunks: VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Body {
+    pub fn chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Body { chunks, remaining }
+    }
+
+    pub fn empty() -> Self {
+        Body::default()
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::chunks([b])
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let next = self.chunks.pop_front();
+        if let Some(chunk) = &next {
+            self.remaining -= chunk.len() as u64;
+        }
+        Poll::Ready(next.map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
 
 pub const REQUEST_ID: &str = "x-request-id";
 
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
-        Ok(bytes) => with_type(status, bytes, "application/json"),
+        Ok(bytes) => with_type(status, Bytes::from(bytes), "application/json"),
         Err(e) => error(&ApiError::internal(format!(
             "cannot encode the response: {e}"
         ))),
@@ -23,10 +76,10 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 
 pub fn with_type(
     status: StatusCode,
-    bytes: impl Into<Bytes>,
+    body: impl Into<Body>,
     content_type: &'static str,
 ) -> Response<Body> {
-    let mut resp = Response::new(Full::new(bytes.into()));
+    let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -34,7 +87,7 @@ pub fn with_type(
 }
 
 pub fn error(err: &ApiError) -> Response<Body> {
-    let mut resp = with_type(err.status(), err.to_json(), "application/json");
+    let mut resp = with_type(err.status(), Bytes::from(err.to_json()), "application/json");
     let headers = resp.headers_mut();
     if let Some(after) = err.retry_after {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

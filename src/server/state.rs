@@ -64,7 +64,7 @@ impl AppState {
                     })?)
                 }
             };
-        let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl);
+        let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
         let runtime = Runtime::build(config, &http)?;
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
