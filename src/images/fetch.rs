@@ -106,9 +106,15 @@ fn build(resolver: Option<Arc<PublicOnly>>) -> reqwest::Result<reqwest::Client> 
 }
 
 fn host_trusted(host: &str, trusted: &[String]) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let bare = |h: &str| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    };
+    let host = bare(host);
     trusted.iter().any(|t| {
-        let t = t.to_ascii_lowercase();
+        let t = bare(t);
         match t.strip_prefix("*.") {
             Some(suffix) => host.ends_with(&format!(".{suffix}")),
             None => host == t,

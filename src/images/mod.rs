@@ -232,8 +232,10 @@ impl ImageService {
 
     /// Deletes images whose links have all expired.
     pub async fn sweep(&self) -> std::io::Result<usize> {
-        // A link lives `ttl` from the moment the file is written; keep a minute of slack.
-        let cutoff = SystemTime::now() - self.ttl - Duration::from_secs(60);
+        // A link lives `ttl` from the moment the file is written; keep some slack (up to a
+        // minute) for clocks and writes in progress.
+        let slack = self.ttl.min(Duration::from_secs(60));
+        let cutoff = SystemTime::now() - self.ttl - slack;
         self.store.delete_older_than(cutoff).await
     }
 }
