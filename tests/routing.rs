@@ -273,7 +273,7 @@ async fn tier_one_gets_traffic_only_while_tier_zero_is_unavailable() {
 #[tokio::test]
 async fn least_outstanding_sends_fewer_requests_to_a_slow_target() {
     let fast = FakeUpstream::start(|_| ok_reply()).await;
-    let slow = FakeUpstream::start(|_| ok_reply().delay(Duration::from_millis(150))).await;
+    let slow = FakeUpstream::start(|_| ok_reply().delay(Duration::from_millis(1000))).await;
     let yaml = config(
         &[("fast", fast.base_url(), ""), ("slow", slow.base_url(), "")],
         "{strategy: least_outstanding, targets: [{backend: fast}, {backend: slow}]}",
@@ -284,7 +284,7 @@ async fn least_outstanding_sends_fewer_requests_to_a_slow_target() {
     for _ in 0..16 {
         let gw = gw.clone();
         workers.push(tokio::spawn(async move {
-            for _ in 0..15 {
+            for _ in 0..8 {
                 assert_eq!(generate(&gw).await.status(), 200);
             }
         }));
@@ -293,7 +293,8 @@ async fn least_outstanding_sends_fewer_requests_to_a_slow_target() {
         w.await.unwrap();
     }
     let (f, s) = (fast.requests().len(), slow.requests().len());
-    assert_eq!(f + s, 240);
+    assert_eq!(f + s, 128);
+    eprintln!("least_outstanding split: slow {s}, fast {f}");
     assert!(s * 2 < f, "slow got {s}, fast got {f}");
 }
 

@@ -98,6 +98,9 @@ pub struct ImagesConfig {
     /// a random key is generated once and kept in `data_dir/url-signing.key`.
     #[serde(default)]
     pub signing_key: Option<Secret>,
+    /// Settings of the `s3` store.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
 }
 
 impl Default for ImagesConfig {
@@ -106,8 +109,39 @@ impl Default for ImagesConfig {
             store: StoreKind::Local,
             url_ttl: default_url_ttl(),
             signing_key: None,
+            s3: None,
         }
     }
+}
+
+/// Any S3-compatible service (AWS, MinIO, Ceph, R2, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Endpoint URL for non-AWS services, e.g. `http://minio:9000`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub access_key_id: Option<Secret>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// `http://endpoint/bucket/key` instead of `http://bucket.endpoint/key` (MinIO needs it).
+    #[serde(default)]
+    pub path_style: bool,
+    /// Key prefix of stored images.
+    #[serde(default = "default_s3_prefix")]
+    pub prefix: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+fn default_s3_prefix() -> String {
+    "images/".to_string()
 }
 
 fn default_url_ttl() -> Duration {
@@ -119,6 +153,7 @@ fn default_url_ttl() -> Duration {
 pub enum StoreKind {
     #[default]
     Local,
+    S3,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -127,6 +127,21 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
     if config.images.url_ttl.as_secs() < 1 {
         errors.push(ConfigError::new("images.url_ttl", "must be at least 1s"));
     }
+    match (&config.images.store, &config.images.s3) {
+        (super::StoreKind::S3, None) => errors.push(ConfigError::new(
+            "images.s3",
+            "the s3 store needs an `s3` section (bucket, endpoint, ...)",
+        )),
+        (super::StoreKind::S3, Some(s3)) => {
+            if s3.bucket.is_empty() {
+                errors.push(ConfigError::new("images.s3.bucket", "must not be empty"));
+            }
+            if let Some(endpoint) = &s3.endpoint {
+                check_http_url("images.s3.endpoint".into(), endpoint, &mut errors);
+            }
+        }
+        _ => {}
+    }
     if let Some(key) = &config.images.signing_key {
         if key.expose().len() < 32 {
             errors.push(ConfigError::new(

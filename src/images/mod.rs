@@ -2,6 +2,7 @@
 //! images the gateway hosts in a [`BlobStore`] and serves them behind signed, expiring URLs.
 
 mod fetch;
+mod s3;
 mod signing;
 mod store;
 
@@ -17,6 +18,7 @@ use crate::backends::{Generation, ImagePayload};
 use crate::config::{ImageUrlMode, ImageUrlPolicy};
 
 pub use fetch::{is_private, FetchError, ImageFetcher};
+pub use s3::S3Store;
 pub use signing::{unix, SignatureError, UrlSigner};
 pub use store::{BlobStore, LocalStore};
 

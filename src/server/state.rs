@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::{KeyStore, StaticKeyStore};
 use crate::config::{Config, StoreKind};
-use crate::images::{ImageService, LocalStore, UrlSigner};
+use crate::images::{BlobStore, ImageService, LocalStore, S3Store, UrlSigner};
 use crate::policy::Policy;
 use crate::routing::Router;
 
@@ -55,9 +55,12 @@ impl AppState {
             &config.data_dir,
         )
         .map_err(|e| anyhow::anyhow!("images: cannot load the URL signing key: {e}"))?;
-        let store =
-            match config.images.store {
-                StoreKind::Local => {
+        let store: Arc<dyn BlobStore> =
+            match (&config.images.store, &config.images.s3) {
+                (StoreKind::S3, Some(s3)) => {
+                    Arc::new(S3Store::new(s3).map_err(|e| anyhow::anyhow!("images.s3: {e}"))?)
+                }
+                _ => {
                     let dir = config.data_dir.join("images");
                     Arc::new(LocalStore::new(dir.clone()).map_err(|e| {
                         anyhow::anyhow!("images: cannot create {}: {e}", dir.display())

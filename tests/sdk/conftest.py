@@ -76,10 +76,12 @@ log: {{level: warn}}
 backends:
   sandbox: {{kind: sandbox}}
   fake: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
+  fake-throttled: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
 models:
   dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: sandbox}}]}}}}
   dall-e-3: {{rules: dall-e-3, route: {{targets: [{{backend: sandbox}}]}}}}
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
+  remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
 tenants:
   demo: {{models: ["*"]}}
   tight: {{models: ["*"], limits: {{requests_per_minute: 1}}}}

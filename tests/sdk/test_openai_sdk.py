@@ -42,7 +42,7 @@ def test_generate_b64_json_returns_the_bytes(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["dall-e-2", "dall-e-3", "remote"]
+    assert ids == ["dall-e-2", "dall-e-3", "remote", "remote-throttled"]
 
 
 def test_400_is_bad_request_error_naming_the_param(client):
@@ -79,10 +79,16 @@ def test_429_from_a_tenant_limit_is_rate_limit_error(gateway):
     assert int(e.value.response.headers["retry-after"]) >= 1
 
 
-def test_upstream_429_is_rate_limit_error(client):
+def test_upstream_429_is_rate_limit_error_then_the_parked_pool_is_503(client):
     with pytest.raises(openai.RateLimitError) as e:
-        client.images.generate(model="remote", prompt="upstream-429")
+        client.images.generate(model="remote-throttled", prompt="upstream-429")
     assert e.value.response.headers["retry-after"] == "2"
+    # The only backend is parked until its retry-after: the pool answers 503 meanwhile.
+    with pytest.raises(openai.InternalServerError) as e:
+        client.images.generate(model="remote-throttled", prompt="upstream-429")
+    assert e.value.status_code == 503
+    assert e.value.code == "no_backend_available"
+    assert float(e.value.response.headers["retry-after"]) >= 1
 
 
 def test_upstream_content_policy_is_bad_request_error(client):

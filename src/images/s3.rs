@@ -1,0 +1,91 @@
+//! The `s3` image store: any S3-compatible service through `object_store`, so that every
+//! replica can serve every link.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+
+use super::store::BlobStore;
+use crate::config::S3Config;
+
+pub struct S3Store {
+    store: AmazonS3,
+    prefix: String,
+}
+
+fn io(e: object_store::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl S3Store {
+    pub fn new(c: &S3Config) -> Result<Self, object_store::Error> {
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&c.bucket)
+            .with_region(&c.region)
+            .with_virtual_hosted_style_request(!c.path_style);
+        if let Some(endpoint) = &c.endpoint {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        match (&c.access_key_id, &c.secret_access_key) {
+            (Some(id), Some(secret)) => {
+                b = b
+                    .with_access_key_id(id.expose())
+                    .with_secret_access_key(secret.expose());
+            }
+            _ => b = b.with_skip_signature(c.endpoint.is_some() && c.access_key_id.is_none()),
+        }
+        Ok(S3Store {
+            store: b.build()?,
+            prefix: c.prefix.clone(),
+        })
+    }
+
+    fn path(&self, name: &str) -> Path {
+        Path::from(format!("{}{name}", self.prefix))
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3Store {
+    async fn put(&self, name: &str, bytes: Bytes) -> std::io::Result<()> {
+        self.store
+            .put(&self.path(name), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(io)
+    }
+
+    async fn get(&self, name: &str) -> std::io::Result<Option<Bytes>> {
+        match self.store.get(&self.path(name)).await {
+            Ok(r) => r.bytes().await.map(Some).map_err(io),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    async fn delete_older_than(&self, cutoff: SystemTime) -> std::io::Result<usize> {
+        let cutoff = cutoff
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let prefix = Path::from(self.prefix.trim_end_matches('/'));
+        let mut listing = self.store.list(Some(&prefix));
+        let mut removed = 0;
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(io)?;
+            if meta.last_modified.timestamp() < cutoff
+                && self.store.delete(&meta.location).await.is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
