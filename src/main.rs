@@ -44,7 +44,19 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Large buffers (upstream answers of tens of MB) come from mmap and go back to the OS when
+/// freed. glibc otherwise raises its mmap threshold after the first such free and keeps later
+/// ones on the heap, so RSS stays at its peak long after the traffic that caused it.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called once before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {
