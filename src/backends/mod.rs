@@ -1,6 +1,9 @@
 //! Upstreams behind one [`Backend`] trait. One file per kind; adding a kind touches this
 //! directory and the config enum, nothing else.
 
+mod automatic1111;
+pub mod comfyui;
+mod local;
 mod openai;
 mod sandbox;
 
@@ -13,6 +16,8 @@ use bytes::Bytes;
 use crate::api::{ApiError, ErrorKind, ImageRequest};
 use crate::config::BackendConfig;
 
+pub use automatic1111::A1111Backend;
+pub use comfyui::ComfyBackend;
 pub use openai::OpenAiBackend;
 pub use sandbox::SandboxBackend;
 
@@ -61,6 +66,16 @@ pub enum ImagePayload {
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError>;
+
+    /// How often [`Backend::probe`] runs; `None`: this kind has no active probe.
+    fn probe_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// A cheap health check; a failing node takes no new requests until it passes again.
+    async fn probe(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// How an upstream call failed, in terms the client-facing mapping needs.
@@ -87,6 +102,9 @@ pub enum BackendError {
     Status { status: u16, message: String },
     #[error("upstream answer unusable: {0}")]
     BadResponse(String),
+    /// A local node refused or failed the workflow (ComfyUI `node_errors`, execution error).
+    #[error("workflow failed on the node: {0}")]
+    Workflow(String),
 }
 
 impl From<BackendError> for ApiError {
@@ -140,6 +158,12 @@ impl From<BackendError> for ApiError {
                 format!("The upstream provider failed (HTTP {status})."),
             )
             .code("upstream_error"),
+            BackendError::Workflow(detail) => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The image node could not run the workflow: {detail}."),
+            )
+            .code("upstream_workflow_error")
+            .should_retry(false),
             BackendError::BadResponse(detail) => ApiError::new(
                 ErrorKind::BadGateway,
                 format!("The upstream provider returned an unusable answer: {detail}."),
@@ -155,6 +179,8 @@ pub fn build(config: &BackendConfig, http: &reqwest::Client) -> Arc<dyn Backend>
         BackendConfig::Openai(c) => Arc::new(OpenAiBackend::openai(c, http.clone())),
         BackendConfig::Azure(c) => Arc::new(OpenAiBackend::azure(c, http.clone())),
         BackendConfig::Sandbox(c) => Arc::new(SandboxBackend::new(c)),
+        BackendConfig::Automatic1111(c) => Arc::new(A1111Backend::new(c, http.clone())),
+        BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(c, http.clone())),
     }
 }
 

@@ -264,7 +264,7 @@ fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> 
     }
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError> {
+pub(crate) async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError> {
     // Size the buffer once from Content-Length, so a 20 MB answer is not regrown and copied.
     let expected = resp
         .content_length()
@@ -282,7 +282,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError>
     Ok(buf.freeze())
 }
 
-fn transport_error(e: reqwest::Error) -> BackendError {
+pub(crate) fn transport_error(e: reqwest::Error) -> BackendError {
     if e.is_timeout() {
         BackendError::Timeout
     } else if e.is_connect() {

@@ -183,6 +183,9 @@ pub enum BackendConfig {
     Openai(OpenAiConfig),
     Azure(AzureConfig),
     Sandbox(SandboxConfig),
+    /// AUTOMATIC1111, Forge, SD.Next (`/sdapi/v1/txt2img`).
+    Automatic1111(A1111Config),
+    Comfyui(ComfyConfig),
 }
 
 impl Default for SandboxConfig {
@@ -243,6 +246,8 @@ impl BackendConfig {
             BackendConfig::Openai(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Azure(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Sandbox(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+            BackendConfig::Automatic1111(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+            BackendConfig::Comfyui(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
         };
         Capacity {
             max_concurrency,
@@ -281,7 +286,9 @@ impl BackendConfig {
                 timeout: c.timeout,
             },
             // Local kinds answer with bytes; should one hand out URLs, serve them ourselves.
-            BackendConfig::Sandbox(_) => ImageUrlPolicy {
+            BackendConfig::Sandbox(_)
+            | BackendConfig::Automatic1111(_)
+            | BackendConfig::Comfyui(_) => ImageUrlPolicy {
                 mode: ImageUrlMode::Rehost,
                 trusted_hosts: Vec::new(),
                 allow_private: false,
@@ -296,6 +303,8 @@ impl BackendConfig {
             BackendConfig::Openai(c) => &c.health,
             BackendConfig::Azure(c) => &c.health,
             BackendConfig::Sandbox(c) => &c.health,
+            BackendConfig::Automatic1111(c) => &c.health,
+            BackendConfig::Comfyui(c) => &c.health,
         }
     }
 
@@ -304,6 +313,8 @@ impl BackendConfig {
             BackendConfig::Openai(_) => "openai",
             BackendConfig::Azure(_) => "azure",
             BackendConfig::Sandbox(_) => "sandbox",
+            BackendConfig::Automatic1111(_) => "automatic1111",
+            BackendConfig::Comfyui(_) => "comfyui",
         }
     }
 }
@@ -450,6 +461,250 @@ fn default_max_ejection() -> Duration {
 fn default_throttle() -> Duration {
     Duration::from_secs(1)
 }
+
+/// Steps and CFG scale a quality maps to on a local node.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingPreset {
+    pub steps: u32,
+    #[serde(alias = "cfg_scale")]
+    pub cfg: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QualityPresets {
+    #[serde(default = "default_standard_preset")]
+    pub standard: SamplingPreset,
+    #[serde(default = "default_hd_preset")]
+    pub hd: SamplingPreset,
+}
+
+impl Default for QualityPresets {
+    fn default() -> Self {
+        QualityPresets {
+            standard: default_standard_preset(),
+            hd: default_hd_preset(),
+        }
+    }
+}
+
+fn default_standard_preset() -> SamplingPreset {
+    SamplingPreset {
+        steps: 20,
+        cfg: 7.0,
+    }
+}
+fn default_hd_preset() -> SamplingPreset {
+    SamplingPreset {
+        steps: 40,
+        cfg: 7.5,
+    }
+}
+
+/// What `style` adds to the prompt on a local node (diffusion models have no style switch).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StyleSuffixes {
+    #[serde(default = "default_vivid")]
+    pub vivid: String,
+    #[serde(default = "default_natural")]
+    pub natural: String,
+}
+
+impl Default for StyleSuffixes {
+    fn default() -> Self {
+        StyleSuffixes {
+            vivid: default_vivid(),
+            natural: default_natural(),
+        }
+    }
+}
+
+fn default_vivid() -> String {
+    ", vivid colors, dramatic lighting, hyper-detailed".to_string()
+}
+fn default_natural() -> String {
+    ", natural lighting, realistic, muted colors".to_string()
+}
+
+/// How a local node's seed is chosen: `random` (a new one per request), `prompt` (derived from
+/// the prompt, so the same prompt gives the same picture), or a fixed number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedPolicy {
+    Random,
+    Prompt,
+    Fixed(u64),
+}
+
+impl<'de> Deserialize<'de> for SeedPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Num(u64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Num(n) => Ok(SeedPolicy::Fixed(n)),
+            Repr::Text(t) if t == "random" => Ok(SeedPolicy::Random),
+            Repr::Text(t) if t == "prompt" => Ok(SeedPolicy::Prompt),
+            Repr::Text(t) => Err(serde::de::Error::custom(format!(
+                "seed must be `random`, `prompt` or a number, not \"{t}\""
+            ))),
+        }
+    }
+}
+
+fn default_seed() -> SeedPolicy {
+    SeedPolicy::Random
+}
+
+fn one() -> Option<u32> {
+    Some(1)
+}
+
+fn default_local_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Generation settings shared by the local node kinds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalGeneration {
+    pub quality: QualityPresets,
+    pub style: StyleSuffixes,
+    pub negative_prompt: String,
+    pub seed: SeedPolicy,
+    pub checkpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct A1111Config {
+    /// e.g. `http://gpu-1:7860`
+    pub base_url: String,
+    /// HTTP Basic credentials when the node runs with `--api-auth`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Images per txt2img call; larger `n` is split into several calls.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
+    #[serde(default)]
+    pub sampler: Option<String>,
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default = "default_seed")]
+    pub seed: SeedPolicy,
+    #[serde(default)]
+    pub quality: QualityPresets,
+    #[serde(default)]
+    pub style: StyleSuffixes,
+    #[serde(default = "default_local_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_probe_interval", deserialize_with = "duration")]
+    pub probe_interval: Duration,
+    #[serde(default = "one")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub queue_timeout: Duration,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_max_batch() -> u32 {
+    4
+}
+
+impl A1111Config {
+    pub fn generation(&self) -> LocalGeneration {
+        LocalGeneration {
+            quality: self.quality.clone(),
+            style: self.style.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed,
+            checkpoint: self.checkpoint.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComfyConfig {
+    /// e.g. `http://gpu-2:8188`
+    pub base_url: String,
+    /// A workflow in ComfyUI's API format ("Save (API)"), relative to the working directory.
+    pub workflow: PathBuf,
+    /// Where each of our fields goes: `field: "NODE_ID.inputs.NAME"`. Fields: prompt,
+    /// negative_prompt, seed, width, height, batch_size, steps, cfg, checkpoint,
+    /// filename_prefix. `prompt`, `width`, `height` and `batch_size` are required.
+    pub inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default = "default_seed")]
+    pub seed: SeedPolicy,
+    #[serde(default)]
+    pub quality: QualityPresets,
+    #[serde(default)]
+    pub style: StyleSuffixes,
+    /// How often `/history/{id}` is polled while a job runs.
+    #[serde(default = "default_poll_interval", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    #[serde(default = "default_local_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_probe_interval", deserialize_with = "duration")]
+    pub probe_interval: Duration,
+    #[serde(default = "one")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub queue_timeout: Duration,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+impl ComfyConfig {
+    pub fn generation(&self) -> LocalGeneration {
+        LocalGeneration {
+            quality: self.quality.clone(),
+            style: self.style.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed,
+            checkpoint: self.checkpoint.clone(),
+        }
+    }
+}
+
+/// Fields of ours a ComfyUI workflow can take.
+pub const COMFY_FIELDS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "batch_size",
+    "steps",
+    "cfg",
+    "checkpoint",
+    "filename_prefix",
+];
+pub const COMFY_REQUIRED: &[&str] = &["prompt", "width", "height", "batch_size"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

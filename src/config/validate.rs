@@ -182,6 +182,22 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 check_headers(&c.headers, &path("headers"), &mut errors);
             }
             BackendConfig::Sandbox(_) => {}
+            BackendConfig::Automatic1111(c) => {
+                check_http_url(path("base_url"), &c.base_url, &mut errors);
+                if c.max_batch == 0 {
+                    errors.push(ConfigError::new(path("max_batch"), "must be at least 1"));
+                }
+                if c.username.is_some() != c.password.is_some() {
+                    errors.push(ConfigError::new(
+                        path("password"),
+                        "give both username and password, or neither",
+                    ));
+                }
+            }
+            BackendConfig::Comfyui(c) => {
+                check_http_url(path("base_url"), &c.base_url, &mut errors);
+                check_workflow(c, &path("workflow"), &path("inputs"), &mut errors);
+            }
         }
     }
 
@@ -299,6 +315,43 @@ pub fn key_hash(key: &KeyConfig) -> Result<[u8; 32], String> {
                 return Err("secret must be at least 8 characters".into());
             }
             Ok(crate::auth::hash_secret(secret.expose()))
+        }
+    }
+}
+
+/// The workflow must be API-format JSON and every mapped input must exist in it.
+fn check_workflow(
+    c: &super::ComfyConfig,
+    workflow_path: &str,
+    inputs_path: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    let graph = match crate::backends::comfyui::load_workflow(&c.workflow) {
+        Ok(g) => g,
+        Err(e) => {
+            errors.push(ConfigError::new(workflow_path, e));
+            return;
+        }
+    };
+    for field in super::COMFY_REQUIRED {
+        if !c.inputs.contains_key(*field) {
+            errors.push(ConfigError::new(
+                inputs_path,
+                format!("`{field}` must be mapped to a node input"),
+            ));
+        }
+    }
+    for (field, target) in &c.inputs {
+        let path = format!("{inputs_path}.{field}");
+        if !super::COMFY_FIELDS.contains(&field.as_str()) {
+            errors.push(ConfigError::new(
+                path,
+                format!("unknown field (known: {})", super::COMFY_FIELDS.join(", ")),
+            ));
+            continue;
+        }
+        if let Err(e) = crate::backends::comfyui::InputRef::parse(target, &graph) {
+            errors.push(ConfigError::new(path, e));
         }
     }
 }

@@ -22,6 +22,8 @@ struct State {
     /// A half-open trial request is in flight.
     probing: bool,
     throttled_until: Option<Instant>,
+    /// The active probe (local nodes) last failed.
+    probe_failed: bool,
 }
 
 pub struct BackendHealth {
@@ -67,6 +69,8 @@ pub enum Unavailable {
     Throttled(Instant),
     /// Half-open, and its single trial request is already in flight.
     Probing,
+    /// Its active health probe fails.
+    ProbeFailed,
 }
 
 impl BackendHealth {
@@ -89,6 +93,9 @@ impl BackendHealth {
     }
 
     fn check(state: &State, now: Instant) -> Result<bool, Unavailable> {
+        if state.probe_failed {
+            return Err(Unavailable::ProbeFailed);
+        }
         if let Some(until) = state.throttled_until.filter(|u| *u > now) {
             return Err(Unavailable::Throttled(until));
         }
@@ -170,6 +177,19 @@ impl BackendHealth {
         }
     }
 
+    /// Records an active probe's result; a failing node takes no requests until it passes.
+    pub fn set_probe(&self, ok: bool) {
+        let mut s = self.lock();
+        if s.probe_failed == ok {
+            if ok {
+                tracing::info!(backend = %self.name, "health probe passes again");
+            } else {
+                tracing::warn!(backend = %self.name, "health probe failed: no new requests");
+            }
+        }
+        s.probe_failed = !ok;
+    }
+
     pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
         let s = self.lock();
         let to_wall = |t: Instant| {
@@ -180,6 +200,7 @@ impl BackendHealth {
             Ok(false) => ("healthy", None),
             Ok(true) => ("half_open", None),
             Err(Unavailable::Probing) => ("half_open", None),
+            Err(Unavailable::ProbeFailed) => ("probe_failed", None),
             Err(Unavailable::Ejected(t)) => ("ejected", Some(to_wall(t))),
             Err(Unavailable::Throttled(t)) => ("throttled", Some(to_wall(t))),
         };

@@ -85,7 +85,7 @@ impl ModelRoute {
                             earliest = Some(earliest.map_or(t, |e| e.min(t)));
                             false
                         }
-                        Err(Unavailable::Probing) => false,
+                        Err(Unavailable::Probing | Unavailable::ProbeFailed) => false,
                     })
                     .collect();
                 if candidates.is_empty() {
@@ -144,7 +144,9 @@ impl ModelRoute {
             BackendError::Connect(_) => RetryOn::Connect,
             BackendError::Timeout => RetryOn::Timeout,
             BackendError::RateLimited { .. } => RetryOn::RateLimited,
-            BackendError::Status { .. } | BackendError::BadResponse(_) => RetryOn::ServerError,
+            BackendError::Status { .. }
+            | BackendError::BadResponse(_)
+            | BackendError::Workflow(_) => RetryOn::ServerError,
             BackendError::Unauthorized { .. } => RetryOn::UpstreamAuth,
         };
         self.retry_on.contains(&class)
@@ -294,16 +296,17 @@ pub struct Router {
     /// Per backend, shared by every model routed to it. Sorted for stable output.
     health: BTreeMap<String, Arc<BackendHealth>>,
     capacity: HashMap<String, Arc<CapacityGate>>,
+    backends: BTreeMap<String, Arc<dyn Backend>>,
 }
 
 impl Router {
     /// Builds every model's route. The config is validated: every target names a backend
     /// and every model's rules resolve.
     pub fn from_config(config: &Config, http: &reqwest::Client) -> Result<Self, String> {
-        let backends: HashMap<&str, Arc<dyn Backend>> = config
+        let backends: BTreeMap<String, Arc<dyn Backend>> = config
             .backends
             .iter()
-            .map(|(name, c)| (name.as_str(), crate::backends::build(c, http)))
+            .map(|(name, c)| (name.clone(), crate::backends::build(c, http)))
             .collect();
         let health: BTreeMap<String, Arc<BackendHealth>> = config
             .backends
@@ -332,7 +335,7 @@ impl Router {
                 .iter()
                 .map(|t| {
                     let (Some(backend), Some(h), Some(cap), Some(policy)) = (
-                        backends.get(t.backend.as_str()),
+                        backends.get(&t.backend),
                         health.get(&t.backend),
                         capacity.get(&t.backend),
                         url_policies.get(t.backend.as_str()),
@@ -376,7 +379,19 @@ impl Router {
             models,
             health,
             capacity,
+            backends,
         })
+    }
+
+    /// Backends with an active probe, with the health state it feeds and its interval.
+    pub fn probes(&self) -> Vec<(Arc<dyn Backend>, Arc<BackendHealth>, Duration)> {
+        self.backends
+            .iter()
+            .filter_map(|(name, b)| {
+                let interval = b.probe_interval()?;
+                Some((b.clone(), self.health.get(name)?.clone(), interval))
+            })
+            .collect()
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelRoute> {

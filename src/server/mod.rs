@@ -38,6 +38,14 @@ pub async fn serve(
         .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_images(state.clone()));
+    let probes: Vec<_> = state
+        .runtime
+        .load()
+        .router
+        .probes()
+        .into_iter()
+        .map(|(backend, health, every)| tokio::spawn(probe(backend, health, every)))
+        .collect();
     tokio::pin!(shutdown);
 
     loop {
@@ -71,12 +79,33 @@ pub async fn serve(
     state.draining.store(true, Ordering::SeqCst);
     drop(listener);
     sweeper.abort();
+    for p in probes {
+        p.abort();
+    }
     tracing::info!(timeout = ?drain_timeout, "shutting down: draining requests in flight");
     match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained; bye"),
         Err(_) => tracing::warn!("drain deadline passed with requests still in flight"),
     }
     Ok(())
+}
+
+/// Runs a backend's active health probe on its interval.
+async fn probe(
+    backend: Arc<dyn crate::backends::Backend>,
+    health: Arc<crate::routing::health::BackendHealth>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = backend.probe().await;
+        if let Err(e) = &result {
+            tracing::debug!(backend = %health.name, error = %e, "probe failed");
+        }
+        health.set_probe(result.is_ok());
+    }
 }
 
 /// Deletes expired hosted images in the background.

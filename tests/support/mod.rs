@@ -187,6 +187,8 @@ type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    /// The most requests it ever worked on at once.
+    pub max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -197,16 +199,31 @@ impl FakeUpstream {
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let handler: Handler = Arc::new(handler);
         let rec = recorded.clone();
+        let max_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (max_c, cur_c) = (max_in_flight.clone(), in_flight.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let (handler, rec) = (handler.clone(), rec.clone());
+                let (max_c, cur_c) = (max_c.clone(), cur_c.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (handler, rec) = (handler.clone(), rec.clone());
+                        let (max_c, cur_c) = (max_c.clone(), cur_c.clone());
                         async move {
+                            use std::sync::atomic::Ordering::SeqCst;
+                            let now = cur_c.fetch_add(1, SeqCst) + 1;
+                            max_c.fetch_max(now, SeqCst);
+                            struct Done(Arc<std::sync::atomic::AtomicUsize>);
+                            impl Drop for Done {
+                                fn drop(&mut self) {
+                                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                }
+                            }
+                            let _done = Done(cur_c.clone());
                             let (parts, body) = req.into_parts();
                             let bytes = body
                                 .collect()
@@ -249,6 +266,7 @@ impl FakeUpstream {
         FakeUpstream {
             addr,
             recorded,
+            max_in_flight,
             task,
         }
     }

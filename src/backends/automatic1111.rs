@@ -1,0 +1,226 @@
+//! AUTOMATIC1111 / Forge / SD.Next: `POST /sdapi/v1/txt2img`, synchronous, base64 images in
+//! the answer. `n` above the node's `max_batch` is split into several calls; a request past its
+//! deadline (or abandoned by its client) interrupts the node's job.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::local::{self, CancelOnDrop};
+use super::openai::{read_capped, transport_error};
+use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
+use crate::config::{A1111Config, LocalGeneration, Secret};
+
+pub struct A1111Backend {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<(String, Secret)>,
+    max_batch: u32,
+    sampler: Option<String>,
+    generation: LocalGeneration,
+    timeout: Duration,
+    probe_interval: Duration,
+}
+
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow, default)]
+    images: Vec<Cow<'a, str>>,
+    /// A JSON document inside a string (or "" on compatible servers).
+    #[serde(default)]
+    info: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Info {
+    #[serde(default)]
+    index_of_first_image: usize,
+}
+
+impl A1111Backend {
+    pub fn new(c: &A1111Config, http: reqwest::Client) -> Self {
+        A1111Backend {
+            http,
+            base: c.base_url.trim_end_matches('/').to_string(),
+            auth: c.username.clone().zip(c.password.clone()),
+            max_batch: c.max_batch.max(1),
+            sampler: c.sampler.clone(),
+            generation: c.generation(),
+            timeout: c.timeout,
+            probe_interval: c.probe_interval,
+        }
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.post(format!("{}{path}", self.base));
+        match &self.auth {
+            Some((user, pass)) => rb.basic_auth(user, Some(pass.expose())),
+            None => rb,
+        }
+    }
+
+    /// The txt2img body for one batch.
+    pub fn body(
+        &self,
+        call: &UpstreamCall<'_>,
+        prompt: &str,
+        seed: u64,
+        batch: u32,
+    ) -> serde_json::Value {
+        let r = call.request;
+        let sampling = local::sampling(&self.generation, r);
+        let mut body = json!({
+            "prompt": prompt,
+            "negative_prompt": self.generation.negative_prompt,
+            "width": r.size.width,
+            "height": r.size.height,
+            "batch_size": batch,
+            "n_iter": 1,
+            "steps": sampling.steps,
+            "cfg_scale": sampling.cfg,
+            "seed": seed,
+            "send_images": true,
+            "save_images": false,
+        });
+        if let Some(sampler) = &self.sampler {
+            body["sampler_name"] = sampler.as_str().into();
+        }
+        if let Some(ckpt) = &self.generation.checkpoint {
+            body["override_settings"] = json!({"sd_model_checkpoint": ckpt});
+            body["override_settings_restore_afterwards"] = false.into();
+        }
+        body
+    }
+}
+
+fn map_status(status: u16, body: &[u8]) -> BackendError {
+    // `{"error","detail","body","errors"}` from the middleware, `{"detail":[...]}` from FastAPI.
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .map(|v| {
+            let text = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(str::to_string);
+            text("errors")
+                .or_else(|| text("detail"))
+                .unwrap_or_else(|| v["detail"].to_string())
+        })
+        .unwrap_or_default();
+    match status {
+        401 | 403 => BackendError::Unauthorized { status },
+        429 => BackendError::RateLimited { retry_after: None },
+        _ => BackendError::Status {
+            status,
+            message: detail,
+        },
+    }
+}
+
+#[async_trait]
+impl Backend for A1111Backend {
+    fn kind(&self) -> &'static str {
+        "automatic1111"
+    }
+
+    async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        let prompt = local::prompt(&self.generation, call.request);
+        let revised = (prompt != call.request.prompt).then(|| prompt.clone());
+        let first_seed = local::seed(&self.generation, &call.request.prompt);
+        let mut cancel = CancelOnDrop::new();
+        cancel.add(self.post("/sdapi/v1/interrupt"));
+
+        let mut images = Vec::with_capacity(call.request.n as usize);
+        let mut remaining = call.request.n;
+        while remaining > 0 {
+            let batch = remaining.min(self.max_batch);
+            // A1111 gives image i of a batch seed+i; later batches continue the sequence.
+            let seed = first_seed + u64::from(call.request.n - remaining);
+            let timeout = self.timeout.min(call.remaining());
+            if timeout.is_zero() {
+                return Err(BackendError::Timeout);
+            }
+            let resp = self
+                .post("/sdapi/v1/txt2img")
+                .header("x-request-id", call.request_id)
+                .json(&self.body(&call, &prompt, seed, batch))
+                .timeout(timeout)
+                .send()
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = transport_error(e);
+                    // Only a call that may still be running on the node needs interrupting.
+                    if !matches!(e, BackendError::Timeout) {
+                        cancel.disarm();
+                    }
+                    return Err(e);
+                }
+            };
+            let status = resp.status().as_u16();
+            let body = read_capped(resp).await?;
+            if !(200..300).contains(&status) {
+                cancel.disarm();
+                return Err(map_status(status, &body));
+            }
+            let answer: Answer<'_> = serde_json::from_slice(&body)
+                .map_err(|e| BackendError::BadResponse(format!("invalid JSON ({e})")))?;
+            let first = answer
+                .info
+                .as_deref()
+                .and_then(|i| serde_json::from_str::<Info>(i).ok())
+                .unwrap_or_default()
+                .index_of_first_image;
+            let got: Vec<_> = answer
+                .images
+                .iter()
+                .skip(first)
+                .take(batch as usize)
+                .map(|b64| match b64 {
+                    Cow::Borrowed(s) => body.slice_ref(s.as_bytes()),
+                    Cow::Owned(s) => Bytes::from(s.clone()),
+                })
+                .collect();
+            if got.len() < batch as usize {
+                cancel.disarm();
+                return Err(BackendError::BadResponse(format!(
+                    "asked for {batch} images, got {}",
+                    got.len()
+                )));
+            }
+            images.extend(got.into_iter().map(|b64| GeneratedImage {
+                payload: ImagePayload::Base64(b64),
+                revised_prompt: revised.clone(),
+            }));
+            remaining -= batch;
+        }
+        cancel.disarm();
+        Ok(Generation { images })
+    }
+
+    fn probe_interval(&self) -> Option<Duration> {
+        Some(self.probe_interval)
+    }
+
+    async fn probe(&self) -> Result<(), BackendError> {
+        let mut rb = self
+            .http
+            .get(format!(
+                "{}/sdapi/v1/progress?skip_current_image=true",
+                self.base
+            ))
+            .timeout(Duration::from_secs(5));
+        if let Some((user, pass)) = &self.auth {
+            rb = rb.basic_auth(user, Some(pass.expose()));
+        }
+        let resp = rb.send().await.map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(map_status(status, &[]))
+        }
+    }
+}
