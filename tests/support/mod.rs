@@ -18,6 +18,8 @@ use imagegate::server::{serve, AppState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+pub mod local_nodes;
+
 pub const DEMO_KEY: &str = "sk-imagegate-demo";
 
 /// A running gateway. `${PORT}` and `${DATA_DIR}` in the YAML are filled in; other
@@ -74,6 +76,22 @@ impl Gateway {
         client()
             .post(self.url("/v1/images/generations"))
             .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs with the demo key and an explicit `x-request-id`.
+    pub async fn client_request(
+        &self,
+        body: serde_json::Value,
+        request_id: &str,
+    ) -> reqwest::Response {
+        client()
+            .post(self.url("/v1/images/generations"))
+            .bearer_auth(DEMO_KEY)
+            .header("x-request-id", request_id)
             .json(&body)
             .send()
             .await
@@ -187,7 +205,8 @@ type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
-    /// The most requests it ever worked on at once.
+    /// The most POST requests (generation calls) it ever worked on at once; health GETs
+    /// run beside jobs on real nodes too, so they are not counted.
     pub max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -215,15 +234,17 @@ impl FakeUpstream {
                         let (max_c, cur_c) = (max_c.clone(), cur_c.clone());
                         async move {
                             use std::sync::atomic::Ordering::SeqCst;
-                            let now = cur_c.fetch_add(1, SeqCst) + 1;
-                            max_c.fetch_max(now, SeqCst);
                             struct Done(Arc<std::sync::atomic::AtomicUsize>);
                             impl Drop for Done {
                                 fn drop(&mut self) {
                                     self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                                 }
                             }
-                            let _done = Done(cur_c.clone());
+                            let _done = (req.method() == http::Method::POST).then(|| {
+                                let now = cur_c.fetch_add(1, SeqCst) + 1;
+                                max_c.fetch_max(now, SeqCst);
+                                Done(cur_c.clone())
+                            });
                             let (parts, body) = req.into_parts();
                             let bytes = body
                                 .collect()
