@@ -414,7 +414,7 @@ async fn image_links_reject_tampering_expiry_and_unknown_names() {
 async fn expired_links_are_403_and_swept_files_are_gone() {
     let yaml = sandbox_config("", "").replace(
         "log: {level: warn}",
-        "log: {level: warn}\nimages: {url_ttl: 1s}",
+        "log: {level: warn}\nimages: {url_ttl: 2s}",
     );
     let gw = Gateway::start(&yaml).await;
     let body: serde_json::Value = gw
@@ -425,7 +425,7 @@ async fn expired_links_are_403_and_swept_files_are_gone() {
         .unwrap();
     let url = body["data"][0]["url"].as_str().unwrap().to_string();
     assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     let err = expect_error(client().get(&url).send().await.unwrap(), 403).await;
     assert_eq!(err["message"], "This image link has expired.");
 }

@@ -84,8 +84,10 @@ impl UrlSigner {
 
     /// The query string (without `?`) of a link to `name` valid for `ttl` from `now`.
     pub fn sign(&self, name: &str, now: SystemTime, ttl: Duration) -> (String, SystemTime) {
-        let expires_at = now + ttl;
-        let expires = unix(expires_at);
+        // Whole seconds, rounded up: a link never lives shorter than its TTL.
+        let at = (now + ttl).duration_since(UNIX_EPOCH).unwrap_or_default();
+        let expires = at.as_secs() + u64::from(at.subsec_nanos() > 0);
+        let expires_at = UNIX_EPOCH + Duration::from_secs(expires);
         let sig = B64.encode(self.mac(name, expires).finalize().into_bytes());
         (format!("expires={expires}&signature={sig}"), expires_at)
     }
