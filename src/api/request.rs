@@ -6,7 +6,10 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::rules::{ModelRules, Quality, ResponseFormat, Size, Style};
+use super::rules::{
+    Background, Complexity, Family, GptQuality, ModelRules, Moderation, OutputFormat, Quality,
+    ResponseFormat, Size, Style,
+};
 
 pub const DEFAULT_MODEL: &str = "dall-e-2";
 
@@ -22,6 +25,31 @@ pub struct RawRequest {
     pub style: Option<String>,
     pub response_format: Option<String>,
     pub user: Option<String>,
+    // GPT image fields (rejected for DALL·E models).
+    pub background: Option<String>,
+    pub output_format: Option<String>,
+    pub output_compression: Option<i64>,
+    pub moderation: Option<String>,
+    pub safety_identifier: Option<String>,
+    pub stream: Option<bool>,
+    pub partial_images: Option<i64>,
+    pub complexity: Option<String>,
+}
+
+/// The GPT image fields of a request to a GPT image model, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptParams {
+    /// `size: auto` (the request's `size` then holds 1024x1024 for backends that need one).
+    pub size_auto: bool,
+    pub quality: GptQuality,
+    pub background: Background,
+    pub output_format: OutputFormat,
+    pub output_compression: Option<u8>,
+    pub moderation: Option<Moderation>,
+    pub safety_identifier: Option<String>,
+    pub stream: bool,
+    pub partial_images: Option<u8>,
+    pub complexity: Option<Complexity>,
 }
 
 /// A request that satisfies its model's rules, defaults filled in.
@@ -37,6 +65,22 @@ pub struct ImageRequest {
     pub style: Option<Style>,
     pub response_format: ResponseFormat,
     pub user: Option<String>,
+    /// Present exactly when the model is a GPT image model.
+    pub gpt: Option<GptParams>,
+}
+
+impl ImageRequest {
+    pub fn family(&self) -> Family {
+        if self.gpt.is_some() {
+            Family::GptImage
+        } else {
+            Family::DallE
+        }
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.gpt.as_ref().is_some_and(|g| g.stream)
+    }
 }
 
 const FIELDS: &[&str] = &[
@@ -48,6 +92,26 @@ const FIELDS: &[&str] = &[
     "style",
     "response_format",
     "user",
+    "background",
+    "output_format",
+    "output_compression",
+    "moderation",
+    "safety_identifier",
+    "stream",
+    "partial_images",
+    "complexity",
+];
+
+/// Fields only GPT image models take.
+const GPT_FIELDS: &[&str] = &[
+    "background",
+    "output_format",
+    "output_compression",
+    "moderation",
+    "safety_identifier",
+    "stream",
+    "partial_images",
+    "complexity",
 ];
 
 fn type_name(v: &Value) -> &'static str {
@@ -77,6 +141,16 @@ fn take_string(obj: &mut Map<String, Value>, field: &str) -> Result<Option<Strin
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+fn take_int(obj: &mut Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(num)) if num.is_i64() => Ok(num.as_i64()),
+        // Larger than i64::MAX: an integer, and certainly above every maximum.
+        Some(Value::Number(num)) if num.is_u64() => Ok(Some(i64::MAX)),
+        Some(other) => Err(wrong_type(field, "an integer", &other)),
     }
 }
 
@@ -110,22 +184,28 @@ pub fn parse_request(body: &[u8]) -> Result<RawRequest, ApiError> {
             format!("Unrecognized request argument supplied: {unknown}"),
         ));
     }
-    let n = match obj.remove("n") {
+    let stream = match obj.remove("stream") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(num)) if num.is_i64() => num.as_i64(),
-        // Larger than i64::MAX: an integer, and certainly above every maximum.
-        Some(Value::Number(num)) if num.is_u64() => Some(i64::MAX),
-        Some(other) => return Err(wrong_type("n", "an integer", &other)),
+        Some(Value::Bool(b)) => Some(b),
+        Some(other) => return Err(wrong_type("stream", "a boolean", &other)),
     };
     Ok(RawRequest {
         model: take_string(&mut obj, "model")?,
         prompt: take_string(&mut obj, "prompt")?,
-        n,
+        n: take_int(&mut obj, "n")?,
         size: take_string(&mut obj, "size")?,
         quality: take_string(&mut obj, "quality")?,
         style: take_string(&mut obj, "style")?,
         response_format: take_string(&mut obj, "response_format")?,
         user: take_string(&mut obj, "user")?,
+        background: take_string(&mut obj, "background")?,
+        output_format: take_string(&mut obj, "output_format")?,
+        output_compression: take_int(&mut obj, "output_compression")?,
+        moderation: take_string(&mut obj, "moderation")?,
+        safety_identifier: take_string(&mut obj, "safety_identifier")?,
+        stream,
+        partial_images: take_int(&mut obj, "partial_images")?,
+        complexity: take_string(&mut obj, "complexity")?,
     })
 }
 
@@ -141,6 +221,35 @@ fn not_one_of<T: std::fmt::Display>(value: &str, allowed: &[T], field: &str) -> 
     )
 }
 
+fn range(field: &str, value: i64, min: i64, max: i64) -> Result<i64, ApiError> {
+    if value < min {
+        return Err(ApiError::invalid(
+            field,
+            format!("Invalid '{field}': integer below minimum value. Expected a value >= {min}, but got {value} instead."),
+        ));
+    }
+    if value > max {
+        let message = if field == "n" && max == 1 {
+            "You must provide n=1 for this model.".to_string()
+        } else {
+            format!("Invalid '{field}': integer above maximum value. Expected a value <= {max}, but got {value} instead.")
+        };
+        return Err(ApiError::invalid(field, message));
+    }
+    Ok(value)
+}
+
+fn choice<T: Copy + std::fmt::Display>(
+    value: Option<&str>,
+    field: &str,
+    all: &[T],
+    parse: fn(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    value
+        .map(|v| parse(v).ok_or_else(|| not_one_of(v, all, field)))
+        .transpose()
+}
+
 /// Checks an enum-valued field: first against the contract's values, then against what
 /// this model accepts.
 fn check_choice<T>(
@@ -154,8 +263,9 @@ fn check_choice<T>(
 where
     T: Copy + PartialEq + std::fmt::Display,
 {
-    let Some(value) = value else { return Ok(None) };
-    let parsed = parse(value).ok_or_else(|| not_one_of(value, all, field))?;
+    let Some(parsed) = choice(value, field, all, parse)? else {
+        return Ok(None);
+    };
     if allowed.is_empty() {
         return Err(ApiError::invalid(
             field,
@@ -168,12 +278,34 @@ where
         return Err(ApiError::invalid(
             field,
             format!(
-                "'{value}' is not supported by the model '{model}'; expected one of {} - '{field}'",
+                "'{parsed}' is not supported by the model '{model}'; expected one of {} - '{field}'",
                 list(allowed)
             ),
         ));
     }
     Ok(Some(parsed))
+}
+
+fn check_prompt(prompt: Option<String>, rules: &ModelRules) -> Result<String, ApiError> {
+    let prompt = prompt
+        .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+        ));
+    }
+    let chars = prompt.chars().count();
+    if chars > rules.max_prompt_chars {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "Invalid 'prompt': string too long. Expected a string with maximum length {}, but got a string with length {chars} instead.",
+                rules.max_prompt_chars
+            ),
+        ));
+    }
+    Ok(prompt)
 }
 
 impl RawRequest {
@@ -182,48 +314,38 @@ impl RawRequest {
         self.model.as_deref().unwrap_or(DEFAULT_MODEL)
     }
 
+    fn gpt_field_given(&self) -> Option<&'static str> {
+        let given = [
+            self.background.is_some(),
+            self.output_format.is_some(),
+            self.output_compression.is_some(),
+            self.moderation.is_some(),
+            self.safety_identifier.is_some(),
+            self.stream.is_some(),
+            self.partial_images.is_some(),
+            self.complexity.is_some(),
+        ];
+        GPT_FIELDS
+            .iter()
+            .zip(given)
+            .find(|(_, g)| *g)
+            .map(|(f, _)| *f)
+    }
+
     /// Applies a model's rules and fills in defaults. `model` is the public model name.
     pub fn validate(self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
+        if rules.family == Family::GptImage {
+            return self.validate_gpt(rules);
+        }
         let model = self.model().to_string();
-        let prompt = self
-            .prompt
-            .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
-        if prompt.trim().is_empty() {
+        if let Some(field) = self.gpt_field_given() {
             return Err(ApiError::invalid(
-                "prompt",
-                "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+                field,
+                format!("Invalid '{field}': the model '{model}' does not support it (GPT image models only)."),
             ));
         }
-        let chars = prompt.chars().count();
-        if chars > rules.max_prompt_chars {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "Invalid 'prompt': string too long. Expected a string with maximum length {}, but got a string with length {chars} instead.",
-                    rules.max_prompt_chars
-                ),
-            ));
-        }
-
-        let n = self.n.unwrap_or(1);
-        if n < 1 {
-            return Err(ApiError::invalid(
-                "n",
-                format!("Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead."),
-            ));
-        }
-        if n > i64::from(rules.max_n) {
-            let message = if rules.max_n == 1 {
-                "You must provide n=1 for this model.".to_string()
-            } else {
-                format!(
-                    "Invalid 'n': integer above maximum value. Expected a value <= {}, but got {n} instead.",
-                    rules.max_n
-                )
-            };
-            return Err(ApiError::invalid("n", message));
-        }
-
+        let prompt = check_prompt(self.prompt, rules)?;
+        let n = range("n", self.n.unwrap_or(1), 1, i64::from(rules.max_n))? as u32;
         let size = match self.size.as_deref() {
             None => rules.default_size,
             Some(s) => s
@@ -232,7 +354,6 @@ impl RawRequest {
                 .filter(|size| rules.sizes.contains(size))
                 .ok_or_else(|| not_one_of(s, &rules.sizes, "size"))?,
         };
-
         let quality = check_choice(
             self.quality.as_deref(),
             "quality",
@@ -251,22 +372,152 @@ impl RawRequest {
             &model,
         )?
         .or((!rules.styles.is_empty()).then_some(Style::Vivid));
-
-        let response_format = match self.response_format.as_deref() {
-            None => ResponseFormat::Url,
-            Some(s) => ResponseFormat::parse(s)
-                .ok_or_else(|| not_one_of(s, ResponseFormat::ALL, "response_format"))?,
-        };
-
+        let response_format = choice(
+            self.response_format.as_deref(),
+            "response_format",
+            ResponseFormat::ALL,
+            ResponseFormat::parse,
+        )?
+        .unwrap_or(ResponseFormat::Url);
         Ok(ImageRequest {
             model,
             prompt,
-            n: n as u32,
+            n,
             size,
             quality,
             style,
             response_format,
             user: self.user,
+            gpt: None,
+        })
+    }
+
+    /// The GPT image dialect, as the official SDK documents it.
+    fn validate_gpt(self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
+        let model = self.model().to_string();
+        if self.response_format.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("Invalid 'response_format': not supported for GPT image models ('{model}'), which always return base64 images."),
+            ));
+        }
+        if self.style.is_some() {
+            return Err(ApiError::invalid(
+                "style",
+                format!("Invalid 'style': not supported for GPT image models ('{model}'); describe the style in the prompt instead."),
+            ));
+        }
+        let prompt = check_prompt(self.prompt, rules)?;
+        let n = range("n", self.n.unwrap_or(1), 1, i64::from(rules.max_n))? as u32;
+
+        let (size, size_auto) = match self.size.as_deref() {
+            None | Some("auto") if rules.auto_size => (rules.default_size, true),
+            None => (rules.default_size, false),
+            Some(s) => {
+                let parsed = s
+                    .parse::<Size>()
+                    .map_err(|e| ApiError::invalid("size", format!("Invalid 'size': {e}.")))?;
+                if !rules.sizes.contains(&parsed) {
+                    match &rules.flexible_sizes {
+                        Some(flex) => flex.check(parsed).map_err(|why| {
+                            ApiError::invalid(
+                                "size",
+                                format!("Invalid 'size' '{s}' for the model '{model}': {why}."),
+                            )
+                        })?,
+                        None => {
+                            let mut allowed: Vec<String> =
+                                rules.sizes.iter().map(Size::to_string).collect();
+                            if rules.auto_size {
+                                allowed.push("auto".into());
+                            }
+                            return Err(not_one_of(s, &allowed, "size"));
+                        }
+                    }
+                }
+                (parsed, false)
+            }
+        };
+
+        let quality = match self.quality.as_deref() {
+            None => GptQuality::Auto,
+            Some(q) => GptQuality::parse(q)
+                .filter(|q| rules.gpt_qualities.contains(q))
+                .ok_or_else(|| not_one_of(q, &rules.gpt_qualities, "quality"))?,
+        };
+        let background = choice(
+            self.background.as_deref(),
+            "background",
+            Background::ALL,
+            Background::parse,
+        )?
+        .unwrap_or(Background::Auto);
+        let output_format = choice(
+            self.output_format.as_deref(),
+            "output_format",
+            OutputFormat::ALL,
+            OutputFormat::parse,
+        )?
+        .unwrap_or(OutputFormat::Png);
+        if background == Background::Transparent && output_format == OutputFormat::Jpeg {
+            return Err(ApiError::invalid(
+                "background",
+                "Invalid 'background': transparent backgrounds need output_format png or webp.",
+            ));
+        }
+        let output_compression =
+            match self.output_compression {
+                None => None,
+                Some(_) if output_format == OutputFormat::Png => return Err(ApiError::invalid(
+                    "output_compression",
+                    "Invalid 'output_compression': only supported with output_format jpeg or webp.",
+                )),
+                Some(c) => Some(range("output_compression", c, 0, 100)? as u8),
+            };
+        let stream = self.stream.unwrap_or(false);
+        let partial_images = match self.partial_images {
+            None => None,
+            Some(_) if !stream => {
+                return Err(ApiError::invalid(
+                    "partial_images",
+                    "Invalid 'partial_images': only supported with stream: true.",
+                ))
+            }
+            Some(p) => Some(range("partial_images", p, 0, 3)? as u8),
+        };
+        let moderation = choice(
+            self.moderation.as_deref(),
+            "moderation",
+            Moderation::ALL,
+            Moderation::parse,
+        )?;
+        let complexity = choice(
+            self.complexity.as_deref(),
+            "complexity",
+            Complexity::ALL,
+            Complexity::parse,
+        )?;
+        Ok(ImageRequest {
+            model,
+            prompt,
+            n,
+            size,
+            quality: None,
+            style: None,
+            response_format: ResponseFormat::B64Json,
+            user: self.user,
+            gpt: Some(GptParams {
+                size_auto,
+                quality,
+                background,
+                output_format,
+                output_compression,
+                moderation,
+                safety_identifier: self.safety_identifier.filter(|s| !s.is_empty()),
+                stream,
+                partial_images,
+                complexity,
+            }),
         })
     }
 }
@@ -274,6 +525,7 @@ impl RawRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{GptQuality, OutputFormat};
 
     fn validate(json: &str, rules: ModelRules) -> Result<ImageRequest, ApiError> {
         parse_request(json.as_bytes())?.validate(&rules)
@@ -436,6 +688,67 @@ mod tests {
         assert!(validate(&long, d3()).is_ok());
         let long = format!(r#"{{"model":"dall-e-3","prompt":"{}"}}"#, "a".repeat(4001));
         assert_eq!(param_of(&long, d3()).as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn gpt_image_rules_follow_the_sdk() {
+        let g = ModelRules::gpt_image;
+        let j = |rest: &str| format!(r#"{{"model":"gpt-image-2","prompt":"x"{rest}}}"#);
+        let req = validate(&j(""), g()).unwrap();
+        let gpt = req.gpt.clone().unwrap();
+        assert!(gpt.size_auto);
+        assert_eq!(gpt.quality, GptQuality::Auto);
+        assert_eq!(gpt.output_format, OutputFormat::Png);
+        assert_eq!(req.response_format, ResponseFormat::B64Json);
+        assert!(validate(&j(r#","size":"1536x864","quality":"high","n":10"#), g()).is_ok());
+        assert!(validate(&j(r#","size":"auto","background":"transparent","output_format":"webp","output_compression":80"#), g()).is_ok());
+        assert!(validate(
+            &j(r#","stream":true,"partial_images":2,"moderation":"low","safety_identifier":"u1"}"#)
+                .replace("}}", "}"),
+            g()
+        )
+        .is_ok());
+        for (rest, param) in [
+            (r#","response_format":"url""#, "response_format"),
+            (r#","style":"vivid""#, "style"),
+            (r#","size":"1000x1000""#, "size"),
+            (r#","size":"3072x1008""#, "size"),
+            (r#","size":"512x512""#, "size"),
+            (r#","quality":"hd""#, "quality"),
+            (r#","quality":"max""#, "quality"),
+            (r#","output_compression":50"#, "output_compression"),
+            (
+                r#","output_format":"jpeg","output_compression":101"#,
+                "output_compression",
+            ),
+            (
+                r#","output_format":"jpeg","background":"transparent""#,
+                "background",
+            ),
+            (r#","partial_images":2"#, "partial_images"),
+            (r#","stream":true,"partial_images":4"#, "partial_images"),
+            (r#","stream":"yes""#, "stream"),
+            (r#","n":11"#, "n"),
+            (r#","output_format":"gif""#, "output_format"),
+        ] {
+            assert_eq!(param_of(&j(rest), g()).as_deref(), Some(param), "{rest}");
+        }
+        assert!(validate(&j(r#","quality":"max""#), ModelRules::gpt_image_25()).is_ok());
+        assert_eq!(
+            param_of(&j(r#","size":"1536x864""#), ModelRules::gpt_image_fixed()).as_deref(),
+            Some("size")
+        );
+        // GPT-only fields on a DALL·E model name the field.
+        let d3 = r#"{"model":"dall-e-3","prompt":"x","background":"opaque"}"#;
+        assert_eq!(
+            param_of(d3, ModelRules::dalle3()).as_deref(),
+            Some("background")
+        );
+        let d2 = r#"{"prompt":"x","stream":true}"#;
+        assert_eq!(
+            param_of(d2, ModelRules::dalle2()).as_deref(),
+            Some("stream")
+        );
     }
 
     #[test]

@@ -21,6 +21,10 @@ impl RulesConfig {
                     return Err("custom rules need `sizes` (or a `preset` to start from)".into());
                 }
                 ModelRules {
+                    family: crate::api::Family::DallE,
+                    flexible_sizes: None,
+                    auto_size: false,
+                    gpt_qualities: Vec::new(),
                     max_prompt_chars: 1000,
                     max_n: 1,
                     sizes: Vec::new(),
@@ -66,9 +70,16 @@ impl RulesConfig {
             rules.max_prompt_chars = chars;
         }
         if let Some(q) = &custom.quality {
-            rules.qualities = choices(q, Quality::parse, "quality")?;
+            if rules.family == crate::api::Family::GptImage {
+                rules.gpt_qualities = choices(q, crate::api::GptQuality::parse, "quality")?;
+            } else {
+                rules.qualities = choices(q, Quality::parse, "quality")?;
+            }
         }
         if let Some(s) = &custom.style {
+            if rules.family == crate::api::Family::GptImage && !s.is_empty() {
+                return Err("GPT image models take no style".into());
+            }
             rules.styles = choices(s, Style::parse, "style")?;
         }
         if let Some(r) = custom.revised_prompt {
