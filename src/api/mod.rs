@@ -10,7 +10,7 @@ mod rules;
 pub use error::{ApiError, ErrorKind};
 pub use request::GptParams;
 pub use request::{parse_request, ImageRequest, RawRequest};
-pub use response::{ImageData, ImagesResponse, ModelList, ModelObject};
+pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};
 pub use rules::{
     Background, Complexity, Family, FlexibleSizes, GptQuality, ModelRules, Moderation,
     OutputFormat, Quality, ResponseFormat, Size, Style,

@@ -8,6 +8,19 @@ use serde::Serialize;
 pub struct ImagesResponse {
     pub created: u64,
     pub data: Vec<ImageData>,
+    /// GPT image answers only: `background`, `output_format`, `quality`, `size`, `usage`.
+    /// DALL·E answers stay exactly the contract's shape.
+    pub gpt: Option<GptAnswerFields>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GptAnswerFields {
+    pub background: String,
+    pub output_format: String,
+    pub quality: String,
+    pub size: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -26,7 +39,20 @@ impl ImagesResponse {
     /// The JSON body as a list of buffers to send in order.
     pub fn to_chunks(&self) -> Vec<Bytes> {
         let mut chunks = Vec::with_capacity(2 + self.data.len() * 2);
-        let mut text = format!("{{\"created\":{},\"data\":[", self.created);
+        let mut text = format!("{{\"created\":{},", self.created);
+        if let Some(gpt) = &self.gpt {
+            // The fields of a flat object, spliced in before `data`.
+            let fields = serde_json::to_string(gpt).unwrap_or_else(|_| "{}".into());
+            let inner = fields
+                .strip_prefix('{')
+                .and_then(|f| f.strip_suffix('}'))
+                .unwrap_or("");
+            if !inner.is_empty() {
+                text.push_str(inner);
+                text.push(',');
+            }
+        }
+        text.push_str("\"data\":[");
         for (i, item) in self.data.iter().enumerate() {
             if i > 0 {
                 text.push(',');
@@ -101,6 +127,7 @@ mod tests {
                     revised_prompt: None,
                 },
             ],
+            gpt: None,
         };
         let chunks = resp.to_chunks();
         assert!(
@@ -119,9 +146,25 @@ mod tests {
         let empty = ImagesResponse {
             created: 1,
             data: vec![],
+            gpt: None,
         }
         .to_chunks()
         .concat();
         assert_eq!(empty, br#"{"created":1,"data":[]}"#);
+        let gpt = ImagesResponse {
+            created: 2,
+            data: vec![],
+            gpt: Some(GptAnswerFields {
+                background: "opaque".into(),
+                output_format: "png".into(),
+                quality: "medium".into(),
+                size: "1024x1024".into(),
+                usage: Some(serde_json::json!({"total_tokens": 5})),
+            }),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&gpt.to_chunks().concat()).unwrap();
+        assert_eq!(v["background"], "opaque");
+        assert_eq!(v["usage"]["total_tokens"], 5);
+        assert_eq!(v["data"], serde_json::json!([]));
     }
 }

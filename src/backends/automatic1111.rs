@@ -125,6 +125,7 @@ impl Backend for A1111Backend {
     }
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        super::translate::require_plain_png(call.request)?;
         let prompt = local::prompt(&self.generation, call.request);
         let revised = (prompt != call.request.prompt).then(|| prompt.clone());
         let first_seed = local::seed(&self.generation, &call.request.prompt);
@@ -197,7 +198,7 @@ impl Backend for A1111Backend {
             remaining -= batch;
         }
         cancel.disarm();
-        Ok(Generation { images })
+        Ok(Generation { images, meta: None })
     }
 
     fn probe_interval(&self) -> Option<Duration> {

@@ -221,6 +221,7 @@ impl Backend for ComfyBackend {
     }
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        super::translate::require_plain_png(call.request)?;
         if self.graph.is_null() {
             return Err(BackendError::Workflow(
                 "the workflow file could not be loaded".into(),
@@ -337,7 +338,7 @@ impl Backend for ComfyBackend {
             ));
         }
         images.truncate(call.request.n as usize);
-        Ok(Generation { images })
+        Ok(Generation { images, meta: None })
     }
 
     fn probe_interval(&self) -> Option<Duration> {

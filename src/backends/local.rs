@@ -18,9 +18,10 @@ pub fn prompt(g: &LocalGeneration, request: &ImageRequest) -> String {
 }
 
 pub fn sampling(g: &LocalGeneration, request: &ImageRequest) -> SamplingPreset {
-    match request.quality {
-        Some(Quality::Hd) => g.quality.hd,
-        _ => g.quality.standard,
+    // GPT image qualities map too: high, xhigh and max are hd.
+    match super::translate::dalle_quality(request) {
+        Quality::Hd => g.quality.hd,
+        Quality::Standard => g.quality.standard,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod comfyui;
 mod local;
 mod openai;
 mod sandbox;
+pub mod translate;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest};
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, Dialect};
+
+use translate::Translation;
 
 pub use automatic1111::A1111Backend;
 pub use comfyui::ComfyBackend;
@@ -32,6 +35,9 @@ pub struct UpstreamCall<'a> {
     pub request_id: &'a str,
     /// The request's overall deadline; a backend never waits past it.
     pub deadline: Instant,
+    /// The dialect the upstream speaks (openai/azure).
+    pub dialect: Dialect,
+    pub translation: &'a Translation,
 }
 
 impl UpstreamCall<'_> {
@@ -44,6 +50,52 @@ impl UpstreamCall<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub images: Vec<GeneratedImage>,
+    /// GPT image answers' top-level fields (`background`, `usage`, ...), when the upstream
+    /// gave them.
+    pub meta: Option<AnswerMeta>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AnswerMeta {
+    pub background: Option<String>,
+    pub output_format: Option<String>,
+    pub quality: Option<String>,
+    pub size: Option<String>,
+    /// Token usage as the upstream reported it (kept for metering).
+    pub usage: Option<serde_json::Value>,
+}
+
+impl AnswerMeta {
+    /// Adds the usage of one more upstream call (a split `n`) to `meta`.
+    pub fn merge_usage(meta: Option<AnswerMeta>, usage: Option<serde_json::Value>) -> AnswerMeta {
+        let mut meta = meta.unwrap_or_default();
+        meta.usage = match (meta.usage.take(), usage) {
+            (Some(a), Some(b)) => Some(add_json_numbers(a, b)),
+            (a, b) => a.or(b),
+        };
+        meta
+    }
+}
+
+/// Sums numeric leaves of two JSON objects of the same shape (token counts).
+fn add_json_numbers(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            Value::from(x.as_u64().unwrap_or(0) + y.as_u64().unwrap_or(0))
+        }
+        (Value::Object(mut x), Value::Object(y)) => {
+            for (k, v) in y {
+                let merged = match x.remove(&k) {
+                    Some(old) => add_json_numbers(old, v),
+                    None => v,
+                };
+                x.insert(k, merged);
+            }
+            Value::Object(x)
+        }
+        (a, _) => a,
+    }
 }
 
 #[derive(Debug, Clone)]

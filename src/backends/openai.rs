@@ -10,8 +10,13 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
-use crate::config::{AzureConfig, OpenAiConfig, Secret};
+use super::translate;
+use super::{
+    AnswerMeta, Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall,
+};
+use crate::api::ImageRequest;
+use crate::config::{AzureConfig, Dialect, OpenAiConfig, Secret};
+use base64::Engine;
 
 /// Largest upstream answer we read (ten large base64 PNGs fit comfortably).
 const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
@@ -98,8 +103,8 @@ impl OpenAiBackend {
         }
     }
 
-    fn url_and_body(&self, call: &UpstreamCall<'_>) -> (String, Value) {
-        let r = call.request;
+    /// The body of the contract's own dialect.
+    fn dalle_body(r: &ImageRequest) -> Value {
         let mut body = json!({
             "prompt": r.prompt,
             "n": r.n,
@@ -115,9 +120,15 @@ impl OpenAiBackend {
         if let Some(u) = &r.user {
             body["user"] = u.as_str().into();
         }
-        let url = match &self.flavor {
+        body
+    }
+
+    /// The endpoint for this call; sets `model` in the body where the upstream wants it.
+    fn url(&self, call: &UpstreamCall<'_>, body: &mut Value) -> String {
+        let model = &call.request.model;
+        match &self.flavor {
             Flavor::OpenAi { endpoint } => {
-                body["model"] = call.upstream_model.unwrap_or(&r.model).into();
+                body["model"] = call.upstream_model.unwrap_or(model).into();
                 endpoint.clone()
             }
             Flavor::Azure {
@@ -130,7 +141,7 @@ impl OpenAiBackend {
                 let deployment = call
                     .upstream_model
                     .or(default_deployment.as_deref())
-                    .unwrap_or(&r.model);
+                    .unwrap_or(model);
                 format!(
                     "{base}/openai/deployments/{}/images/generations?api-version={}",
                     url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),
@@ -138,15 +149,115 @@ impl OpenAiBackend {
                         .collect::<String>()
                 )
             }
-        };
-        (url, body)
+        }
+    }
+
+    /// One upstream call: the raw answer on success.
+    async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
+        let url = self.url(call, &mut body);
+        let timeout = self.timeout.min(call.remaining());
+        if timeout.is_zero() {
+            return Err(BackendError::Timeout);
+        }
+        let resp = self
+            .http
+            .post(url)
+            .headers(self.headers.clone())
+            .header("x-request-id", call.request_id)
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let answer = read_capped(resp).await?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            Err(map_error(status, &headers, &answer))
+        }
+    }
+
+    /// A DALL·E request on a GPT image upstream (see `translate`).
+    async fn translated(&self, call: &UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        let (req, t) = (call.request, call.translation);
+        let upstream_size = t.sizes.upstream_size(req.size);
+        let (body, sent_prompt) = translate::gpt_body_from_dalle(req, t, upstream_size);
+        let mut calls = Vec::new();
+        let mut left = req.n;
+        while left > 0 {
+            let n = left.min(t.max_n);
+            let mut b = body.clone();
+            b["n"] = n.into();
+            calls.push(self.send(call, b));
+            left -= n;
+        }
+        let answers = futures_util::future::try_join_all(calls).await?;
+        let mut generation = Generation::default();
+        for answer in &answers {
+            let part = parse_answer(answer)?;
+            generation.images.extend(part.images);
+            let usage = part.meta.and_then(|m| m.usage);
+            generation.meta = Some(AnswerMeta::merge_usage(generation.meta.take(), usage));
+        }
+        // DALL·E clients get exactly the size they asked for.
+        if upstream_size != req.size {
+            let want = req.size;
+            let images = std::mem::take(&mut generation.images);
+            generation.images = tokio::task::spawn_blocking(move || {
+                images
+                    .into_iter()
+                    .map(|img| {
+                        let bytes = match img.payload {
+                            ImagePayload::Base64(b64) => {
+                                Bytes::from(B64.decode(&b64).map_err(|_| {
+                                    BackendError::BadResponse("invalid base64 image".into())
+                                })?)
+                            }
+                            ImagePayload::Bytes(b) => b,
+                            ImagePayload::Url(_) => {
+                                return Err(BackendError::BadResponse(
+                                    "a GPT image upstream answered with a URL".into(),
+                                ))
+                            }
+                        };
+                        Ok(GeneratedImage {
+                            payload: ImagePayload::Bytes(translate::resize_exact(&bytes, want)?),
+                            revised_prompt: img.revised_prompt,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| BackendError::BadResponse(format!("resizing failed: {e}")))??;
+        }
+        // DALL·E 3 answers carry the prompt actually sent (with the style sentence).
+        if req.style.is_some() {
+            for img in &mut generation.images {
+                img.revised_prompt = Some(sent_prompt.clone());
+            }
+        }
+        Ok(generation)
     }
 }
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 #[derive(Deserialize)]
 struct Answer<'a> {
     #[serde(borrow)]
     data: Vec<AnswerImage<'a>>,
+    #[serde(default)]
+    background: Option<String>,
+    #[serde(default)]
+    output_format: Option<String>,
+    #[serde(default)]
+    quality: Option<String>,
+    #[serde(default)]
+    size: Option<String>,
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -323,7 +434,17 @@ fn parse_answer(body: &Bytes) -> Result<Generation, BackendError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok(Generation { images })
+    let meta = AnswerMeta {
+        background: answer.background,
+        output_format: answer.output_format,
+        quality: answer.quality,
+        size: answer.size,
+        usage: answer.usage,
+    };
+    Ok(Generation {
+        images,
+        meta: Some(meta),
+    })
 }
 
 #[async_trait]
@@ -336,28 +457,17 @@ impl Backend for OpenAiBackend {
     }
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
-        let (url, body) = self.url_and_body(&call);
-        let timeout = self.timeout.min(call.remaining());
-        if timeout.is_zero() {
-            return Err(BackendError::Timeout);
-        }
-        let resp = self
-            .http
-            .post(url)
-            .headers(self.headers.clone())
-            .header("x-request-id", call.request_id)
-            .json(&body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = read_capped(resp).await?;
-        if (200..300).contains(&status) {
-            parse_answer(&body)
-        } else {
-            Err(map_error(status, &headers, &body))
+        let req = call.request;
+        match (call.dialect, &req.gpt) {
+            (Dialect::DallE, None) => parse_answer(&self.send(&call, Self::dalle_body(req)).await?),
+            (Dialect::DallE, Some(_)) => {
+                let body = translate::dalle_body_from_gpt(req)?;
+                parse_answer(&self.send(&call, body).await?)
+            }
+            (Dialect::GptImage, Some(g)) => {
+                parse_answer(&self.send(&call, translate::gpt_body(req, g)).await?)
+            }
+            (Dialect::GptImage, None) => self.translated(&call).await,
         }
     }
 }

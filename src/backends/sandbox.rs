@@ -114,6 +114,7 @@ impl Backend for SandboxBackend {
     }
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
+        super::translate::require_plain_png(call.request)?;
         if let Some(delay) = self.delay {
             if delay > call.remaining() {
                 tokio::time::sleep(call.remaining()).await;
@@ -132,6 +133,7 @@ impl Backend for SandboxBackend {
         .map_err(|e| BackendError::BadResponse(format!("sandbox renderer failed: {e}")))?
         .map_err(|e| BackendError::BadResponse(format!("sandbox encoder failed: {e}")))?;
         Ok(Generation {
+            meta: None,
             images: images
                 .into_iter()
                 .map(|bytes| GeneratedImage {

@@ -813,6 +813,95 @@ pub struct TargetConfig {
     /// Tier: lower first.
     #[serde(default)]
     pub priority: u32,
+    /// The dialect the upstream speaks (openai/azure backends): `dall-e` or `gpt-image`.
+    #[serde(default)]
+    pub dialect: Dialect,
+    /// How DALL·E requests are translated for a `gpt-image` upstream.
+    #[serde(default)]
+    pub translation: TranslationConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum Dialect {
+    /// The contract's fields (OpenAI-compatible servers that still accept DALL·E requests).
+    #[default]
+    #[serde(rename = "dall-e")]
+    DallE,
+    /// The GPT image dialect: no response_format or style, always base64.
+    #[serde(rename = "gpt-image")]
+    GptImage,
+}
+
+/// DALL·E -> GPT image translation rules of one target.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TranslationConfig {
+    /// GPT image quality for DALL·E `standard` and `hd`.
+    #[serde(default = "default_quality_map")]
+    pub quality: BTreeMap<String, String>,
+    /// Sentences appended to the prompt for DALL·E `vivid` and `natural`.
+    #[serde(default)]
+    pub style: StyleSentences,
+    /// Send `user` as is in `safety_identifier` (default: its SHA-256, so end-user ids stay
+    /// inside the gateway).
+    #[serde(default)]
+    pub pass_user: bool,
+    /// Images per upstream call; larger `n` is split into parallel calls.
+    #[serde(default = "default_translation_max_n")]
+    pub max_n: u32,
+    /// Sizes the upstream accepts; default: gpt-image-2's free sizes (16-pixel grid, aspect
+    /// up to 3:1, 655,360 to 8,294,400 pixels, edges up to 3840).
+    #[serde(default)]
+    pub sizes: Option<Vec<String>>,
+}
+
+impl Default for TranslationConfig {
+    fn default() -> Self {
+        TranslationConfig {
+            quality: default_quality_map(),
+            style: StyleSentences::default(),
+            pass_user: false,
+            max_n: default_translation_max_n(),
+            sizes: None,
+        }
+    }
+}
+
+fn default_quality_map() -> BTreeMap<String, String> {
+    [("standard", "medium"), ("hd", "high")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn default_translation_max_n() -> u32 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StyleSentences {
+    #[serde(default = "default_vivid_sentence")]
+    pub vivid: String,
+    #[serde(default = "default_natural_sentence")]
+    pub natural: String,
+}
+
+impl Default for StyleSentences {
+    fn default() -> Self {
+        StyleSentences {
+            vivid: default_vivid_sentence(),
+            natural: default_natural_sentence(),
+        }
+    }
+}
+
+fn default_vivid_sentence() -> String {
+    "Style: vivid, hyper-real and dramatic, with rich saturated colors.".to_string()
+}
+
+fn default_natural_sentence() -> String {
+    "Style: natural, realistic and true to life, with soft natural light.".to_string()
 }
 
 fn default_weight() -> u32 {

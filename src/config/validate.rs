@@ -230,6 +230,41 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     format!("unknown backend \"{}\"", target.backend),
                 ));
             }
+            if target.dialect == super::Dialect::GptImage {
+                let remote = matches!(
+                    config.backends.get(&target.backend),
+                    Some(BackendConfig::Openai(_) | BackendConfig::Azure(_))
+                );
+                if !remote {
+                    errors.push(ConfigError::new(
+                        format!("{path}.dialect"),
+                        "the gpt-image dialect applies to openai and azure backends only",
+                    ));
+                }
+            }
+            let t = &target.translation;
+            for (dalle, gpt) in &t.quality {
+                if Quality::parse(dalle).is_none() || crate::api::GptQuality::parse(gpt).is_none() {
+                    errors.push(ConfigError::new(
+                        format!("{path}.translation.quality.{dalle}"),
+                        "maps a DALL·E quality (standard, hd) to a GPT image one (low, medium, high, xhigh, max, auto)",
+                    ));
+                }
+            }
+            if t.max_n == 0 || t.max_n > 10 {
+                errors.push(ConfigError::new(
+                    format!("{path}.translation.max_n"),
+                    "must be between 1 and 10",
+                ));
+            }
+            for (j, size) in t.sizes.iter().flatten().enumerate() {
+                if size.parse::<Size>().is_err() {
+                    errors.push(ConfigError::new(
+                        format!("{path}.translation.sizes[{j}]"),
+                        format!("\"{size}\" is not a size of the form WIDTHxHEIGHT"),
+                    ));
+                }
+            }
             if target.weight == 0 {
                 errors.push(ConfigError::new(
                     format!("{path}.weight"),

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
+use crate::backends::translate::Translation;
 use crate::backends::{Backend, BackendError, Generation, UpstreamCall};
-use crate::config::{Config, ImageUrlPolicy, RetryOn, Strategy};
+use crate::config::{Config, Dialect, ImageUrlPolicy, RetryOn, Strategy};
 
 use capacity::CapacityGate;
 use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
@@ -27,6 +28,8 @@ pub struct Target {
     pub capacity: Arc<CapacityGate>,
     pub url_policy: Arc<ImageUrlPolicy>,
     pub upstream_model: Option<String>,
+    pub dialect: Dialect,
+    pub translation: Arc<Translation>,
     pub weight: u32,
     pub priority: u32,
 }
@@ -104,37 +107,31 @@ impl ModelRoute {
 
     fn choose(&self, candidates: &[usize]) -> usize {
         let mut rng = rand::rng();
-        let total: u64 = candidates
-            .iter()
-            .map(|&i| u64::from(self.targets[i].weight))
-            .sum();
-        let mut by_weight = || {
+        let weight = |i: usize| u64::from(self.targets[i].weight);
+        let mut by_weight = |pool: &[usize]| {
+            let total: u64 = pool.iter().map(|&i| weight(i)).sum();
             let mut roll = rng.random_range(0..total.max(1));
-            for &i in candidates {
-                let w = u64::from(self.targets[i].weight);
-                if roll < w {
+            for &i in pool {
+                if roll < weight(i) {
                     return i;
                 }
-                roll -= w;
+                roll -= weight(i);
             }
-            candidates[0]
+            pool[0]
         };
-        match self.strategy {
-            Strategy::Weighted => by_weight(),
-            Strategy::LeastOutstanding => {
-                let (a, b) = (by_weight(), by_weight());
-                // Load relative to weight: (in_flight + 1) / weight, compared without division.
-                let load = |i: usize| {
-                    let t = &self.targets[i];
-                    (u64::from(t.health.in_flight()) + 1, u64::from(t.weight))
-                };
-                let ((la, wa), (lb, wb)) = (load(a), load(b));
-                if lb * wa < la * wb {
-                    b
-                } else {
-                    a
-                }
-            }
+        let a = by_weight(candidates);
+        if self.strategy == Strategy::Weighted || candidates.len() == 1 {
+            return a;
+        }
+        // Power of two choices: a second, distinct candidate, also drawn by weight; the one
+        // with less load per unit of weight, (in_flight + 1) / weight, wins (ties: the first).
+        let rest: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
+        let b = by_weight(&rest);
+        let load = |i: usize| u64::from(self.targets[i].health.in_flight()) + 1;
+        if load(b) * weight(a) < load(a) * weight(b) {
+            b
+        } else {
+            a
         }
     }
 
@@ -217,6 +214,8 @@ impl ModelRoute {
                 upstream_model: target.upstream_model.as_deref(),
                 request_id,
                 deadline,
+                dialect: target.dialect,
+                translation: &target.translation,
             };
             let result = tokio::time::timeout_at(deadline.into(), target.backend.generate(call))
                 .await
@@ -349,6 +348,8 @@ impl Router {
                         capacity: cap.clone(),
                         url_policy: policy.clone(),
                         upstream_model: t.model.clone(),
+                        dialect: t.dialect,
+                        translation: Arc::new(Translation::from_config(&t.translation)),
                         weight: t.weight.max(1),
                         priority: t.priority,
                     })

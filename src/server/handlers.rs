@@ -16,8 +16,12 @@ use serde_json::json;
 
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
-use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
+use crate::api::{
+    self, ApiError, Background, ErrorKind, GptAnswerFields, GptQuality, ImageRequest,
+    ImagesResponse, ModelList, ModelObject,
+};
 use crate::auth::{bearer_token, hash_secret, Principal};
+use crate::backends::AnswerMeta;
 use crate::images::{unix, FILES_PREFIX};
 
 /// What the access log line says about a request, filled in as it goes.
@@ -28,6 +32,8 @@ struct AccessLog {
     model: Option<String>,
     backend: Option<Arc<str>>,
     attempts: u32,
+    /// Token usage the upstream reported (GPT image), for the log line until metering.
+    usage: Option<String>,
 }
 
 pub async fn handle(
@@ -75,6 +81,7 @@ pub async fn handle(
         model = %dash(log.model.as_deref()),
         backend = %dash(log.backend.as_deref()),
         attempts = log.attempts,
+        usage = %dash(log.usage.as_deref()),
         "request"
     );
     Ok(resp)
@@ -209,6 +216,10 @@ async fn generations(
         .url_policy
         .ok_or_else(|| ApiError::internal("no image URL policy for the answering backend"))?;
 
+    let gpt_fields = gpt_answer_fields(&request, generation.meta.as_ref());
+    if let Some(usage) = generation.meta.as_ref().and_then(|m| m.usage.as_ref()) {
+        log.usage = Some(usage.to_string());
+    }
     let fallback_revised = route
         .rules
         .revised_prompt
@@ -226,12 +237,37 @@ async fn generations(
     let response = ImagesResponse {
         created: unix(SystemTime::now()),
         data,
+        gpt: gpt_fields,
     };
     Ok(respond::with_type(
         StatusCode::OK,
         Body::chunks(response.to_chunks()),
         "application/json",
     ))
+}
+
+/// The top-level fields of a GPT image answer: the upstream's when it gave them, else what
+/// was made (backends that only make opaque PNGs, or DALL·E upstreams).
+fn gpt_answer_fields(request: &ImageRequest, meta: Option<&AnswerMeta>) -> Option<GptAnswerFields> {
+    let g = request.gpt.as_ref()?;
+    let meta = meta.cloned().unwrap_or_default();
+    let quality = match g.quality {
+        GptQuality::Auto => "medium",
+        q => q.as_str(),
+    };
+    let background = match g.background {
+        Background::Transparent => "transparent",
+        _ => "opaque",
+    };
+    Some(GptAnswerFields {
+        background: meta.background.unwrap_or_else(|| background.to_string()),
+        output_format: meta
+            .output_format
+            .unwrap_or_else(|| g.output_format.as_str().to_string()),
+        quality: meta.quality.unwrap_or_else(|| quality.to_string()),
+        size: meta.size.unwrap_or_else(|| request.size.to_string()),
+        usage: meta.usage,
+    })
 }
 
 fn model_object(rt: &Runtime, id: &str) -> ModelObject {
