@@ -24,6 +24,9 @@ pub use comfyui::ComfyBackend;
 pub use openai::OpenAiBackend;
 pub use sandbox::SandboxBackend;
 
+/// Server-sent event bytes for the client, as they arrive.
+pub type EventStream = std::pin::Pin<Box<dyn futures_core::Stream<Item = Bytes> + Send>>;
+
 /// What a backend is asked to do: a validated request plus where it goes.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamCall<'a> {
@@ -118,6 +121,15 @@ pub enum ImagePayload {
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError>;
+
+    /// Server-sent events for `stream: true`. Backends that cannot stream answer whole, as
+    /// one `image_generation.completed` event per image.
+    async fn generate_stream(&self, call: UpstreamCall<'_>) -> Result<EventStream, BackendError> {
+        let request = call.request.clone();
+        let generation = self.generate(call).await?;
+        let events = translate::completed_events(&request, generation)?;
+        Ok(Box::pin(futures_util::stream::iter(events)))
+    }
 
     /// How often [`Backend::probe`] runs; `None`: this kind has no active probe.
     fn probe_interval(&self) -> Option<Duration> {

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 
 use super::translate;
 use super::{
-    AnswerMeta, Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall,
+    AnswerMeta, Backend, BackendError, EventStream, GeneratedImage, Generation, ImagePayload,
+    UpstreamCall,
 };
 use crate::api::ImageRequest;
 use crate::config::{AzureConfig, Dialect, OpenAiConfig, Secret};
@@ -469,6 +470,57 @@ impl Backend for OpenAiBackend {
             }
             (Dialect::GptImage, None) => self.translated(&call).await,
         }
+    }
+
+    /// GPT image upstreams stream themselves: their events are relayed byte for byte as they
+    /// arrive. Everything else answers whole, as completed events.
+    async fn generate_stream(&self, call: UpstreamCall<'_>) -> Result<EventStream, BackendError> {
+        let (Dialect::GptImage, Some(g)) = (call.dialect, &call.request.gpt) else {
+            let request = call.request.clone();
+            let generation = self.generate(call).await?;
+            let events = translate::completed_events(&request, generation)?;
+            return Ok(Box::pin(futures_util::stream::iter(events)));
+        };
+        let mut body = translate::gpt_body(call.request, g);
+        let url = self.url(&call, &mut body);
+        let timeout = call.remaining();
+        if timeout.is_zero() {
+            return Err(BackendError::Timeout);
+        }
+        let resp = self
+            .http
+            .post(url)
+            .headers(self.headers.clone())
+            .header("x-request-id", call.request_id)
+            .header(http::header::ACCEPT, "text/event-stream")
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let headers = resp.headers().clone();
+            let answer = read_capped(resp).await?;
+            return Err(map_error(status, &headers, &answer));
+        }
+        let relay = futures_util::StreamExt::scan(resp.bytes_stream(), false, |failed, chunk| {
+            let out = match chunk {
+                _ if *failed => None,
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    *failed = true;
+                    tracing::warn!(error = %e.without_url(), "upstream event stream broke off");
+                    // The SDK raises an APIError for a data object with an "error" member.
+                    let event = json!({"type": "error", "error": {
+                        "message": "The upstream provider's event stream broke off.",
+                        "type": "upstream_error", "param": null, "code": "upstream_error"}});
+                    Some(Bytes::from(format!("event: error\ndata: {event}\n\n")))
+                }
+            };
+            std::future::ready(out)
+        });
+        Ok(Box::pin(relay))
     }
 }
 

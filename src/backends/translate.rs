@@ -11,10 +11,12 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::BackendError;
+use base64::Engine;
+
+use super::{AnswerMeta, BackendError, Generation, ImagePayload};
 use crate::api::{
-    Background, FlexibleSizes, GptParams, GptQuality, ImageRequest, OutputFormat, Quality, Size,
-    Style,
+    Background, FlexibleSizes, GptAnswerFields, GptParams, GptQuality, ImageRequest, OutputFormat,
+    Quality, Size, Style,
 };
 use crate::config::TranslationConfig;
 
@@ -230,6 +232,81 @@ pub fn dalle_body_from_gpt(req: &ImageRequest) -> Result<Value, BackendError> {
         body["user"] = user.as_str().into();
     }
     Ok(body)
+}
+
+/// The top-level fields of a GPT image answer: the upstream's when it gave them, else what
+/// was made (backends that only make opaque PNGs, DALL·E upstreams). `None` for DALL·E
+/// requests, whose answers keep the contract's shape.
+pub fn answer_fields(req: &ImageRequest, meta: Option<&AnswerMeta>) -> Option<GptAnswerFields> {
+    let g = req.gpt.as_ref()?;
+    let meta = meta.cloned().unwrap_or_default();
+    let quality = match g.quality {
+        GptQuality::Auto => "medium",
+        q => q.as_str(),
+    };
+    let background = match g.background {
+        Background::Transparent => "transparent",
+        _ => "opaque",
+    };
+    Some(GptAnswerFields {
+        background: meta.background.unwrap_or_else(|| background.to_string()),
+        output_format: meta
+            .output_format
+            .unwrap_or_else(|| g.output_format.as_str().to_string()),
+        quality: meta.quality.unwrap_or_else(|| quality.to_string()),
+        size: meta.size.unwrap_or_else(|| req.size.to_string()),
+        usage: meta.usage,
+    })
+}
+
+/// One `image_generation.completed` server-sent event per image, for backends that cannot
+/// stream: the answer arrives whole, then goes out as the events a streaming upstream sends.
+pub fn completed_events(
+    req: &ImageRequest,
+    generation: Generation,
+) -> Result<Vec<Bytes>, BackendError> {
+    let fields = answer_fields(req, generation.meta.as_ref()).unwrap_or(GptAnswerFields {
+        background: "opaque".into(),
+        output_format: "png".into(),
+        quality: "medium".into(),
+        size: req.size.to_string(),
+        usage: None,
+    });
+    let usage = fields.usage.clone().unwrap_or_else(|| {
+        json!({"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+               "output_tokens": 0, "total_tokens": 0})
+    });
+    let created_at = crate::images::unix(std::time::SystemTime::now());
+    let engine = base64::engine::general_purpose::STANDARD;
+    generation
+        .images
+        .into_iter()
+        .map(|img| {
+            let b64 = match img.payload {
+                ImagePayload::Base64(b) => String::from_utf8(b.to_vec())
+                    .map_err(|_| BackendError::BadResponse("invalid base64 image".into()))?,
+                ImagePayload::Bytes(b) => engine.encode(&b),
+                ImagePayload::Url(_) => {
+                    return Err(BackendError::BadResponse(
+                        "a URL answer cannot be streamed as an image event".into(),
+                    ))
+                }
+            };
+            let event = json!({
+                "type": "image_generation.completed",
+                "b64_json": b64,
+                "background": fields.background,
+                "created_at": created_at,
+                "output_format": fields.output_format,
+                "quality": fields.quality,
+                "size": fields.size,
+                "usage": usage,
+            });
+            Ok(Bytes::from(format!(
+                "event: image_generation.completed\ndata: {event}\n\n"
+            )))
+        })
+        .collect()
 }
 
 /// Scales (cover, then centre crop) a decoded image to exactly `size`, as PNG.

@@ -14,7 +14,7 @@ use rand::Rng;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
 use crate::backends::translate::Translation;
-use crate::backends::{Backend, BackendError, Generation, UpstreamCall};
+use crate::backends::{Backend, BackendError, EventStream, Generation, UpstreamCall};
 use crate::config::{Config, Dialect, ImageUrlPolicy, RetryOn, Strategy};
 
 use capacity::CapacityGate;
@@ -44,9 +44,32 @@ pub struct ModelRoute {
     targets: Vec<Target>,
 }
 
+/// What a dispatch produced: whole images, or server-sent events relayed as they arrive.
+pub enum Output {
+    Images(Generation),
+    Events(EventStream),
+}
+
+/// Keeps a backend's capacity slot for as long as its event stream runs.
+struct Guarded {
+    inner: EventStream,
+    _slot: capacity::Slot,
+}
+
+impl futures_core::Stream for Guarded {
+    type Item = bytes::Bytes;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut().inner.as_mut().poll_next(cx)
+    }
+}
+
 /// The result of one dispatch, with what ops need to know about it.
 pub struct Dispatch {
-    pub result: Result<Generation, ApiError>,
+    pub result: Result<Output, ApiError>,
     /// The backend that answered (or failed last).
     pub backend: Option<Arc<str>>,
     pub attempts: u32,
@@ -156,6 +179,7 @@ impl ModelRoute {
         request: &ImageRequest,
         request_id: &str,
         deadline: Instant,
+        stream: bool,
     ) -> Dispatch {
         let mut tried = vec![false; self.targets.len()];
         let mut attempts = 0;
@@ -188,7 +212,7 @@ impl ModelRoute {
             tried[index] = true;
             let target = &self.targets[index];
             // A full node sends the request to another target of the pool, not to a 503.
-            let _slot = match target.capacity.acquire(deadline).await {
+            let slot = match target.capacity.acquire(deadline).await {
                 Ok((slot, waited)) => {
                     if !waited.is_zero() {
                         tracing::info!(request_id, backend = %target.backend_name, waited_ms = waited.as_millis() as u64, "waited for backend capacity");
@@ -217,14 +241,32 @@ impl ModelRoute {
                 dialect: target.dialect,
                 translation: &target.translation,
             };
-            let result = tokio::time::timeout_at(deadline.into(), target.backend.generate(call))
-                .await
-                .unwrap_or(Err(BackendError::Timeout));
+            let result = if stream {
+                // Only the start of a stream is bounded here; the upstream call itself
+                // carries the deadline for the rest.
+                tokio::time::timeout_at(deadline.into(), target.backend.generate_stream(call))
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout))
+                    .map(|events| {
+                        Output::Events(Box::pin(Guarded {
+                            inner: events,
+                            _slot: slot,
+                        }))
+                    })
+            } else {
+                let result =
+                    tokio::time::timeout_at(deadline.into(), target.backend.generate(call))
+                        .await
+                        .unwrap_or(Err(BackendError::Timeout))
+                        .map(Output::Images);
+                drop(slot);
+                result
+            };
             permit.record(Outcome::of(&result.as_ref().map(|_| ())));
             match result {
-                Ok(generation) => {
+                Ok(output) => {
                     return Dispatch {
-                        result: Ok(generation),
+                        result: Ok(output),
                         backend: Some(target.backend_name.clone()),
                         attempts,
                         url_policy: Some(target.url_policy.clone()),

@@ -16,13 +16,11 @@ use serde_json::json;
 
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
-use crate::api::{
-    self, ApiError, Background, ErrorKind, GptAnswerFields, GptQuality, ImageRequest,
-    ImagesResponse, ModelList, ModelObject,
-};
+use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
 use crate::auth::{bearer_token, hash_secret, Principal};
-use crate::backends::AnswerMeta;
+use crate::backends::translate;
 use crate::images::{unix, FILES_PREFIX};
+use crate::routing::Output;
 
 /// What the access log line says about a request, filled in as it goes.
 #[derive(Default)]
@@ -208,15 +206,30 @@ async fn generations(
     rt.policy.admit(&principal, request.n)?;
 
     let deadline = Instant::now() + route.timeout;
-    let dispatch = route.dispatch(&request, request_id, deadline).await;
+    let dispatch = route
+        .dispatch(&request, request_id, deadline, request.streaming())
+        .await;
     log.backend = dispatch.backend;
     log.attempts = dispatch.attempts;
-    let generation = dispatch.result?;
+    let generation = match dispatch.result? {
+        Output::Images(generation) => generation,
+        Output::Events(events) => {
+            // Server-sent events, relayed as they arrive; the client going away drops the
+            // stream and with it the upstream connection.
+            let mut resp =
+                respond::with_type(StatusCode::OK, Body::stream(events), "text/event-stream");
+            resp.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            );
+            return Ok(resp);
+        }
+    };
     let url_policy = dispatch
         .url_policy
         .ok_or_else(|| ApiError::internal("no image URL policy for the answering backend"))?;
 
-    let gpt_fields = gpt_answer_fields(&request, generation.meta.as_ref());
+    let gpt_fields = translate::answer_fields(&request, generation.meta.as_ref());
     if let Some(usage) = generation.meta.as_ref().and_then(|m| m.usage.as_ref()) {
         log.usage = Some(usage.to_string());
     }
@@ -244,30 +257,6 @@ async fn generations(
         Body::chunks(response.to_chunks()),
         "application/json",
     ))
-}
-
-/// The top-level fields of a GPT image answer: the upstream's when it gave them, else what
-/// was made (backends that only make opaque PNGs, or DALL·E upstreams).
-fn gpt_answer_fields(request: &ImageRequest, meta: Option<&AnswerMeta>) -> Option<GptAnswerFields> {
-    let g = request.gpt.as_ref()?;
-    let meta = meta.cloned().unwrap_or_default();
-    let quality = match g.quality {
-        GptQuality::Auto => "medium",
-        q => q.as_str(),
-    };
-    let background = match g.background {
-        Background::Transparent => "transparent",
-        _ => "opaque",
-    };
-    Some(GptAnswerFields {
-        background: meta.background.unwrap_or_else(|| background.to_string()),
-        output_format: meta
-            .output_format
-            .unwrap_or_else(|| g.output_format.as_str().to_string()),
-        quality: meta.quality.unwrap_or_else(|| quality.to_string()),
-        size: meta.size.unwrap_or_else(|| request.size.to_string()),
-        usage: meta.usage,
-    })
 }
 
 fn model_object(rt: &Runtime, id: &str) -> ModelObject {

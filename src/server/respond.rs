@@ -13,23 +13,38 @@ use serde::Serialize;
 
 use crate::api::ApiError;
 
-/// A response body of buffers sent in order, with an exact length: large images go out as the
-/// buffers they are held in, never concatenated.
-#[derive(Debug, Default)]
+/// A stream of body chunks (server-sent events relayed as they arrive).
+pub type ChunkStream = Pin<Box<dyn futures_core::Stream<Item = Bytes> + Send>>;
+
+/// A response body: buffers sent in order with an exact length (large images go out as the
+/// buffers they are held in, never concatenated), or a stream relayed as it arrives.
+#[derive(Default)]
 pub struct Body {
     chunks: VecDeque<Bytes>,
     remaining: u64,
+    stream: Option<ChunkStream>,
 }
 
 impl Body {
     pub fn chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
         let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        Body { chunks, remaining }
+        Body {
+            chunks,
+            remaining,
+            stream: None,
+        }
     }
 
     pub fn empty() -> Self {
         Body::default()
+    }
+
+    pub fn stream(stream: ChunkStream) -> Self {
+        Body {
+            stream: Some(stream),
+            ..Body::default()
+        }
     }
 }
 
@@ -45,21 +60,30 @@ impl http_body::Body for Body {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let next = self.chunks.pop_front();
-        if let Some(chunk) = &next {
+        if let Some(chunk) = self.chunks.pop_front() {
             self.remaining -= chunk.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        Poll::Ready(next.map(|c| Ok(Frame::data(c))))
+        match self.stream.as_mut() {
+            Some(stream) => stream
+                .as_mut()
+                .poll_next(cx)
+                .map(|next| next.map(|c| Ok(Frame::data(c)))),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks.is_empty() && self.stream.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        match self.stream {
+            Some(_) => SizeHint::default(),
+            None => SizeHint::with_exact(self.remaining),
+        }
     }
 }
 

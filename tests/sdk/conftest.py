@@ -1,8 +1,11 @@
 """Fixtures: the real imagegate binary on a free loopback port, and a fake OpenAI upstream
 (stdlib HTTP server speaking the Images API and its error shapes)."""
 
+import base64
 import json
 import os
+import struct
+import zlib
 import socket
 import subprocess
 import threading
@@ -23,16 +26,59 @@ def free_port():
         return s.getsockname()[1]
 
 
+def png(width, height):
+    """A real (solid grey) PNG of the given size."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\x00" + b"\x80" * (width * 3) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+USAGE = {"input_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
+         "output_tokens": 4160, "total_tokens": 4210}
+
+
 class FakeOpenAI(BaseHTTPRequestHandler):
-    """Answers by prompt: 'upstream-429' -> 429 with retry-after, 'unsafe' -> content policy."""
+    """Answers by prompt: 'upstream-429' -> 429 with retry-after, 'unsafe' -> content policy.
+    GPT image models get the GPT image dialect, streamed as server-sent events on stream=true."""
+
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
         pass
 
+    def gpt_image(self, body):
+        for bad in ("response_format", "style"):
+            if bad in body:
+                return self.reply(400, {"error": {"message": f"Unknown parameter: '{bad}'.",
+                                                  "type": "invalid_request_error", "param": bad, "code": None}})
+        size = body.get("size", "auto")
+        w, h = (1024, 1024) if size == "auto" else map(int, size.split("x"))
+        image = base64.b64encode(png(w, h)).decode()
+        common = {"background": "opaque", "output_format": "png", "quality": "medium", "size": f"{w}x{h}"}
+        if not body.get("stream"):
+            return self.reply(200, {"created": 1745000000, **common,
+                                    "data": [{"b64_json": image}] * body.get("n", 1), "usage": USAGE})
+        events = [{"type": "image_generation.partial_image", "b64_json": image, "partial_image_index": i,
+                   "created_at": 1745000000, **common} for i in range(body.get("partial_images", 0))]
+        events.append({"type": "image_generation.completed", "b64_json": image, "created_at": 1745000000,
+                       **common, "usage": USAGE})
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        self.close_connection = True
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         prompt = body.get("prompt", "")
-        if prompt == "upstream-429":
+        if body.get("model", "").startswith("gpt-image"):
+            self.gpt_image(body)
+        elif prompt == "upstream-429":
             self.reply(429, {"error": {"message": "Rate limit exceeded for images per minute.",
                                        "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
                        {"retry-after": "2"})
@@ -82,6 +128,8 @@ models:
   dall-e-3: {{rules: dall-e-3, route: {{targets: [{{backend: sandbox}}]}}}}
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
   remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
+  gpt-image-2: {{rules: gpt-image, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
+  dall-e-3-on-gpt: {{rules: dall-e-3, route: {{targets: [{{backend: fake, model: gpt-image-2, dialect: gpt-image}}]}}}}
 tenants:
   demo: {{models: ["*"]}}
   tight: {{models: ["*"], limits: {{requests_per_minute: 1}}}}

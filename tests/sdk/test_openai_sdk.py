@@ -42,7 +42,7 @@ def test_generate_b64_json_returns_the_bytes(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["dall-e-2", "dall-e-3", "remote", "remote-throttled"]
+    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-2", "remote", "remote-throttled"]
 
 
 def test_400_is_bad_request_error_naming_the_param(client):
@@ -101,3 +101,26 @@ def test_upstream_500_is_internal_server_error(client):
     with pytest.raises(openai.InternalServerError) as e:
         client.images.generate(model="remote", prompt="boom")
     assert e.value.status_code == 502
+
+
+def test_gpt_image_model_plain(client):
+    resp = client.images.generate(model="gpt-image-2", prompt="a logo", size="1536x864", quality="high")
+    assert resp.usage.output_tokens == 4160
+    assert resp.output_format == "png"
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (1536, 864)
+
+
+def test_gpt_image_model_streamed(client):
+    events = list(client.images.generate(model="gpt-image-2", prompt="a logo", stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert events[-1].usage.total_tokens == 4210
+    assert png_size(base64.b64decode(events[-1].b64_json)) == (1024, 1024)
+
+
+def test_dalle3_client_on_a_gpt_image_upstream(client):
+    resp = client.images.generate(model="dall-e-3-on-gpt", prompt="a castle", size="1792x1024",
+                                  quality="hd", style="natural")
+    assert resp.data[0].revised_prompt.startswith("a castle Style: natural")
+    assert resp.usage is None, "DALL-E answers keep the contract's shape"
+    with urllib.request.urlopen(resp.data[0].url) as r:
+        assert png_size(r.read()) == (1792, 1024)

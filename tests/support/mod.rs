@@ -18,6 +18,7 @@ use imagegate::server::{serve, AppState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+pub mod gpt;
 pub mod local_nodes;
 
 pub const DEMO_KEY: &str = "sk-imagegate-demo";
