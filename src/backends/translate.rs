@@ -368,6 +368,44 @@ mod tests {
         );
     }
 
+    fn gpt_request(extra: &str) -> ImageRequest {
+        let json = format!(r#"{{"model":"gpt-image-2","prompt":"p","size":"1024x1536"{extra}}}"#);
+        crate::api::parse_request(json.as_bytes())
+            .unwrap()
+            .validate(&crate::api::ModelRules::gpt_image())
+            .unwrap()
+    }
+
+    #[test]
+    fn gpt_requests_map_back_onto_dalle_upstreams_or_are_refused() {
+        let body = dalle_body_from_gpt(&gpt_request(
+            r#","quality":"high","safety_identifier":"s1","n":2"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"prompt": "p", "n": 2, "size": "1024x1536", "quality": "hd",
+                   "response_format": "b64_json", "user": "s1"})
+        );
+        let body = dalle_body_from_gpt(&gpt_request(r#","quality":"low""#)).unwrap();
+        assert_eq!(body["quality"], "standard");
+        for (extra, param) in [
+            (r#","background":"transparent""#, "background"),
+            (r#","output_format":"webp""#, "output_format"),
+            (
+                r#","output_format":"jpeg","output_compression":50"#,
+                "output_format",
+            ),
+        ] {
+            match dalle_body_from_gpt(&gpt_request(extra)) {
+                Err(BackendError::Rejected { param: p, .. }) => {
+                    assert_eq!(p.as_deref(), Some(param))
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn user_is_hashed_unless_passed_through() {
         let hashed = safety_identifier("alice@example.com", false);
