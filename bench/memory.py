@@ -62,6 +62,7 @@ def main():
     cfg = tmp / "gateway.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{gw_port}
+admin: {{listen: null}}
 data_dir: {tmp / 'data'}
 log: {{level: warn}}
 backends:

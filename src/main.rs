@@ -86,7 +86,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve { config } => {
-            let config = match load(&config) {
+            let path = config;
+            let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -100,7 +101,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config)) {
+            match runtime.block_on(run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -112,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     imagegate::telemetry::init(&config.log);
     for id in imagegate::auth::StaticKeyStore::plaintext_key_ids(&config) {
         tracing::warn!(
@@ -121,11 +122,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let listen = config.listen;
-    let state = AppState::build(config)?;
+    let admin = match config.admin.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin): {e}"))?,
+        ),
+        None => None,
+    };
+    let state = AppState::build_from(config, Some(path))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(address = %listener.local_addr()?, "imagegate listening");
+    let admin = admin.map(|l| {
+        tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener (/metrics)");
+        tokio::spawn(server::serve_admin(l))
+    });
     server::serve(state, listener, server::shutdown_signal()).await?;
+    if let Some(a) = admin {
+        a.abort();
+    }
     Ok(())
 }

@@ -20,6 +20,7 @@ fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> std::path::Pat
     let yaml = format!(
         r#"
 listen: 127.0.0.1:{port}
+admin: {{listen: null}}
 data_dir: {data}
 server: {{shutdown_timeout: 20s}}
 backends:

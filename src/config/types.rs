@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listen")]
@@ -24,6 +24,10 @@ pub struct Config {
     pub images: ImagesConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
     #[serde(default)]
@@ -44,6 +48,45 @@ impl Config {
     }
 }
 
+/// The admin listener (`/metrics`), kept off the public port.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `null` turns the admin listener off.
+    #[serde(default = "default_admin_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Label request metrics with the tenant (switch off with very many tenants).
+    #[serde(default = "yes")]
+    pub tenant_label: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { tenant_label: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -52,7 +95,7 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Largest accepted request body; larger ones get 413.
@@ -64,6 +107,13 @@ pub struct ServerConfig {
     /// Time a client has to send its request headers.
     #[serde(default = "default_header_timeout", deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// How often the config file is checked for changes (0: only on SIGHUP).
+    #[serde(default = "default_reload_poll", deserialize_with = "duration")]
+    pub reload_poll: Duration,
+}
+
+fn default_reload_poll() -> Duration {
+    Duration::from_secs(2)
 }
 
 impl Default for ServerConfig {
@@ -72,6 +122,7 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body(),
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
+            reload_poll: default_reload_poll(),
         }
     }
 }
@@ -86,7 +137,7 @@ fn default_header_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImagesConfig {
     #[serde(default)]
@@ -115,7 +166,7 @@ impl Default for ImagesConfig {
 }
 
 /// Any S3-compatible service (AWS, MinIO, Ceph, R2, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     pub bucket: String,
@@ -156,7 +207,7 @@ pub enum StoreKind {
     S3,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -177,7 +228,7 @@ pub enum LogFormat {
 }
 
 /// One upstream. Adding a kind means a variant here and a file in `backends/`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
     Openai(OpenAiConfig),
@@ -319,7 +370,7 @@ impl BackendConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
     /// What to do with image URLs this upstream returns when the client wants a URL.
@@ -358,7 +409,7 @@ pub struct OpenAiConfig {
     pub headers: BTreeMap<String, Secret>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
     /// What to do with image URLs this upstream returns when the client wants a URL.
@@ -404,7 +455,7 @@ fn default_upstream_timeout() -> Duration {
     Duration::from_secs(120)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     /// Requests this backend works on at once; more wait in a bounded queue.
@@ -582,7 +633,7 @@ pub struct LocalGeneration {
     pub checkpoint: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct A1111Config {
     /// e.g. `http://gpu-1:7860`
@@ -637,7 +688,7 @@ impl A1111Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComfyConfig {
     /// e.g. `http://gpu-2:8188`
@@ -706,7 +757,7 @@ pub const COMFY_FIELDS: &[&str] = &[
 ];
 pub const COMFY_REQUIRED: &[&str] = &["prompt", "width", "height", "batch_size"];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// A preset name (`dall-e-2`, `dall-e-3`) or custom rules.
@@ -721,7 +772,7 @@ fn default_model_timeout() -> Duration {
     Duration::from_secs(120)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum RulesConfig {
     Preset(String),
@@ -729,7 +780,7 @@ pub enum RulesConfig {
 }
 
 /// Custom rules, optionally starting from a preset and overriding some fields.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CustomRules {
     #[serde(default)]
@@ -752,7 +803,7 @@ pub struct CustomRules {
     pub revised_prompt: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     #[serde(default)]
@@ -801,7 +852,7 @@ fn default_retry_on() -> Vec<RetryOn> {
     ]
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub backend: String,
@@ -908,7 +959,7 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Models this tenant may use; `"*"` means every model.
@@ -935,7 +986,7 @@ pub struct LimitsConfig {
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Public identifier: appears in logs, never the secret.

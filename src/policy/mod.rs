@@ -76,6 +76,7 @@ impl Policy {
         if let Some(l) = &limits.requests {
             if let Err(not_until) = l.limiter.check() {
                 let wait = not_until.wait_time_from(self.clock.now());
+                crate::telemetry::metrics().rate_limited(&principal.tenant, "requests");
                 return Err(limited("requests", l.per_minute, wait));
             }
         }
@@ -85,9 +86,11 @@ impl Policy {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.clock.now());
+                    crate::telemetry::metrics().rate_limited(&principal.tenant, "images");
                     return Err(limited("images", l.per_minute, wait));
                 }
                 Err(_) => {
+                    crate::telemetry::metrics().rate_limited(&principal.tenant, "images");
                     return Err(ApiError::new(
                         ErrorKind::RateLimited,
                         format!(
@@ -96,7 +99,7 @@ impl Policy {
                         ),
                     )
                     .code("rate_limit_exceeded")
-                    .should_retry(false))
+                    .should_retry(false));
                 }
             }
         }

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::Capacity;
 
 pub struct CapacityGate {
+    name: String,
     slots: Option<Arc<Semaphore>>,
     max_queue: u32,
     queue_timeout: Duration,
@@ -30,17 +31,19 @@ pub enum Busy {
     QueueTimeout,
 }
 
-struct Waiting<'a>(&'a AtomicU32);
+struct Waiting<'a>(&'a CapacityGate);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let depth = self.0.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        crate::telemetry::metrics().queue_depth(&self.0.name, depth);
     }
 }
 
 impl CapacityGate {
-    pub fn new(c: Capacity) -> Self {
+    pub fn new(name: &str, c: Capacity) -> Self {
         CapacityGate {
+            name: name.to_string(),
             slots: c
                 .max_concurrency
                 .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
@@ -79,12 +82,12 @@ impl CapacityGate {
             .waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                 (w < self.max_queue).then_some(w + 1)
-            })
-            .is_ok();
-        if !admitted {
+            });
+        let Ok(before) = admitted else {
             return Err(Busy::QueueFull);
-        }
-        let _waiting = Waiting(&self.waiting);
+        };
+        crate::telemetry::metrics().queue_depth(&self.name, before + 1);
+        let _waiting = Waiting(self);
         let started = Instant::now();
         let until = deadline.min(started + self.queue_timeout);
         match tokio::time::timeout_at(until.into(), slots.clone().acquire_owned()).await {
@@ -104,11 +107,14 @@ mod tests {
     use super::*;
 
     fn gate(max: u32, queue: u32, timeout_ms: u64) -> Arc<CapacityGate> {
-        Arc::new(CapacityGate::new(Capacity {
-            max_concurrency: Some(max),
-            max_queue: queue,
-            queue_timeout: Duration::from_millis(timeout_ms),
-        }))
+        Arc::new(CapacityGate::new(
+            "test",
+            Capacity {
+                max_concurrency: Some(max),
+                max_queue: queue,
+                queue_timeout: Duration::from_millis(timeout_ms),
+            },
+        ))
     }
 
     fn far() -> Instant {

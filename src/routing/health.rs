@@ -166,6 +166,7 @@ impl BackendHealth {
                     s.ejections += 1;
                     let cooldown = self.cooldown(s.ejections);
                     s.ejected_until = Some(now + cooldown);
+                    crate::telemetry::metrics().ejection(&self.name);
                     tracing::warn!(
                         backend = %self.name,
                         failures = s.consecutive_failures,

@@ -75,6 +75,8 @@ pub struct Dispatch {
     pub attempts: u32,
     /// How the answering backend's image URLs are treated.
     pub url_policy: Option<Arc<ImageUrlPolicy>>,
+    /// Time spent in upstream calls (the rest is the gateway's overhead).
+    pub upstream_time: Duration,
 }
 
 impl ModelRoute {
@@ -184,6 +186,7 @@ impl ModelRoute {
         let mut tried = vec![false; self.targets.len()];
         let mut attempts = 0;
         let mut busy = false;
+        let mut upstream_time = Duration::ZERO;
         let mut last: Option<(Arc<str>, BackendError)> = None;
         while attempts < self.max_attempts {
             let now = Instant::now();
@@ -204,6 +207,7 @@ impl ModelRoute {
                             backend: None,
                             attempts,
                             url_policy: None,
+                            upstream_time,
                         };
                     }
                     break;
@@ -233,6 +237,9 @@ impl ModelRoute {
                 }
             };
             attempts += 1;
+            if attempts > 1 {
+                crate::telemetry::metrics().failover(&request.model);
+            }
             let call = UpstreamCall {
                 request,
                 upstream_model: target.upstream_model.as_deref(),
@@ -241,6 +248,7 @@ impl ModelRoute {
                 dialect: target.dialect,
                 translation: &target.translation,
             };
+            let started = Instant::now();
             let result = if stream {
                 // Only the start of a stream is bounded here; the upstream call itself
                 // carries the deadline for the rest.
@@ -262,6 +270,13 @@ impl ModelRoute {
                 drop(slot);
                 result
             };
+            let took = started.elapsed();
+            upstream_time += took;
+            crate::telemetry::metrics().attempt(
+                &target.backend_name,
+                outcome_label(&result.as_ref().map(|_| ())),
+                took,
+            );
             permit.record(Outcome::of(&result.as_ref().map(|_| ())));
             match result {
                 Ok(output) => {
@@ -270,6 +285,7 @@ impl ModelRoute {
                         backend: Some(target.backend_name.clone()),
                         attempts,
                         url_policy: Some(target.url_policy.clone()),
+                        upstream_time,
                     }
                 }
                 Err(e) => {
@@ -298,7 +314,22 @@ impl ModelRoute {
             backend,
             attempts,
             url_policy: None,
+            upstream_time,
         }
+    }
+}
+
+/// The `outcome` label of an upstream attempt.
+fn outcome_label(result: &Result<(), &BackendError>) -> &'static str {
+    match result {
+        Ok(()) => "success",
+        Err(BackendError::Rejected { .. }) => "rejected",
+        Err(BackendError::Timeout) => "timeout",
+        Err(BackendError::Connect(_)) => "connect_error",
+        Err(BackendError::RateLimited { .. }) => "rate_limited",
+        Err(BackendError::Unauthorized { .. }) => "auth_error",
+        Err(BackendError::Workflow(_)) => "workflow_error",
+        Err(BackendError::Status { .. } | BackendError::BadResponse(_)) => "server_error",
     }
 }
 
@@ -338,31 +369,49 @@ pub struct Router {
     health: BTreeMap<String, Arc<BackendHealth>>,
     capacity: HashMap<String, Arc<CapacityGate>>,
     backends: BTreeMap<String, Arc<dyn Backend>>,
+    configs: BTreeMap<String, crate::config::BackendConfig>,
 }
 
 impl Router {
     /// Builds every model's route. The config is validated: every target names a backend
     /// and every model's rules resolve.
-    pub fn from_config(config: &Config, http: &reqwest::Client) -> Result<Self, String> {
-        let backends: BTreeMap<String, Arc<dyn Backend>> = config
-            .backends
-            .iter()
-            .map(|(name, c)| (name.clone(), crate::backends::build(c, http)))
-            .collect();
-        let health: BTreeMap<String, Arc<BackendHealth>> = config
-            .backends
-            .iter()
-            .map(|(name, c)| (name.clone(), BackendHealth::new(name, c.health().clone())))
-            .collect();
+    pub fn from_config(
+        config: &Config,
+        http: &reqwest::Client,
+        previous: Option<&Router>,
+    ) -> Result<Self, String> {
+        // A backend whose config did not change keeps its client, health and capacity state
+        // across a reload: an ejected backend stays ejected, queues keep their order.
+        let kept = |name: &str| {
+            let prev = previous?;
+            (prev.configs.get(name)? == config.backends.get(name)?).then_some(prev)
+        };
+        let mut backends: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
+        let mut health: BTreeMap<String, Arc<BackendHealth>> = BTreeMap::new();
+        let mut capacity: HashMap<String, Arc<CapacityGate>> = HashMap::new();
+        for (name, c) in &config.backends {
+            let reused = kept(name).and_then(|p| {
+                Some((
+                    p.backends.get(name)?.clone(),
+                    p.health.get(name)?.clone(),
+                    p.capacity.get(name)?.clone(),
+                ))
+            });
+            let (b, h, cap) = reused.unwrap_or_else(|| {
+                (
+                    crate::backends::build(c, http),
+                    BackendHealth::new(name, c.health().clone()),
+                    Arc::new(CapacityGate::new(name, c.capacity())),
+                )
+            });
+            backends.insert(name.clone(), b);
+            health.insert(name.clone(), h);
+            capacity.insert(name.clone(), cap);
+        }
         let url_policies: HashMap<&str, Arc<ImageUrlPolicy>> = config
             .backends
             .iter()
             .map(|(name, c)| (name.as_str(), Arc::new(c.image_url_policy())))
-            .collect();
-        let capacity: HashMap<String, Arc<CapacityGate>> = config
-            .backends
-            .iter()
-            .map(|(name, c)| (name.clone(), Arc::new(CapacityGate::new(c.capacity()))))
             .collect();
         let mut models = HashMap::new();
         for (name, m) in &config.models {
@@ -423,6 +472,7 @@ impl Router {
             health,
             capacity,
             backends,
+            configs: config.backends.clone().into_iter().collect(),
         })
     }
 

@@ -16,6 +16,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
                 },
             ),
             capacity: Arc::new(capacity::CapacityGate::new(
+                name,
                 crate::config::BackendConfig::Sandbox(SandboxConfig::default()).capacity(),
             )),
             url_policy: Arc::new(

@@ -32,6 +32,23 @@ struct AccessLog {
     attempts: u32,
     /// Token usage the upstream reported (GPT image), for the log line until metering.
     usage: Option<String>,
+    upstream_time: std::time::Duration,
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        crate::telemetry::metrics().in_flight().inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::telemetry::metrics().in_flight().dec();
+    }
 }
 
 pub async fn handle(
@@ -39,6 +56,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let _in_flight = InFlight::new();
     let request_id = respond::request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -65,7 +83,19 @@ pub async fn handle(
     }
 
     let status = resp.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    if path.starts_with("/v1/") {
+        let m = crate::telemetry::metrics();
+        m.request(
+            log.model.as_deref().unwrap_or("-"),
+            status,
+            log.tenant.as_deref().unwrap_or("-"),
+        );
+        if log.attempts > 0 {
+            m.overhead(elapsed.saturating_sub(log.upstream_time));
+        }
+    }
     let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
     tracing::info!(
         target: "imagegate::access",
@@ -211,6 +241,7 @@ async fn generations(
         .await;
     log.backend = dispatch.backend;
     log.attempts = dispatch.attempts;
+    log.upstream_time = dispatch.upstream_time;
     let generation = match dispatch.result? {
         Output::Images(generation) => generation,
         Output::Events(events) => {
@@ -247,6 +278,7 @@ async fn generations(
             deadline,
         )
         .await?;
+    crate::telemetry::metrics().images(&request.model, data.len());
     let response = ImagesResponse {
         created: unix(SystemTime::now()),
         data,

@@ -38,14 +38,9 @@ pub async fn serve(
         .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_images(state.clone()));
-    let probes: Vec<_> = state
-        .runtime
-        .load()
-        .router
-        .probes()
-        .into_iter()
-        .map(|(backend, health, every)| tokio::spawn(probe(backend, health, every)))
-        .collect();
+    crate::telemetry::metrics().set_tenant_label(state.runtime.load().config.metrics.tenant_label);
+    state.restart_probes();
+    let reloader = tokio::spawn(watch_config(state.clone()));
     tokio::pin!(shutdown);
 
     loop {
@@ -79,9 +74,8 @@ pub async fn serve(
     state.draining.store(true, Ordering::SeqCst);
     drop(listener);
     sweeper.abort();
-    for p in probes {
-        p.abort();
-    }
+    reloader.abort();
+    state.stop_probes();
     tracing::info!(timeout = ?drain_timeout, "shutting down: draining requests in flight");
     match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained; bye"),
@@ -90,21 +84,57 @@ pub async fn serve(
     Ok(())
 }
 
-/// Runs a backend's active health probe on its interval.
-async fn probe(
-    backend: Arc<dyn crate::backends::Backend>,
-    health: Arc<crate::routing::health::BackendHealth>,
-    every: Duration,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Reloads the config on SIGHUP and when the file changes on disk (checked every
+/// `server.reload_poll`; 0 turns the file check off).
+async fn watch_config(state: Arc<AppState>) {
+    let Some(path) = state.config_path.clone() else {
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let poll = state.runtime.load().config.server.reload_poll;
+    let mut last = stamp(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
-        tick.tick().await;
-        let result = backend.probe().await;
-        if let Err(e) = &result {
-            tracing::debug!(backend = %health.name, error = %e, "probe failed");
+        let by_signal = async {
+            #[cfg(unix)]
+            if let Some(h) = hup.as_mut() {
+                h.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let by_poll = async {
+            if poll.is_zero() {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep(poll).await
+        };
+        let reason = tokio::select! {
+            () = by_signal => "SIGHUP",
+            () = by_poll => {
+                let now = stamp(&path);
+                if now == last {
+                    continue;
+                }
+                "file changed"
+            }
+        };
+        last = stamp(&path);
+        match state.reload() {
+            Ok(()) => {
+                crate::telemetry::metrics().config_reload(true);
+                tracing::info!(reason, path = %path.display(), "config reloaded");
+            }
+            Err(e) => {
+                crate::telemetry::metrics().config_reload(false);
+                tracing::error!(reason, path = %path.display(), error = %e, "config reload rejected; the old config keeps serving");
+            }
         }
-        health.set_probe(result.is_ok());
     }
 }
 
@@ -120,6 +150,44 @@ async fn sweep_images(state: Arc<AppState>) {
             Ok(n) => tracing::info!(removed = n, "swept expired images"),
             Err(e) => tracing::warn!(error = %e, "image sweep failed"),
         }
+    }
+}
+
+/// The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
+pub async fn serve_admin(listener: TcpListener) -> std::io::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let resp = match (req.method(), req.uri().path()) {
+                (&hyper::Method::GET, "/metrics") => respond::with_type(
+                    hyper::StatusCode::OK,
+                    bytes::Bytes::from(crate::telemetry::metrics().encode()),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                (&hyper::Method::GET, "/healthz") => {
+                    respond::json(hyper::StatusCode::OK, &serde_json::json!({"status": "ok"}))
+                }
+                (method, path) => respond::error(&crate::api::ApiError::new(
+                    crate::api::ErrorKind::NotFound,
+                    format!("Invalid URL ({method} {path})"),
+                )),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
     }
 }
 

@@ -1,8 +1,15 @@
 //! What the request path reads: a snapshot of the compiled config (swapped atomically, so a
 //! request finishes on the config it started with) and the long-lived services.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::backends::Backend;
+use crate::routing::health::BackendHealth;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -24,8 +31,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn build(config: Config, http: &reqwest::Client) -> anyhow::Result<Self> {
-        let router = Router::from_config(&config, http).map_err(anyhow::Error::msg)?;
+    /// Compiles a config; `previous` lends the state of backends whose config is unchanged.
+    pub fn build(
+        config: Config,
+        http: &reqwest::Client,
+        previous: Option<&Runtime>,
+    ) -> anyhow::Result<Self> {
+        let router = Router::from_config(&config, http, previous.map(|p| &p.router))
+            .map_err(anyhow::Error::msg)?;
         Ok(Runtime {
             router,
             policy: Policy::from_config(&config),
@@ -45,10 +58,18 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Set on SIGTERM: `/readyz` turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// Where the config came from, for reloads (`None`: built in memory, no reload).
+    pub config_path: Option<PathBuf>,
+    probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl AppState {
     pub fn build(config: Config) -> anyhow::Result<Arc<Self>> {
+        Self::build_from(config, None)
+    }
+
+    /// As [`AppState::build`], remembering the file the config came from for reloads.
+    pub fn build_from(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
         let http = crate::backends::http_client()?;
         let signer = UrlSigner::load_or_create(
             config.images.signing_key.as_ref().map(|k| k.expose()),
@@ -68,12 +89,80 @@ impl AppState {
                 }
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
-        let runtime = Runtime::build(config, &http)?;
+        let runtime = Runtime::build(config, &http, None)?;
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             images,
             http,
             draining: AtomicBool::new(false),
+            config_path,
+            probes: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Re-reads the config file, validates it and swaps it in atomically: requests in flight
+    /// keep the snapshot they started with. An invalid file changes nothing.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("this gateway was not started from a config file".into());
+        };
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.runtime.load_full();
+        let fixed = [
+            ("listen", config.listen != old.config.listen),
+            (
+                "public_url",
+                config.public_base() != old.config.public_base(),
+            ),
+            ("data_dir", config.data_dir != old.config.data_dir),
+            ("images", config.images != old.config.images),
+            ("server", config.server != old.config.server),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the config file; takes effect at the next restart"
+                );
+            }
+        }
+        let runtime =
+            Runtime::build(config, &self.http, Some(&old)).map_err(|e| format!("{e:#}"))?;
+        crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
+        self.runtime.store(Arc::new(runtime));
+        self.restart_probes();
+        Ok(())
+    }
+
+    /// (Re)starts the active health probes of the current config's backends.
+    pub fn restart_probes(&self) {
+        let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        for p in probes.drain(..) {
+            p.abort();
+        }
+        for (backend, health, every) in self.runtime.load().router.probes() {
+            probes.push(tokio::spawn(probe(backend, health, every)));
+        }
+    }
+
+    pub fn stop_probes(&self) {
+        let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        for p in probes.drain(..) {
+            p.abort();
+        }
+    }
+}
+
+/// Runs a backend's active health probe on its interval.
+async fn probe(backend: Arc<dyn Backend>, health: Arc<BackendHealth>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = backend.probe().await;
+        if let Err(e) = &result {
+            tracing::debug!(backend = %health.name, error = %e, "probe failed");
+        }
+        health.set_probe(result.is_ok());
     }
 }

@@ -1,7 +1,11 @@
 //! Logging setup: JSON lines when not on a terminal (or when asked), pretty otherwise;
 //! `RUST_LOG` overrides the configured level.
 
+mod metrics;
+
 use std::io::IsTerminal;
+
+pub use metrics::{metrics, Metrics};
 
 use tracing_subscriber::EnvFilter;
 

@@ -116,6 +116,7 @@ def gateway(tmp_path_factory, fake_upstream):
     config = tmp / "gateway.yaml"
     config.write_text(f"""
 listen: 127.0.0.1:{port}
+admin: {{listen: null}}
 public_url: http://127.0.0.1:{port}
 data_dir: {tmp / "data"}
 log: {{level: warn}}

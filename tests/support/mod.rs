@@ -28,6 +28,9 @@ pub const DEMO_KEY: &str = "sk-imagegate-demo";
 pub struct Gateway {
     pub addr: SocketAddr,
     pub base: String,
+    /// The admin listener (`/metrics`).
+    pub admin_base: String,
+    admin: tokio::task::JoinHandle<std::io::Result<()>>,
     pub data_dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -51,6 +54,9 @@ impl Gateway {
         let config = Config::from_yaml(yaml, &|name| env.get(name).cloned())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let state = AppState::build(config).unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_base = format!("http://{}", admin_listener.local_addr().unwrap());
+        let admin = tokio::spawn(imagegate::server::serve_admin(admin_listener));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve(state, listener, async {
             let _ = rx.await;
@@ -58,6 +64,8 @@ impl Gateway {
         Gateway {
             addr,
             base: format!("http://{addr}"),
+            admin_base,
+            admin,
             data_dir,
             shutdown: Some(tx),
             handle: Some(handle),
@@ -99,7 +107,20 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The Prometheus text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin_base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(mut self) {
+        self.admin.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

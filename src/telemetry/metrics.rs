@@ -1,0 +1,308 @@
+//! Prometheus metrics, served on the admin listener's `/metrics`. Labels are bounded: model,
+//! backend, tenant (can be switched off), status class, outcome — never a key or a prompt.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    status: String,
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    backend: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    tenant: String,
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantModel {
+    tenant: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~200 s
+    Histogram::new(exponential_buckets(0.0001, 2.5, 17))
+}
+
+fn overhead_histogram() -> Histogram {
+    // 10 µs .. ~1.3 s
+    Histogram::new(exponential_buckets(0.00001, 2.2, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    tenant_label: AtomicBool,
+    requests: Family<RequestLabels, Counter>,
+    overhead: Histogram,
+    upstream_latency: HistogramFamily<BackendLabel>,
+    attempts: Family<AttemptLabels, Counter>,
+    failovers: Family<ModelLabel, Counter>,
+    ejections: Family<BackendLabel, Counter>,
+    queue_depth: Family<BackendLabel, Gauge>,
+    queue_wait: HistogramFamily<BackendLabel>,
+    in_flight: Gauge,
+    rate_limited: Family<LimitLabels, Counter>,
+    over_budget: Family<LimitLabels, Counter>,
+    images: Family<ModelLabel, Counter>,
+    spend: Family<TenantModel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("imagegate");
+        let m = Metrics {
+            tenant_label: AtomicBool::new(true),
+            requests: Family::default(),
+            overhead: overhead_histogram(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            attempts: Family::default(),
+            failovers: Family::default(),
+            ejections: Family::default(),
+            queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            in_flight: Gauge::default(),
+            rate_limited: Family::default(),
+            over_budget: Family::default(),
+            images: Family::default(),
+            spend: Family::default(),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests by model, status class and tenant",
+            m.requests.clone(),
+        );
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time spent in the gateway itself (total minus upstream)",
+            m.overhead.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Upstream call latency by backend",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by backend and outcome",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Requests moved to another target after a failure",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "ejections",
+            "Backends ejected by passive health",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for backend capacity",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time spent waiting for backend capacity",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests being handled",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "over_budget",
+            "Requests refused by an exhausted budget",
+            m.over_budget.clone(),
+        );
+        registry.register(
+            "images_generated",
+            "Images delivered to clients",
+            m.images.clone(),
+        );
+        registry.register(
+            "spend_microdollars",
+            "Spend in micro-dollars",
+            m.spend.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn set_tenant_label(&self, on: bool) {
+        self.tenant_label.store(on, Ordering::Relaxed);
+    }
+
+    fn tenant(&self, tenant: &str) -> String {
+        if self.tenant_label.load(Ordering::Relaxed) {
+            tenant.to_string()
+        } else {
+            "-".to_string()
+        }
+    }
+
+    pub fn request(&self, model: &str, status: u16, tenant: &str) {
+        let labels = RequestLabels {
+            model: model.to_string(),
+            status: format!("{}xx", status / 100),
+            tenant: self.tenant(tenant),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn overhead(&self, d: Duration) {
+        self.overhead.observe(d.as_secs_f64());
+    }
+
+    pub fn attempt(&self, backend: &str, outcome: &str, latency: Duration) {
+        let b = BackendLabel {
+            backend: backend.to_string(),
+        };
+        self.upstream_latency
+            .get_or_create(&b)
+            .observe(latency.as_secs_f64());
+        let labels = AttemptLabels {
+            backend: backend.to_string(),
+            outcome: outcome.to_string(),
+        };
+        self.attempts.get_or_create(&labels).inc();
+    }
+
+    pub fn failover(&self, model: &str) {
+        self.failovers
+            .get_or_create(&ModelLabel {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn ejection(&self, backend: &str) {
+        self.ejections
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn queue_depth(&self, backend: &str, depth: u32) {
+        self.queue_depth
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
+            .set(i64::from(depth));
+    }
+
+    pub fn queue_wait(&self, backend: &str, d: Duration) {
+        self.queue_wait
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    pub fn rate_limited(&self, tenant: &str, limit: &str) {
+        let labels = LimitLabels {
+            tenant: self.tenant(tenant),
+            limit: limit.to_string(),
+        };
+        self.rate_limited.get_or_create(&labels).inc();
+    }
+
+    pub fn over_budget(&self, tenant: &str, scope: &str) {
+        let labels = LimitLabels {
+            tenant: self.tenant(tenant),
+            limit: scope.to_string(),
+        };
+        self.over_budget.get_or_create(&labels).inc();
+    }
+
+    pub fn images(&self, model: &str, n: usize) {
+        self.images
+            .get_or_create(&ModelLabel {
+                model: model.to_string(),
+            })
+            .inc_by(n as u64);
+    }
+
+    pub fn spend(&self, tenant: &str, model: &str, micro_dollars: u64) {
+        let labels = TenantModel {
+            tenant: self.tenant(tenant),
+            model: model.to_string(),
+        };
+        self.spend.get_or_create(&labels).inc_by(micro_dollars);
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
