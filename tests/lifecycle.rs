@@ -177,3 +177,178 @@ async fn serve_refuses_an_invalid_config() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("keys[0].secret: environment variable NO_SUCH_VAR is not set"));
 }
+
+struct Running {
+    child: tokio::process::Child,
+    base: String,
+    config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn_gateway(extra: &str, log_to: Stdio) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, extra);
+    let child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(log_to)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    Running {
+        child,
+        base,
+        config,
+        _dir: dir,
+    }
+}
+
+async fn generate_with(base: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/images/generations"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"prompt": "x", "size": "256x256", "response_format": "b64_json"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn hup(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+async fn eventually(base: &str, key: &str, status: u16) -> bool {
+    for _ in 0..50 {
+        if generate_with(base, key).await == status {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn sighup_reloads_keys_rejects_a_broken_file_and_finishes_requests_in_flight() {
+    // The slow backend makes every request take 1.5 s: one is in flight during the reload.
+    let gw = spawn_gateway("", Stdio::null()).await;
+    let text = std::fs::read_to_string(&gw.config).unwrap().replace(
+        "server: {shutdown_timeout: 20s}",
+        "server: {shutdown_timeout: 20s, reload_poll: 0s}",
+    );
+    std::fs::write(&gw.config, &text).unwrap();
+    hup(&gw.child);
+    assert_eq!(generate_with(&gw.base, "sk-added-by-reload").await, 401);
+
+    let base = gw.base.clone();
+    let in_flight = tokio::spawn(async move { generate_with(&base, "sk-lifecycle-key").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let added = format!("{text}\n  - {{id: k2, tenant: t, secret: sk-added-by-reload}}\n");
+    std::fs::write(&gw.config, &added).unwrap();
+    hup(&gw.child);
+    assert!(
+        eventually(&gw.base, "sk-added-by-reload", 200).await,
+        "the new key works after SIGHUP"
+    );
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the request in flight during the reload completed"
+    );
+
+    std::fs::write(
+        &gw.config,
+        added.replace("backend: slow", "backend: nowhere"),
+    )
+    .unwrap();
+    hup(&gw.child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        generate_with(&gw.base, "sk-added-by-reload").await,
+        200,
+        "the old config keeps serving"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_file_is_picked_up_without_a_signal() {
+    // The default server.reload_poll (2 s) notices the change; `eventually` waits up to 5 s.
+    let gw = spawn_gateway("", Stdio::null()).await;
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    assert_eq!(generate_with(&gw.base, "sk-watched-file").await, 401);
+    std::fs::write(
+        &gw.config,
+        format!("{text}\n  - {{id: k3, tenant: t, secret: sk-watched-file}}\n"),
+    )
+    .unwrap();
+    assert!(
+        eventually(&gw.base, "sk-watched-file", 200).await,
+        "the edited file was not picked up"
+    );
+}
+
+#[tokio::test]
+async fn the_access_log_line_carries_the_request_id_and_no_secret() {
+    let mut gw = spawn_gateway("log: {format: json}", Stdio::piped()).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.base))
+        .bearer_auth("sk-lifecycle-key")
+        .header("x-request-id", "trace-abc-123")
+        .json(&serde_json::json!({"prompt": "x", "size": "256x256"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(generate_with(&gw.base, "sk-wrong-secret").await, 401);
+    let pid = gw.child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = gw.child.wait_with_output_owned().await;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| l["request_id"] == "trace-abc-123")
+        .expect("an access line with the request id");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["key_id"], "k");
+    assert_eq!(access["tenant"], "t");
+    assert_eq!(access["model"], "dall-e-2");
+    assert_eq!(access["backend"], "slow");
+    assert!(access["latency_ms"].is_string() || access["latency_ms"].is_number());
+    assert!(
+        !out.contains("sk-lifecycle-key"),
+        "a secret reached the log"
+    );
+    assert!(
+        !out.contains("sk-wrong-secret"),
+        "a presented secret reached the log"
+    );
+}
+
+trait WaitOwned {
+    async fn wait_with_output_owned(&mut self) -> String;
+}
+
+impl WaitOwned for tokio::process::Child {
+    async fn wait_with_output_owned(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = String::new();
+        if let Some(mut stdout) = self.stdout.take() {
+            stdout.read_to_string(&mut out).await.unwrap();
+        }
+        self.wait().await.unwrap();
+        out
+    }
+}
