@@ -352,3 +352,94 @@ impl WaitOwned for tokio::process::Child {
         out
     }
 }
+
+fn write_cert(dir: &std::path::Path) -> String {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    ck.cert.pem()
+}
+
+fn https_client(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_serves_https_and_picks_up_a_renewed_certificate_on_reload() {
+    let certs = tempfile::tempdir().unwrap();
+    let first = write_cert(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let tls = format!(
+        "tls: {{cert: {}, key: {}}}",
+        certs.path().join("cert.pem").display(),
+        certs.path().join("key.pem").display()
+    );
+    let config = write_config(dir.path(), port, &tls);
+    let child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("https://localhost:{port}/v1/models");
+    let client = https_client(&first);
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(&url)
+            .bearer_auth("sk-lifecycle-key")
+            .send()
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "no HTTPS answer");
+    let resp = client
+        .get(&url)
+        .bearer_auth("sk-lifecycle-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        reqwest::get(format!("http://localhost:{port}/healthz"))
+            .await
+            .is_err(),
+        "plain HTTP is not served"
+    );
+
+    // Renew the certificate and reload: new connections get the new one.
+    let second = write_cert(certs.path());
+    hup(&child);
+    let renewed = https_client(&second);
+    let mut switched = false;
+    for _ in 0..50 {
+        if renewed
+            .get(&url)
+            .bearer_auth("sk-lifecycle-key")
+            .send()
+            .await
+            .is_ok()
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "the renewed certificate was not picked up");
+    assert!(
+        https_client(&first).get(&url).send().await.is_err(),
+        "the old certificate is gone"
+    );
+}

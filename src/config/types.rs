@@ -24,6 +24,9 @@ pub struct Config {
     pub images: ImagesConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// TLS on the main listener (off when absent).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -55,14 +58,26 @@ pub struct AdminConfig {
     /// `null` turns the admin listener off.
     #[serde(default = "default_admin_listen")]
     pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            tls: None,
         }
     }
+}
+
+/// PEM files of a listener's certificate chain and private key; re-read on every reload, so
+/// renewed certificates are picked up without a restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn default_admin_listen() -> Option<SocketAddr> {

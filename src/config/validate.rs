@@ -129,6 +129,13 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
     if let Some(url) = &config.public_url {
         check_http_url("public_url".into(), url, &mut errors);
     }
+    for (path, tls) in [("tls", &config.tls), ("admin.tls", &config.admin.tls)] {
+        if let Some(tls) = tls {
+            if let Err(e) = crate::server::tls::acceptor(tls) {
+                errors.push(ConfigError::new(path, e));
+            }
+        }
+    }
     if config.server.max_body_bytes < 1024 {
         errors.push(ConfigError::new(
             "server.max_body_bytes",

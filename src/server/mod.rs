@@ -3,6 +3,7 @@
 mod handlers;
 mod respond;
 mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -58,17 +59,45 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| handlers::handle(state.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let service = {
+            let state = state.clone();
+            service_fn(move |req| handlers::handle(state.clone(), req))
+        };
+        match state.tls.load_full() {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake runs in the connection's own task, never in the accept loop.
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let timeout = header_timeout;
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
 
     state.draining.store(true, Ordering::SeqCst);
@@ -154,7 +183,10 @@ async fn sweep_images(state: Arc<AppState>) {
 }
 
 /// The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
-pub async fn serve_admin(listener: TcpListener) -> std::io::Result<()> {
+pub async fn serve_admin(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = match listener.accept().await {
@@ -182,11 +214,25 @@ pub async fn serve_admin(listener: TcpListener) -> std::io::Result<()> {
             };
             Ok::<_, std::convert::Infallible>(resp)
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                    {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
         });
     }
 }

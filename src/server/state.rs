@@ -12,7 +12,7 @@ use crate::backends::Backend;
 use crate::routing::health::BackendHealth;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::auth::{KeyStore, StaticKeyStore};
 use crate::config::{Config, StoreKind};
@@ -60,6 +60,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Where the config came from, for reloads (`None`: built in memory, no reload).
     pub config_path: Option<PathBuf>,
+    /// The main listener's TLS, swapped on reload (renewed certificates).
+    pub tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -89,8 +91,15 @@ impl AppState {
                 }
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(
+                super::tls::acceptor(t).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
         let runtime = Runtime::build(config, &http, None)?;
         Ok(Arc::new(AppState {
+            tls: ArcSwapOption::new(tls),
             runtime: ArcSwap::from_pointee(runtime),
             images,
             http,
@@ -126,8 +135,13 @@ impl AppState {
                 );
             }
         }
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
+            None => None,
+        };
         let runtime =
             Runtime::build(config, &self.http, Some(&old)).map_err(|e| format!("{e:#}"))?;
+        self.tls.store(tls);
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
         self.runtime.store(Arc::new(runtime));
         self.restart_probes();
