@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python side: the openai SDK, pytest, and moto's S3-compatible server.
+# Python side: the openai SDK, pytest, moto's S3-compatible server, deploy/ checkers.
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -29,4 +29,5 @@ for _ in $(seq 1 100); do
 done
 
 cargo test --all-targets
+.venv/bin/python scripts/check-deploy.py "$PWD/target/debug/imagegate"
 IMAGEGATE_BIN="$PWD/target/debug/imagegate" .venv/bin/python -m pytest -q tests/sdk

@@ -32,6 +32,51 @@ enum Command {
     },
     /// Print the secret_sha256 of a key secret read from standard input.
     HashKey,
+    /// GET a plain-HTTP URL and exit 0 on a 2xx answer (container health checks, where the
+    /// image has no curl).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
+}
+
+/// A minimal HTTP/1.1 GET for `imagegate probe`.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::Write;
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    if parsed.scheme() != "http" {
+        return Err("only http:// URLs can be probed".into());
+    }
+    let host = parsed.host_str().ok_or("no host")?;
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let timeout = std::time::Duration::from_secs(3);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("cannot resolve the host")?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_string(),
+    };
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut head).map_err(|e| e.to_string())?;
+    match &head[9..10] {
+        b"2" => Ok(()),
+        _ => Err(format!(
+            "answered {}",
+            String::from_utf8_lossy(&head[9..12])
+        )),
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -85,6 +130,13 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Probe { url } => match probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("probe {url}: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { config } => {
             let path = config;
             let config = match load(&path) {
