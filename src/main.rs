@@ -166,7 +166,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
-    imagegate::telemetry::init(&config.log);
+    let telemetry = imagegate::telemetry::init(&config.log);
     for id in imagegate::auth::StaticKeyStore::plaintext_key_ids(&config) {
         tracing::warn!(
             key_id = id,
@@ -199,5 +199,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     if let Some(a) = admin {
         a.abort();
     }
+    // Flush spans still waiting for export.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }

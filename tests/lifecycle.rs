@@ -443,3 +443,94 @@ async fn tls_serves_https_and_picks_up_a_renewed_certificate_on_reload() {
         "the old certificate is gone"
     );
 }
+
+mod support;
+
+#[tokio::test]
+async fn traceparent_reaches_the_upstream_and_spans_are_exported_over_otlp() {
+    use support::{b64, tiny_png, FakeUpstream, Reply};
+    let upstream = FakeUpstream::start(|_| {
+        Reply::json(
+            200,
+            serde_json::json!({"created": 1, "data": [{"b64_json": b64(&tiny_png(2, 2))}]}),
+        )
+    })
+    .await;
+    let collector = FakeUpstream::start(|_| Reply::json(200, serde_json::json!({}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+listen: 127.0.0.1:{port}
+admin: {{listen: null}}
+data_dir: {data}
+log: {{format: json, otlp_endpoint: "{collector}"}}
+backends:
+  up: {{kind: openai, base_url: "{up}/v1"}}
+models:
+  dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: up}}]}}}}
+tenants:
+  t: {{models: ["*"]}}
+keys:
+  - {{id: k, tenant: t, secret: sk-lifecycle-key}}
+"#,
+            data = dir.path().join("data").display(),
+            collector = collector.base_url(),
+            up = upstream.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/images/generations"))
+        .bearer_auth("sk-lifecycle-key")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"prompt": "x", "response_format": "b64_json"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = upstream.requests()[0].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{sent}");
+    assert_eq!(parts[1], trace, "the client's trace continues upstream");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the upstream call is a span of its own"
+    );
+
+    // Stopping flushes the exporter.
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    child.wait().await.unwrap();
+    let exports: Vec<_> = collector
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/v1/traces")
+        .collect();
+    assert!(!exports.is_empty(), "no spans exported");
+    assert_eq!(exports[0].headers["content-type"], "application/x-protobuf");
+    let trace_bytes = hex::decode(trace).unwrap();
+    assert!(
+        exports
+            .iter()
+            .any(|e| e.raw.windows(16).any(|w| w == trace_bytes.as_slice())),
+        "the exported spans carry the client's trace id"
+    );
+}

@@ -142,9 +142,8 @@ impl Backend for A1111Backend {
             if timeout.is_zero() {
                 return Err(BackendError::Timeout);
             }
-            let resp = self
-                .post("/sdapi/v1/txt2img")
-                .header("x-request-id", call.request_id)
+            let resp = call
+                .headers(self.post("/sdapi/v1/txt2img"))
                 .json(&self.body(&call, &prompt, seed, batch))
                 .timeout(timeout)
                 .send()

@@ -41,11 +41,22 @@ pub struct UpstreamCall<'a> {
     /// The dialect the upstream speaks (openai/azure).
     pub dialect: Dialect,
     pub translation: &'a Translation,
+    /// W3C trace context (`traceparent`, `tracestate`) for the upstream request.
+    pub trace_headers: &'a [(String, String)],
 }
 
 impl UpstreamCall<'_> {
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Adds this call's request id and trace context to an upstream request.
+    pub fn headers(&self, mut rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb = rb.header("x-request-id", self.request_id);
+        for (k, v) in self.trace_headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        rb
     }
 }
 

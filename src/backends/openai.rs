@@ -160,11 +160,8 @@ impl OpenAiBackend {
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let resp = self
-            .http
-            .post(url)
-            .headers(self.headers.clone())
-            .header("x-request-id", call.request_id)
+        let resp = call
+            .headers(self.http.post(url).headers(self.headers.clone()))
             .json(&body)
             .timeout(timeout)
             .send()
@@ -487,11 +484,8 @@ impl Backend for OpenAiBackend {
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let resp = self
-            .http
-            .post(url)
-            .headers(self.headers.clone())
-            .header("x-request-id", call.request_id)
+        let resp = call
+            .headers(self.http.post(url).headers(self.headers.clone()))
             .header(http::header::ACCEPT, "text/event-stream")
             .json(&body)
             .timeout(timeout)

@@ -222,7 +222,7 @@ pub enum StoreKind {
     S3,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -230,6 +230,27 @@ pub struct LogConfig {
     /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
     #[serde(default)]
     pub level: Option<String>,
+    /// OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`): spans of each request
+    /// and upstream attempt are exported there. Off when absent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "imagegate".to_string()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: None,
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

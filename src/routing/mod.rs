@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tracing::Instrument;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
 use crate::backends::translate::Translation;
@@ -240,6 +241,12 @@ impl ModelRoute {
             if attempts > 1 {
                 crate::telemetry::metrics().failover(&request.model);
             }
+            let attempt_span = tracing::info_span!(
+                "upstream_attempt",
+                backend = %target.backend_name,
+                attempt = attempts
+            );
+            let trace_headers = crate::telemetry::trace_headers(&attempt_span);
             let call = UpstreamCall {
                 request,
                 upstream_model: target.upstream_model.as_deref(),
@@ -247,12 +254,17 @@ impl ModelRoute {
                 deadline,
                 dialect: target.dialect,
                 translation: &target.translation,
+                trace_headers: &trace_headers,
             };
             let started = Instant::now();
             let result = if stream {
                 // Only the start of a stream is bounded here; the upstream call itself
                 // carries the deadline for the rest.
-                tokio::time::timeout_at(deadline.into(), target.backend.generate_stream(call))
+                let attempt = target
+                    .backend
+                    .generate_stream(call)
+                    .instrument(attempt_span);
+                tokio::time::timeout_at(deadline.into(), attempt)
                     .await
                     .unwrap_or(Err(BackendError::Timeout))
                     .map(|events| {
@@ -262,11 +274,11 @@ impl ModelRoute {
                         }))
                     })
             } else {
-                let result =
-                    tokio::time::timeout_at(deadline.into(), target.backend.generate(call))
-                        .await
-                        .unwrap_or(Err(BackendError::Timeout))
-                        .map(Output::Images);
+                let attempt = target.backend.generate(call).instrument(attempt_span);
+                let result = tokio::time::timeout_at(deadline.into(), attempt)
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout))
+                    .map(Output::Images);
                 drop(slot);
                 result
             };

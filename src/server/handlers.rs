@@ -13,6 +13,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
@@ -61,8 +62,14 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut log = AccessLog::default();
+    let span = tracing::info_span!("request", otel.name = %format!("{method} {path}"), request_id = %request_id);
+    crate::telemetry::continue_trace(&span, req.headers());
+    let trace_id = crate::telemetry::trace_id(&span);
 
-    let mut resp = match route(&state, req, &request_id, &mut log).await {
+    let mut resp = match route(&state, req, &request_id, &mut log)
+        .instrument(span)
+        .await
+    {
         Ok(resp) => resp,
         Err(err) => respond::error(&err),
     };
@@ -110,6 +117,7 @@ pub async fn handle(
         backend = %dash(log.backend.as_deref()),
         attempts = log.attempts,
         usage = %dash(log.usage.as_deref()),
+        trace_id = %dash(trace_id.as_deref()),
         "request"
     );
     Ok(resp)

@@ -189,6 +189,7 @@ pub struct Recorded {
     pub path_and_query: String,
     pub headers: http::HeaderMap,
     pub body: serde_json::Value,
+    pub raw: Bytes,
 }
 
 /// What the fake answers.
@@ -283,6 +284,7 @@ impl FakeUpstream {
                                 headers: parts.headers,
                                 body: serde_json::from_slice(&bytes)
                                     .unwrap_or(serde_json::Value::Null),
+                                raw: bytes.clone(),
                             };
                             let reply = handler(&recorded);
                             rec.lock().unwrap().push(recorded);
