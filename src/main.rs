@@ -182,10 +182,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let admin_tls = match &config.admin.tls {
-        Some(t) => Some(imagegate::server::tls::acceptor(t).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
     let state = AppState::build_from(config, Some(path))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -193,7 +189,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "imagegate listening");
     let admin = admin.map(|l| {
         tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener (/metrics)");
-        tokio::spawn(server::serve_admin(l, admin_tls))
+        tokio::spawn(server::serve_admin(state.clone(), l))
     });
     server::serve(state, listener, server::shutdown_signal()).await?;
     if let Some(a) = admin {

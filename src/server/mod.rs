@@ -183,10 +183,7 @@ async fn sweep_images(state: Arc<AppState>) {
 }
 
 /// The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
-pub async fn serve_admin(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> std::io::Result<()> {
+pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = match listener.accept().await {
@@ -215,7 +212,7 @@ pub async fn serve_admin(
             Ok::<_, std::convert::Infallible>(resp)
         });
         let builder = builder.clone();
-        let tls = tls.clone();
+        let tls = state.admin_tls.load_full();
         tokio::spawn(async move {
             match tls {
                 None => {

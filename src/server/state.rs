@@ -62,6 +62,8 @@ pub struct AppState {
     pub config_path: Option<PathBuf>,
     /// The main listener's TLS, swapped on reload (renewed certificates).
     pub tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// The admin listener's TLS, swapped on reload too.
+    pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -97,9 +99,16 @@ impl AppState {
             )),
             None => None,
         };
+        let admin_tls = match &config.admin.tls {
+            Some(t) => Some(Arc::new(
+                super::tls::acceptor(t).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
         let runtime = Runtime::build(config, &http, None)?;
         Ok(Arc::new(AppState {
             tls: ArcSwapOption::new(tls),
+            admin_tls: ArcSwapOption::new(admin_tls),
             runtime: ArcSwap::from_pointee(runtime),
             images,
             http,
@@ -139,9 +148,14 @@ impl AppState {
             Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
             None => None,
         };
+        let admin_tls = match &config.admin.tls {
+            Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
+            None => None,
+        };
         let runtime =
             Runtime::build(config, &self.http, Some(&old)).map_err(|e| format!("{e:#}"))?;
         self.tls.store(tls);
+        self.admin_tls.store(admin_tls);
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
         self.runtime.store(Arc::new(runtime));
         self.restart_probes();

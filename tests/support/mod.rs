@@ -56,7 +56,10 @@ impl Gateway {
         let state = AppState::build(config).unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_base = format!("http://{}", admin_listener.local_addr().unwrap());
-        let admin = tokio::spawn(imagegate::server::serve_admin(admin_listener, None));
+        let admin = tokio::spawn(imagegate::server::serve_admin(
+            state.clone(),
+            admin_listener,
+        ));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve(state, listener, async {
             let _ = rx.await;
