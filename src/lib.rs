@@ -11,4 +11,5 @@ pub mod images;
 pub mod policy;
 pub mod routing;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -182,7 +182,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let state = AppState::build_from(config, Some(path))?;
+    let state = AppState::build_from(config, Some(path)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

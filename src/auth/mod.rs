@@ -4,6 +4,7 @@
 //! Keys are looked up by the SHA-256 of the presented secret, so a store never holds (and a
 //! log never shows) a secret; the key's public `id` is what logs and usage records name.
 
+mod db_store;
 mod static_store;
 
 use std::collections::HashSet;
@@ -14,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
 
+pub use db_store::DbKeyStore;
 pub use static_store::StaticKeyStore;
 
 pub type KeyHash = [u8; 32];
@@ -62,6 +64,8 @@ pub struct Principal {
     pub key_id: Arc<str>,
     pub tenant: Arc<str>,
     pub models: ModelSet,
+    /// The tenant's rate limits.
+    pub limits: Arc<crate::config::LimitsConfig>,
 }
 
 impl Principal {
@@ -80,6 +84,10 @@ pub enum AuthError {
     Unknown,
     #[error("disabled API key")]
     Disabled,
+    #[error("revoked API key")]
+    Revoked,
+    #[error("expired API key")]
+    Expired,
     #[error("key store unavailable: {0}")]
     Store(String),
 }
@@ -96,6 +104,8 @@ impl From<AuthError> for ApiError {
             ),
             AuthError::Unknown => ApiError::invalid_api_key("Incorrect API key provided."),
             AuthError::Disabled => ApiError::invalid_api_key("This API key has been disabled."),
+            AuthError::Revoked => ApiError::invalid_api_key("This API key has been revoked."),
+            AuthError::Expired => ApiError::invalid_api_key("This API key has expired."),
             AuthError::Store(_) => ApiError::new(
                 crate::api::ErrorKind::Unavailable,
                 "The key store is temporarily unavailable; please retry.",
@@ -105,11 +115,27 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// Where keys live. The static store reads gateway.yaml; persistent stores (SQLite,
-/// PostgreSQL) implement the same trait.
+/// Where keys live. The static store reads gateway.yaml; the database store (SQLite,
+/// PostgreSQL) holds `sk-ig-` keys. Both implement the same trait.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
-    async fn authenticate(&self, hash: &KeyHash) -> Result<Principal, AuthError>;
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError>;
+}
+
+/// gateway.yaml's keys, then the database's `sk-ig-` keys.
+pub struct KeyStores {
+    pub config: StaticKeyStore,
+    pub db: Option<Arc<DbKeyStore>>,
+}
+
+#[async_trait]
+impl KeyStore for KeyStores {
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        match (&self.db, crate::store::keys::parse_token(token)) {
+            (Some(db), Some(_)) => db.authenticate(token).await,
+            _ => self.config.authenticate(token).await,
+        }
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header.

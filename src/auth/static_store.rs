@@ -38,6 +38,7 @@ impl StaticKeyStore {
                         key_id: Arc::from(key.id.as_str()),
                         tenant: Arc::from(key.tenant.as_str()),
                         models,
+                        limits: Arc::new(tenant.limits.clone()),
                     },
                     disabled: key.disabled || tenant.disabled,
                 },
@@ -59,8 +60,8 @@ impl StaticKeyStore {
 
 #[async_trait]
 impl KeyStore for StaticKeyStore {
-    async fn authenticate(&self, hash: &KeyHash) -> Result<Principal, AuthError> {
-        match self.keys.get(hash) {
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.keys.get(&super::hash_secret(token)) {
             None => Err(AuthError::Unknown),
             Some(e) if e.disabled => Err(AuthError::Disabled),
             Some(e) => Ok(e.principal.clone()),

@@ -20,6 +20,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub server: ServerConfig,
+    /// Where tenants and `sk-ig-` keys live (the keys of gateway.yaml work in any case).
+    #[serde(default)]
+    pub state: StateConfig,
     #[serde(default)]
     pub images: ImagesConfig,
     #[serde(default)]
@@ -49,6 +52,45 @@ impl Config {
             None => format!("http://{}", self.listen),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default)]
+    pub store: StoreChoice,
+    /// PostgreSQL URL for `store: postgres` (`postgres://user:pass@host/db`).
+    #[serde(default)]
+    pub postgres: Option<Secret>,
+    /// How long a key looked up in the store is trusted before it is looked up again (changes
+    /// made anywhere also drop it within a second).
+    #[serde(default = "default_key_cache_ttl", deserialize_with = "duration")]
+    pub key_cache_ttl: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            store: StoreChoice::default(),
+            postgres: None,
+            key_cache_ttl: default_key_cache_ttl(),
+        }
+    }
+}
+
+fn default_key_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreChoice {
+    /// Only gateway.yaml's keys.
+    None,
+    /// `data_dir/imagegate.db` (the embedded default).
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 /// The admin listener (`/metrics`), kept off the public port.
@@ -1009,7 +1051,7 @@ pub struct TenantConfig {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     #[serde(default)]

@@ -136,6 +136,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             }
         }
     }
+    if config.state.store == super::StoreChoice::Postgres && config.state.postgres.is_none() {
+        errors.push(ConfigError::new(
+            "state.postgres",
+            "store: postgres needs the database URL here",
+        ));
+    }
     if config.server.max_body_bytes < 1024 {
         errors.push(ConfigError::new(
             "server.max_body_bytes",

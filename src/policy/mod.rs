@@ -1,8 +1,8 @@
 //! What an authenticated caller may do: model rights and per-tenant rate limits (requests
 //! and images per minute, GCRA via governor, in process).
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -10,7 +10,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::api::{ApiError, ErrorKind};
 use crate::auth::Principal;
-use crate::config::{Config, LimitsConfig};
+use crate::config::LimitsConfig;
+use dashmap::DashMap;
 
 struct Limit {
     per_minute: u32,
@@ -28,35 +29,44 @@ impl Limit {
     }
 }
 
-#[derive(Default)]
 struct TenantLimits {
+    config: LimitsConfig,
     requests: Option<Limit>,
     images: Option<Limit>,
 }
 
+impl TenantLimits {
+    fn new(l: &LimitsConfig) -> Self {
+        TenantLimits {
+            config: l.clone(),
+            requests: Limit::new(l.requests_per_minute, l.burst),
+            images: Limit::new(l.images_per_minute, l.burst),
+        }
+    }
+}
+
+/// Limiters per tenant, made on a tenant's first request from the limits its principal
+/// carries (gateway.yaml or the key store), and remade when those limits change.
+#[derive(Default)]
 pub struct Policy {
-    tenants: HashMap<String, TenantLimits>,
+    tenants: DashMap<Arc<str>, Arc<TenantLimits>>,
     clock: DefaultClock,
 }
 
 impl Policy {
-    pub fn from_config(config: &Config) -> Self {
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|(name, t)| (name.clone(), Self::limits(&t.limits)))
-            .collect();
-        Policy {
-            tenants,
-            clock: DefaultClock::default(),
-        }
+    pub fn new() -> Self {
+        Policy::default()
     }
 
-    fn limits(l: &LimitsConfig) -> TenantLimits {
-        TenantLimits {
-            requests: Limit::new(l.requests_per_minute, l.burst),
-            images: Limit::new(l.images_per_minute, l.burst),
+    fn limits_of(&self, principal: &Principal) -> Arc<TenantLimits> {
+        if let Some(l) = self.tenants.get(&principal.tenant) {
+            if l.config == *principal.limits {
+                return l.clone();
+            }
         }
+        let fresh = Arc::new(TenantLimits::new(&principal.limits));
+        self.tenants.insert(principal.tenant.clone(), fresh.clone());
+        fresh
     }
 
     /// Model rights: the same 404 for "no such model" and "not yours".
@@ -70,9 +80,7 @@ impl Policy {
 
     /// Takes one request and `n` images from the tenant's limits, or says when to retry.
     pub fn admit(&self, principal: &Principal, n: u32) -> Result<(), ApiError> {
-        let Some(limits) = self.tenants.get(&*principal.tenant) else {
-            return Ok(());
-        };
+        let limits = self.limits_of(principal);
         if let Some(l) = &limits.requests {
             if let Err(not_until) = l.limiter.check() {
                 let wait = not_until.wait_time_from(self.clock.now());

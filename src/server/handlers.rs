@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
 use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
-use crate::auth::{bearer_token, hash_secret, Principal};
+use crate::auth::{bearer_token, Principal};
 use crate::backends::translate;
 use crate::images::{unix, FILES_PREFIX};
 use crate::routing::Output;
@@ -162,7 +162,7 @@ async fn authenticate(
     log: &mut AccessLog,
 ) -> Result<Principal, ApiError> {
     let token = bearer_token(req.headers().get(http::header::AUTHORIZATION))?;
-    let principal = rt.keys.authenticate(&hash_secret(token)).await?;
+    let principal = rt.keys.authenticate(token).await?;
     log.key_id = Some(principal.key_id.clone());
     log.tenant = Some(principal.tenant.clone());
     Ok(principal)

@@ -42,6 +42,7 @@ pub async fn serve(
     crate::telemetry::metrics().set_tenant_label(state.runtime.load().config.metrics.tenant_label);
     state.restart_probes();
     let reloader = tokio::spawn(watch_config(state.clone()));
+    let key_watch = state.db_keys.clone().map(|k| tokio::spawn(k.watch()));
     tokio::pin!(shutdown);
 
     loop {
@@ -104,6 +105,12 @@ pub async fn serve(
     drop(listener);
     sweeper.abort();
     reloader.abort();
+    if let Some(w) = key_watch {
+        w.abort();
+    }
+    if let Some(keys) = &state.db_keys {
+        let _ = keys.flush_last_used().await;
+    }
     state.stop_probes();
     tracing::info!(timeout = ?drain_timeout, "shutting down: draining requests in flight");
     match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::auth::{KeyStore, StaticKeyStore};
+use crate::auth::{DbKeyStore, KeyStore, KeyStores, StaticKeyStore};
 use crate::config::{Config, StoreKind};
 use crate::images::{BlobStore, ImageService, LocalStore, S3Store, UrlSigner};
 use crate::policy::Policy;
@@ -36,13 +36,17 @@ impl Runtime {
         config: Config,
         http: &reqwest::Client,
         previous: Option<&Runtime>,
+        db_keys: Option<Arc<DbKeyStore>>,
     ) -> anyhow::Result<Self> {
         let router = Router::from_config(&config, http, previous.map(|p| &p.router))
             .map_err(anyhow::Error::msg)?;
         Ok(Runtime {
             router,
-            policy: Policy::from_config(&config),
-            keys: Arc::new(StaticKeyStore::from_config(&config)),
+            policy: Policy::new(),
+            keys: Arc::new(KeyStores {
+                config: StaticKeyStore::from_config(&config),
+                db: db_keys,
+            }),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -62,18 +66,23 @@ pub struct AppState {
     pub config_path: Option<PathBuf>,
     /// The main listener's TLS, swapped on reload (renewed certificates).
     pub tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// Tenants and `sk-ig-` keys in SQLite/PostgreSQL (kept across reloads).
+    pub db_keys: Option<Arc<DbKeyStore>>,
     /// The admin listener's TLS, swapped on reload too.
     pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl AppState {
-    pub fn build(config: Config) -> anyhow::Result<Arc<Self>> {
-        Self::build_from(config, None)
+    pub async fn build(config: Config) -> anyhow::Result<Arc<Self>> {
+        Self::build_from(config, None).await
     }
 
     /// As [`AppState::build`], remembering the file the config came from for reloads.
-    pub fn build_from(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
+    pub async fn build_from(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> anyhow::Result<Arc<Self>> {
         let http = crate::backends::http_client()?;
         let signer = UrlSigner::load_or_create(
             config.images.signing_key.as_ref().map(|k| k.expose()),
@@ -105,8 +114,13 @@ impl AppState {
             )),
             None => None,
         };
-        let runtime = Runtime::build(config, &http, None)?;
+        let db_keys = match open_store(&config).await? {
+            Some(db) => Some(DbKeyStore::new(db, config.state.key_cache_ttl).await?),
+            None => None,
+        };
+        let runtime = Runtime::build(config, &http, None, db_keys.clone())?;
         Ok(Arc::new(AppState {
+            db_keys,
             tls: ArcSwapOption::new(tls),
             admin_tls: ArcSwapOption::new(admin_tls),
             runtime: ArcSwap::from_pointee(runtime),
@@ -152,8 +166,8 @@ impl AppState {
             Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
             None => None,
         };
-        let runtime =
-            Runtime::build(config, &self.http, Some(&old)).map_err(|e| format!("{e:#}"))?;
+        let runtime = Runtime::build(config, &self.http, Some(&old), self.db_keys.clone())
+            .map_err(|e| format!("{e:#}"))?;
         self.tls.store(tls);
         self.admin_tls.store(admin_tls);
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
@@ -179,6 +193,18 @@ impl AppState {
             p.abort();
         }
     }
+}
+
+/// The configured database, connected and migrated (`None`: only gateway.yaml's keys).
+pub async fn open_store(config: &Config) -> anyhow::Result<Option<crate::store::Database>> {
+    use crate::config::StoreChoice;
+    let db = match (config.state.store, &config.state.postgres) {
+        (StoreChoice::None, _) => return Ok(None),
+        (StoreChoice::Sqlite, _) => crate::store::Database::sqlite(&config.data_dir).await,
+        (StoreChoice::Postgres, Some(url)) => crate::store::Database::connect(url.expose()).await,
+        (StoreChoice::Postgres, None) => anyhow::bail!("state.postgres: no database URL"),
+    };
+    Ok(Some(db.map_err(|e| anyhow::anyhow!("state: {e}"))?))
 }
 
 /// Runs a backend's active health probe on its interval.

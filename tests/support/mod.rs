@@ -53,7 +53,7 @@ impl Gateway {
         env.insert("DATA_DIR".into(), data_dir.path().display().to_string());
         let config = Config::from_yaml(yaml, &|name| env.get(name).cloned())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let state = AppState::build(config).unwrap();
+        let state = AppState::build(config).await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_base = format!("http://{}", admin_listener.local_addr().unwrap());
         let admin = tokio::spawn(imagegate::server::serve_admin(

@@ -1,0 +1,106 @@
+//! The persistent store: SQLite (one machine, file under data_dir) or PostgreSQL (many
+//! replicas), through sqlx's `Any` driver so one set of queries serves both. Migrations run on
+//! start; on PostgreSQL sqlx takes an advisory lock, so replicas starting together are safe.
+
+pub mod keys;
+
+use std::path::Path;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Database {
+    pub pool: AnyPool,
+    pub kind: Kind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+impl Database {
+    /// The SQLite file under `data_dir`, created if missing.
+    pub async fn sqlite(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Invalid(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("imagegate.db").display()
+        );
+        Self::connect(&url).await
+    }
+
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let kind = if url.starts_with("sqlite:") {
+            Kind::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Kind::Postgres
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "unsupported database URL (sqlite:// or postgres://): {}",
+                url.split('@').next_back().unwrap_or("")
+            )));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if kind == Kind::Sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if kind == Kind::Sqlite {
+                        use sqlx::Executor;
+                        conn.execute("PRAGMA journal_mode=WAL").await?;
+                        conn.execute("PRAGMA busy_timeout=5000").await?;
+                        conn.execute("PRAGMA foreign_keys=ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        let db = Database { pool, kind };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        match self.kind {
+            Kind::Sqlite => {
+                sqlx::migrate!("./migrations/sqlite")
+                    .run(&self.pool)
+                    .await?
+            }
+            Kind::Postgres => {
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&self.pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// The change counter every write bumps.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT n FROM store_revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+}
