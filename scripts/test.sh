@@ -22,6 +22,19 @@ s3_port=$(free_port)
 pids+=($!)
 export IMAGEGATE_TEST_S3="http://127.0.0.1:$s3_port"
 
+# A throwaway PostgreSQL database for the key store suite (started if the server is down).
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  if command -v pg_ctlcluster >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  fi
+  for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+pg_db="imagegate_test_$$_$RANDOM"
+psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $pg_db" >/dev/null
+export IMAGEGATE_TEST_PG="postgres://postgres@127.0.0.1:5432/$pg_db"
+cleanup_pg() { psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true; }
+trap 'cleanup; cleanup_pg' EXIT
+
 cargo build --bins
 for _ in $(seq 1 100); do
   if .venv/bin/python -c "import urllib.request; urllib.request.urlopen('$IMAGEGATE_TEST_S3/')" 2>/dev/null; then break; fi

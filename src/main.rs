@@ -32,12 +32,231 @@ enum Command {
     },
     /// Print the secret_sha256 of a key secret read from standard input.
     HashKey,
+    /// Tenants in the configured store (SQLite or PostgreSQL).
+    Tenants {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[arg(
+            long,
+            short,
+            global = true,
+            default_value = "gateway.yaml",
+            env = "IMAGEGATE_CONFIG"
+        )]
+        config: PathBuf,
+    },
+    /// API keys in the configured store.
+    Keys {
+        #[command(subcommand)]
+        command: KeyCommand,
+        #[arg(
+            long,
+            short,
+            global = true,
+            default_value = "gateway.yaml",
+            env = "IMAGEGATE_CONFIG"
+        )]
+        config: PathBuf,
+    },
     /// GET a plain-HTTP URL and exit 0 on a 2xx answer (container health checks, where the
     /// image has no curl).
     Probe {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant.
+    Add {
+        id: String,
+        /// Models it may use (comma-separated; `*` for all).
+        #[arg(long, default_value = "*", value_delimiter = ',')]
+        models: Vec<String>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Images per minute.
+        #[arg(long)]
+        ipm: Option<u32>,
+        /// Labels, `key=value`.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// List tenants (JSON lines).
+    List,
+    /// Disable a tenant: every key of it stops working.
+    Disable { id: String },
+    /// Enable a disabled tenant.
+    Enable { id: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Narrow the tenant's models (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Expire after this long (`30d`, `12h`).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List keys (JSON lines; never secrets).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key for good.
+    Revoke { id: String },
+    /// Issue a new secret; the old one keeps working for `--grace`.
+    Rotate {
+        id: String,
+        #[arg(long, default_value = "0s")]
+        grace: String,
+    },
+}
+
+async fn store_command(
+    config: &std::path::Path,
+    run: impl AsyncFnOnce(imagegate::store::Database) -> Result<(), String>,
+) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let db = match imagegate::server::open_store(&config).await {
+        Ok(Some(db)) => db,
+        Ok(None) => {
+            eprintln!("state.store is none: there is no key store to work on");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(db).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Result<(), String> {
+    use imagegate::store::keys::TenantInput;
+    let e = |e: imagegate::store::StoreError| e.to_string();
+    match command {
+        TenantCommand::Add {
+            id,
+            models,
+            rpm,
+            ipm,
+            labels,
+        } => {
+            let labels = labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| format!("label \"{l}\" is not key=value"))
+                })
+                .collect::<Result<_, _>>()?;
+            let input = TenantInput {
+                id,
+                models,
+                limits: imagegate::config::LimitsConfig {
+                    requests_per_minute: rpm,
+                    images_per_minute: ipm,
+                    burst: None,
+                },
+                labels,
+                ..TenantInput::default()
+            };
+            print_json(&db.create_tenant(&input).await.map_err(e)?);
+        }
+        TenantCommand::List => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = db.list_tenants(after.as_deref(), 500).await.map_err(e)?;
+                for t in &page {
+                    print_json(t);
+                }
+                match page.last() {
+                    Some(t) if page.len() == 500 => after = Some(t.id.clone()),
+                    _ => break,
+                }
+            }
+        }
+        TenantCommand::Disable { id } => db.set_tenant_disabled(&id, true).await.map_err(e)?,
+        TenantCommand::Enable { id } => db.set_tenant_disabled(&id, false).await.map_err(e)?,
+    }
+    Ok(())
+}
+
+async fn keys(db: imagegate::store::Database, command: KeyCommand) -> Result<(), String> {
+    use imagegate::store::keys::KeyInput;
+    let e = |e: imagegate::store::StoreError| e.to_string();
+    let duration = |s: &str| imagegate::config::parse_duration(s);
+    match command {
+        KeyCommand::Create {
+            tenant,
+            name,
+            models,
+            expires_in,
+        } => {
+            let expires_at = match expires_in {
+                Some(d) => Some(imagegate::store::keys::now() + duration(&d)?.as_secs() as i64),
+                None => None,
+            };
+            let created = db
+                .create_key(&KeyInput {
+                    tenant,
+                    name,
+                    models,
+                    limits: None,
+                    expires_at,
+                })
+                .await
+                .map_err(e)?;
+            print_json(&created);
+            eprintln!("The secret is shown only now; store it safely.");
+        }
+        KeyCommand::List { tenant } => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = db
+                    .list_keys(tenant.as_deref(), after.as_deref(), 500)
+                    .await
+                    .map_err(e)?;
+                for k in &page {
+                    print_json(k);
+                }
+                match page.last() {
+                    Some(k) if page.len() == 500 => after = Some(k.id.clone()),
+                    _ => break,
+                }
+            }
+        }
+        KeyCommand::Revoke { id } => db.revoke_key(&id).await.map_err(e)?,
+        KeyCommand::Rotate { id, grace } => {
+            let rotated = db.rotate_key(&id, duration(&grace)?).await.map_err(e)?;
+            print_json(&rotated);
+            eprintln!("The new secret is shown only now; store it safely.");
+        }
+    }
+    Ok(())
 }
 
 /// A minimal HTTP/1.1 GET for `imagegate probe`.
@@ -100,6 +319,19 @@ fn tune_allocator() {
     }
 }
 
+fn runtime_block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -130,6 +362,12 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Tenants { command, config } => runtime_block_on(async move {
+            store_command(&config, async move |db| tenants(db, command).await).await
+        }),
+        Command::Keys { command, config } => runtime_block_on(async move {
+            store_command(&config, async move |db| keys(db, command).await).await
+        }),
         Command::Probe { url } => match probe(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -534,3 +534,74 @@ keys:
         "the exported spans carry the client's trace id"
     );
 }
+
+#[tokio::test]
+async fn cli_bootstraps_tenants_and_keys_before_the_server_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&[
+        "tenants",
+        "add",
+        "acme",
+        "--models",
+        "dall-e-2",
+        "--rpm",
+        "30",
+        "--label",
+        "plan=gold",
+    ]);
+    let created: serde_json::Value =
+        serde_json::from_str(cli(&["keys", "create", "--tenant", "acme", "--name", "ci"]).trim())
+            .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("sk-ig-"));
+    let listed = cli(&["keys", "list", "--tenant", "acme"]);
+    assert!(
+        listed.contains(&id) && !listed.contains(&secret[secret.len() - 40..]),
+        "{listed}"
+    );
+    let tenants = cli(&["tenants", "list"]);
+    assert!(tenants.contains("\"plan\":\"gold\""), "{tenants}");
+
+    let child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    assert_eq!(generate_with(&base, &secret).await, 200);
+    let rotated: serde_json::Value =
+        serde_json::from_str(cli(&["keys", "rotate", &id]).trim()).unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap().to_string();
+    assert!(
+        eventually(&base, &secret, 401).await,
+        "the rotated-out secret stops working"
+    );
+    assert_eq!(generate_with(&base, &new_secret).await, 200);
+    cli(&["keys", "revoke", &id]);
+    assert!(
+        eventually(&base, &new_secret, 401).await,
+        "revocation reaches the running server"
+    );
+    drop(child);
+}

@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-pub use state::{AppState, Runtime};
+pub use state::{open_store, AppState, Runtime};
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and waits up to
 /// `server.shutdown_timeout` for requests in flight.
