@@ -16,6 +16,8 @@ pub enum ErrorKind {
     NotFound,
     /// 405: a known path with the wrong method.
     MethodNotAllowed,
+    /// 409: conflicts with the current state (an idempotent repeat in flight, a duplicate).
+    Conflict,
     /// 413: body over the configured limit.
     PayloadTooLarge,
     /// 429: a rate limit (ours or the upstream's).
@@ -40,6 +42,7 @@ impl ErrorKind {
             ErrorKind::Permission => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RateLimited | ErrorKind::InsufficientQuota => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -56,6 +59,7 @@ impl ErrorKind {
             | ErrorKind::Permission
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
+            | ErrorKind::Conflict
             | ErrorKind::PayloadTooLarge => "invalid_request_error",
             ErrorKind::RateLimited => "requests",
             ErrorKind::InsufficientQuota => "insufficient_quota",

@@ -102,6 +102,9 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Hex SHA-256 of the admin tokens that may use `/admin/v1/` (`imagegate hash-key`).
+    #[serde(default)]
+    pub tokens_sha256: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -109,6 +112,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             tls: None,
+            tokens_sha256: Vec::new(),
         }
     }
 }

@@ -142,6 +142,14 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             "store: postgres needs the database URL here",
         ));
     }
+    for (i, t) in config.admin.tokens_sha256.iter().enumerate() {
+        if t.len() != 64 || hex::decode(t).is_err() {
+            errors.push(ConfigError::new(
+                format!("admin.tokens_sha256[{i}]"),
+                "must be 64 hexadecimal characters (imagegate hash-key)",
+            ));
+        }
+    }
     if config.server.max_body_bytes < 1024 {
         errors.push(ConfigError::new(
             "server.max_body_bytes",

@@ -1,5 +1,6 @@
 //! The HTTP server: accept loop, per-connection hyper service, graceful drain.
 
+mod admin;
 mod handlers;
 mod respond;
 mod state;
@@ -201,22 +202,29 @@ pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io
                 continue;
             }
         };
-        let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-            let resp = match (req.method(), req.uri().path()) {
-                (&hyper::Method::GET, "/metrics") => respond::with_type(
-                    hyper::StatusCode::OK,
-                    bytes::Bytes::from(crate::telemetry::metrics().encode()),
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-                (&hyper::Method::GET, "/healthz") => {
-                    respond::json(hyper::StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        let admin_state = state.clone();
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let state = admin_state.clone();
+            async move {
+                if req.uri().path().starts_with("/admin/") {
+                    return Ok::<_, std::convert::Infallible>(admin::handle(&state, req).await);
                 }
-                (method, path) => respond::error(&crate::api::ApiError::new(
-                    crate::api::ErrorKind::NotFound,
-                    format!("Invalid URL ({method} {path})"),
-                )),
-            };
-            Ok::<_, std::convert::Infallible>(resp)
+                let resp = match (req.method(), req.uri().path()) {
+                    (&hyper::Method::GET, "/metrics") => respond::with_type(
+                        hyper::StatusCode::OK,
+                        bytes::Bytes::from(crate::telemetry::metrics().encode()),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    (&hyper::Method::GET, "/healthz") => {
+                        respond::json(hyper::StatusCode::OK, &serde_json::json!({"status": "ok"}))
+                    }
+                    (method, path) => respond::error(&crate::api::ApiError::new(
+                        crate::api::ErrorKind::NotFound,
+                        format!("Invalid URL ({method} {path})"),
+                    )),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let builder = builder.clone();
         let tls = state.admin_tls.load_full();

@@ -69,6 +69,8 @@ pub struct TenantRecord {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantInput {
+    /// Required when creating; optional in an update (the path names the tenant).
+    #[serde(default)]
     pub id: String,
     #[serde(default)]
     pub models: Vec<String>,

@@ -1,0 +1,246 @@
+//! The admin API on the admin listener: tenants CRUD and keys create/list/get/disable/enable/
+//! revoke/rotate, guarded by admin tokens (kept as SHA-256 in gateway.yaml). JSON in and out,
+//! cursor pagination (`after`, `limit`), OpenAI-shaped errors. Secrets appear once: in the
+//! answer that creates or rotates a key.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::respond::{self, Body};
+use super::state::AppState;
+use crate::api::{ApiError, ErrorKind};
+use crate::store::keys::{KeyInput, TenantInput};
+use crate::store::{Database, StoreError};
+
+const MAX_PAGE: i64 = 500;
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => {
+                ApiError::new(ErrorKind::NotFound, format!("{what} not found"))
+            }
+            StoreError::Conflict(what) => ApiError::new(
+                ErrorKind::Conflict,
+                format!("{what} already exists or conflicts"),
+            ),
+            StoreError::Invalid(why) => ApiError::new(ErrorKind::InvalidRequest, why),
+            other => {
+                tracing::error!(error = %other, "key store error");
+                ApiError::new(ErrorKind::Unavailable, "The key store is unavailable.")
+            }
+        }
+    }
+}
+
+pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    match route(state, req).await {
+        Ok(resp) => resp,
+        Err(e) => respond::error(&e),
+    }
+}
+
+fn authorized(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let token = crate::auth::bearer_token(req.headers().get(http::header::AUTHORIZATION))
+        .map_err(|_| ApiError::new(ErrorKind::Authentication, "An admin token is required."))?;
+    let hash = hex::encode(crate::auth::hash_secret(token));
+    let rt = state.runtime.load();
+    let ok = rt
+        .config
+        .admin
+        .tokens_sha256
+        .iter()
+        .any(|t| bool::from(t.to_ascii_lowercase().as_bytes().ct_eq(hash.as_bytes())));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Authentication,
+            "Invalid admin token.",
+        ))
+    }
+}
+
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes: Bytes = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::PayloadTooLarge, "Body over 64 KiB."))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, format!("Invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize, Default)]
+struct Page {
+    after: Option<String>,
+    limit: Option<i64>,
+    tenant: Option<String>,
+}
+
+fn page(req: &Request<Incoming>) -> Result<Page, ApiError> {
+    let mut p = Page::default();
+    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "after" => p.after = Some(v.into_owned()),
+            "tenant" => p.tenant = Some(v.into_owned()),
+            "limit" => {
+                let n: i64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "limit",
+                            format!("limit must be between 1 and {MAX_PAGE}"),
+                        )
+                    })?;
+                p.limit = Some(n);
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("Unknown query parameter: {other}"),
+                ))
+            }
+        }
+    }
+    Ok(p)
+}
+
+fn list<T: serde::Serialize>(items: Vec<T>, limit: i64, last_id: Option<String>) -> Response<Body> {
+    let has_more = items.len() as i64 == limit;
+    respond::json(
+        StatusCode::OK,
+        &json!({"object": "list", "data": items, "has_more": has_more,
+                "next_after": if has_more { last_id } else { None }}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    #[serde(default)]
+    grace: Option<String>,
+}
+
+async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    authorized(state, &req)?;
+    let db: Database = state
+        .db_keys
+        .as_ref()
+        .map(|k| k.database().clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "No key store is configured (state.store).",
+            )
+        })?;
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
+    let method = req.method().clone();
+    match (method, parts.as_slice()) {
+        (Method::GET, ["tenants"]) => {
+            let p = page(&req)?;
+            let limit = p.limit.unwrap_or(100);
+            let items = db.list_tenants(p.after.as_deref(), limit).await?;
+            let last = items.last().map(|t| t.id.clone());
+            Ok(list(items, limit, last))
+        }
+        (Method::POST, ["tenants"]) => {
+            let input: TenantInput = body(req).await?;
+            Ok(respond::json(
+                StatusCode::CREATED,
+                &db.create_tenant(&input).await?,
+            ))
+        }
+        (Method::GET, ["tenants", id]) => {
+            let t = db
+                .get_tenant(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("tenant \"{id}\"")))?;
+            Ok(respond::json(StatusCode::OK, &t))
+        }
+        (Method::PUT, ["tenants", id]) => {
+            let id = id.to_string();
+            let mut input: TenantInput = body(req).await?;
+            if !input.id.is_empty() && input.id != id {
+                return Err(ApiError::invalid(
+                    "id",
+                    "the body's id differs from the path's",
+                ));
+            }
+            input.id = id;
+            Ok(respond::json(
+                StatusCode::OK,
+                &db.update_tenant(&input).await?,
+            ))
+        }
+        (Method::POST, ["tenants", id, action @ ("disable" | "enable")]) => {
+            db.set_tenant_disabled(id, *action == "disable").await?;
+            Ok(respond::json(StatusCode::OK, &db.get_tenant(id).await?))
+        }
+        (Method::DELETE, ["tenants", id]) => {
+            db.delete_tenant(id).await?;
+            Ok(respond::json(
+                StatusCode::OK,
+                &json!({"id": id, "deleted": true}),
+            ))
+        }
+        (Method::GET, ["keys"]) => {
+            let p = page(&req)?;
+            let limit = p.limit.unwrap_or(100);
+            let items = db
+                .list_keys(p.tenant.as_deref(), p.after.as_deref(), limit)
+                .await?;
+            let last = items.last().map(|k| k.id.clone());
+            Ok(list(items, limit, last))
+        }
+        (Method::POST, ["keys"]) => {
+            let input: KeyInput = body(req).await?;
+            Ok(respond::json(
+                StatusCode::CREATED,
+                &db.create_key(&input).await?,
+            ))
+        }
+        (Method::GET, ["keys", id]) => {
+            let k = db
+                .get_key(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("key \"{id}\"")))?;
+            Ok(respond::json(StatusCode::OK, &k))
+        }
+        (Method::POST, ["keys", id, action @ ("disable" | "enable" | "revoke")]) => {
+            match *action {
+                "revoke" => db.revoke_key(id).await?,
+                a => db.set_key_disabled(id, a == "disable").await?,
+            }
+            Ok(respond::json(StatusCode::OK, &db.get_key(id).await?))
+        }
+        (Method::POST, ["keys", id, "rotate"]) => {
+            let id = id.to_string();
+            let r: Rotate = body(req).await?;
+            let grace = match r.grace.as_deref() {
+                None => std::time::Duration::ZERO,
+                Some(g) => {
+                    crate::config::parse_duration(g).map_err(|e| ApiError::invalid("grace", e))?
+                }
+            };
+            Ok(respond::json(
+                StatusCode::OK,
+                &db.rotate_key(&id, grace).await?,
+            ))
+        }
+        (m, _) => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("Invalid URL ({m} {path})"),
+        )),
+    }
+}
