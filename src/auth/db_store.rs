@@ -31,6 +31,7 @@ pub struct DbKeyStore {
     revision: AtomicI64,
     touched: DashMap<String, i64>,
     lookups: AtomicU64,
+    tenants: DashMap<String, (Instant, Option<TenantRecord>)>,
 }
 
 impl DbKeyStore {
@@ -43,6 +44,7 @@ impl DbKeyStore {
             cache: DashMap::new(),
             touched: DashMap::new(),
             lookups: AtomicU64::new(0),
+            tenants: DashMap::new(),
         });
         Ok(store)
     }
@@ -65,6 +67,7 @@ impl DbKeyStore {
         let ids: HashSet<String> = self.db.key_ids().await?.into_iter().collect();
         self.known.store(Arc::new(ids));
         self.cache.clear();
+        self.tenants.clear();
         self.revision.store(rev, Ordering::SeqCst);
         Ok(true)
     }
@@ -99,6 +102,26 @@ impl DbKeyStore {
                 }
             }
         }
+    }
+
+    /// A store tenant, cached like keys (for JWTs that name one).
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRecord>, AuthError> {
+        if let Some(t) = self.tenants.get(id) {
+            if t.0.elapsed() < self.ttl {
+                return Ok(t.1.clone());
+            }
+        }
+        let t = self
+            .db
+            .get_tenant(id)
+            .await
+            .map_err(|e| AuthError::Store(e.to_string()))?;
+        // Bounded: one entry per tenant the JWTs name; unknown names are not kept.
+        if t.is_some() {
+            self.tenants
+                .insert(id.to_string(), (Instant::now(), t.clone()));
+        }
+        Ok(t)
     }
 
     async fn load(&self, id: &str) -> Result<Option<Arc<(KeyRecord, TenantRecord)>>, AuthError> {

@@ -5,6 +5,7 @@
 //! log never shows) a secret; the key's public `id` is what logs and usage records name.
 
 mod db_store;
+mod jwt;
 mod static_store;
 
 use std::collections::HashSet;
@@ -16,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::api::ApiError;
 
 pub use db_store::DbKeyStore;
+pub use jwt::{looks_like_jwt, JwtVerifier};
 pub use static_store::StaticKeyStore;
 
 pub type KeyHash = [u8; 32];
@@ -122,15 +124,77 @@ pub trait KeyStore: Send + Sync {
     async fn authenticate(&self, token: &str) -> Result<Principal, AuthError>;
 }
 
-/// gateway.yaml's keys, then the database's `sk-ig-` keys.
+/// gateway.yaml's keys, the database's `sk-ig-` keys, and JWTs.
 pub struct KeyStores {
     pub config: StaticKeyStore,
     pub db: Option<Arc<DbKeyStore>>,
+    pub jwt: Option<JwtVerifier>,
+    /// Tenants of gateway.yaml, for JWTs that name one.
+    pub tenants: std::collections::BTreeMap<String, crate::config::TenantConfig>,
+}
+
+impl KeyStores {
+    /// A principal from a verified JWT: its tenant (gateway.yaml's, else the store's) must
+    /// exist and be enabled; a models claim narrows the tenant's models.
+    async fn principal_from_jwt(
+        &self,
+        jwt: &JwtVerifier,
+        token: &str,
+    ) -> Result<Principal, AuthError> {
+        let claims = jwt.verify(token)?;
+        let cfg = jwt.config();
+        let tenant_id = claims
+            .get(&cfg.tenant_claim)
+            .and_then(|v| v.as_str())
+            .ok_or(AuthError::Unknown)?;
+        let (models, limits, disabled) = match self.tenants.get(tenant_id) {
+            Some(t) => (ModelSet::from_list(&t.models), t.limits.clone(), t.disabled),
+            None => {
+                let db = self.db.as_ref().ok_or(AuthError::Unknown)?;
+                let t = db.tenant(tenant_id).await?.ok_or(AuthError::Unknown)?;
+                (ModelSet::from_list(&t.models), t.limits.clone(), t.disabled)
+            }
+        };
+        if disabled {
+            return Err(AuthError::Disabled);
+        }
+        let models = match claims.get(&cfg.models_claim).and_then(|v| v.as_array()) {
+            Some(list) => {
+                let names: Vec<String> = list
+                    .iter()
+                    .filter_map(|m| m.as_str().map(String::from))
+                    .collect();
+                models.intersect(&ModelSet::from_list(&names))
+            }
+            None => models,
+        };
+        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("-");
+        let key_id: String = format!("jwt:{sub}").chars().take(80).collect();
+        Ok(Principal {
+            key_id: Arc::from(key_id.as_str()),
+            tenant: Arc::from(tenant_id),
+            models,
+            limits: Arc::new(limits),
+        })
+    }
+
+    /// Whether `token` is a JWT carrying the admin role.
+    pub fn jwt_admin(&self, token: &str) -> bool {
+        match &self.jwt {
+            Some(jwt) if looks_like_jwt(token) => {
+                jwt.verify(token).is_ok_and(|claims| jwt.is_admin(&claims))
+            }
+            _ => false,
+        }
+    }
 }
 
 #[async_trait]
 impl KeyStore for KeyStores {
     async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(jwt) = self.jwt.as_ref().filter(|_| looks_like_jwt(token)) {
+            return self.principal_from_jwt(jwt, token).await;
+        }
         match (&self.db, crate::store::keys::parse_token(token)) {
             (Some(db), Some(_)) => db.authenticate(token).await,
             _ => self.config.authenticate(token).await,

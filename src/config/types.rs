@@ -20,6 +20,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub server: ServerConfig,
+    /// JWT bearer auth (enterprise identity providers); off when absent.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
     /// Where tenants and `sk-ig-` keys live (the keys of gateway.yaml work in any case).
     #[serde(default)]
     pub state: StateConfig,
@@ -52,6 +55,48 @@ impl Config {
             None => format!("http://{}", self.listen),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+    /// HS256 shared secret.
+    #[serde(default)]
+    pub hs256_secret: Option<Secret>,
+    /// RS256/ES256 public keys as PEM files.
+    #[serde(default)]
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS file (keys matched by `kid`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    /// Claim naming the tenant (gateway.yaml or store tenant).
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Optional claim (array of model names) narrowing the tenant's models.
+    #[serde(default = "default_models_claim")]
+    pub models_claim: String,
+    /// A JWT whose `admin_claim` holds `admin_value` (string or array) may use the admin API.
+    #[serde(default)]
+    pub admin_claim: Option<String>,
+    #[serde(default)]
+    pub admin_value: Option<String>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tenant_claim() -> String {
+    "tenant".to_string()
+}
+fn default_models_claim() -> String {
+    "models".to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

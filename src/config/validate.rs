@@ -150,6 +150,11 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             ));
         }
     }
+    if let Some(jwt) = &config.jwt {
+        if let Err(e) = crate::auth::JwtVerifier::new(jwt) {
+            errors.push(ConfigError::new("jwt", e));
+        }
+    }
     if config.server.max_body_bytes < 1024 {
         errors.push(ConfigError::new(
             "server.max_body_bytes",

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
 use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
-use crate::auth::{bearer_token, Principal};
+use crate::auth::{bearer_token, KeyStore, Principal};
 use crate::backends::translate;
 use crate::images::{unix, FILES_PREFIX};
 use crate::routing::Output;

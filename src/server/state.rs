@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::auth::{DbKeyStore, KeyStore, KeyStores, StaticKeyStore};
+use crate::auth::{DbKeyStore, KeyStores, StaticKeyStore};
 use crate::config::{Config, StoreKind};
 use crate::images::{BlobStore, ImageService, LocalStore, S3Store, UrlSigner};
 use crate::policy::Policy;
@@ -25,7 +25,7 @@ pub struct Runtime {
     pub config: Config,
     pub router: Router,
     pub policy: Policy,
-    pub keys: Arc<dyn KeyStore>,
+    pub keys: Arc<KeyStores>,
     /// Unix time of this generation, shown as `created` in `/v1/models`.
     pub created: u64,
 }
@@ -46,6 +46,11 @@ impl Runtime {
             keys: Arc::new(KeyStores {
                 config: StaticKeyStore::from_config(&config),
                 db: db_keys,
+                jwt: match &config.jwt {
+                    Some(j) => Some(crate::auth::JwtVerifier::new(j).map_err(anyhow::Error::msg)?),
+                    None => None,
+                },
+                tenants: config.tenants.clone(),
             }),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
