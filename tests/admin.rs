@@ -273,3 +273,43 @@ async fn keys_lifecycle_through_the_admin_api() {
     assert_eq!(admin(&gw, "GET", "/admin/v1/keys/nope", None).await.0, 404);
     assert_eq!(admin(&gw, "DELETE", "/admin/v1/keys", None).await.0, 404);
 }
+
+#[tokio::test]
+async fn a_key_can_narrow_its_tenants_limits() {
+    let gw = gateway().await;
+    admin(
+        &gw,
+        "POST",
+        "/admin/v1/tenants",
+        Some(json!({"id": "acme", "models": ["*"], "limits": {"requests_per_minute": 100}})),
+    )
+    .await;
+    let (_, k) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(json!({"tenant": "acme", "limits": {"requests_per_minute": 1}})),
+    )
+    .await;
+    let (_, other) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(json!({"tenant": "acme"})),
+    )
+    .await;
+    let secret = k["secret"].as_str().unwrap().to_string();
+    assert!(status_within_a_second(&gw, &secret, 200).await);
+    let resp = gw
+        .generate_as(&secret, json!({"prompt": "x", "size": "256x256"}))
+        .await;
+    let err = expect_error(resp, 429).await;
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("key requests per minute"),
+        "{err}"
+    );
+    assert!(status_within_a_second(&gw, other["secret"].as_str().unwrap(), 200).await);
+}

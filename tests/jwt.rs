@@ -280,3 +280,31 @@ async fn an_admin_role_opens_the_admin_api() {
         401
     );
 }
+
+#[tokio::test]
+async fn a_limits_claim_limits_the_token_on_top_of_its_tenant() {
+    let k = keys();
+    let gw = gateway(&k, true).await;
+    let limited = hs(&claims(
+        json!({"sub": "bot", "limits": {"requests_per_minute": 1}}),
+    ));
+    assert_eq!(status(&gw, &limited, "dall-e-2").await, 200);
+    let resp = gw
+        .generate_as(&limited, json!({"prompt": "x", "size": "256x256"}))
+        .await;
+    let err = expect_error(resp, 429).await;
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("key requests per minute"),
+        "{err}"
+    );
+    // The tenant itself is not limited: another token of it still passes.
+    assert_eq!(
+        status(&gw, &hs(&claims(json!({"sub": "human"}))), "dall-e-2").await,
+        200
+    );
+    let bad = hs(&claims(json!({"limits": {"requests_per_minute": "lots"}})));
+    assert_eq!(status(&gw, &bad, "dall-e-2").await, 401);
+}

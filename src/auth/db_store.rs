@@ -184,6 +184,7 @@ impl KeyStore for DbKeyStore {
             tenant: Arc::from(tenant.id.as_str()),
             models,
             limits: Arc::new(tenant.limits.clone()),
+            key_limits: key.limits.clone().map(Arc::new),
         })
     }
 }

@@ -68,6 +68,8 @@ pub struct Principal {
     pub models: ModelSet,
     /// The tenant's rate limits.
     pub limits: Arc<crate::config::LimitsConfig>,
+    /// The key's (or token's) own limits, applied on top of the tenant's.
+    pub key_limits: Option<Arc<crate::config::LimitsConfig>>,
 }
 
 impl Principal {
@@ -168,6 +170,13 @@ impl KeyStores {
             }
             None => models,
         };
+        let key_limits = match claims.get(&cfg.limits_claim) {
+            Some(v) => Some(Arc::new(
+                serde_json::from_value::<crate::config::LimitsConfig>(v.clone())
+                    .map_err(|_| AuthError::Unknown)?,
+            )),
+            None => None,
+        };
         let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("-");
         let key_id: String = format!("jwt:{sub}").chars().take(80).collect();
         Ok(Principal {
@@ -175,6 +184,7 @@ impl KeyStores {
             tenant: Arc::from(tenant_id),
             models,
             limits: Arc::new(limits),
+            key_limits,
         })
     }
 

@@ -39,6 +39,7 @@ impl StaticKeyStore {
                         tenant: Arc::from(key.tenant.as_str()),
                         models,
                         limits: Arc::new(tenant.limits.clone()),
+                        key_limits: None,
                     },
                     disabled: key.disabled || tenant.disabled,
                 },

@@ -82,6 +82,10 @@ pub struct JwtConfig {
     /// Optional claim (array of model names) narrowing the tenant's models.
     #[serde(default = "default_models_claim")]
     pub models_claim: String,
+    /// Optional claim (an object like a tenant's `limits`) with the token's own rate limits,
+    /// applied on top of the tenant's.
+    #[serde(default = "default_limits_claim")]
+    pub limits_claim: String,
     /// A JWT whose `admin_claim` holds `admin_value` (string or array) may use the admin API.
     #[serde(default)]
     pub admin_claim: Option<String>,
@@ -94,6 +98,9 @@ fn default_leeway() -> Duration {
 }
 fn default_tenant_claim() -> String {
     "tenant".to_string()
+}
+fn default_limits_claim() -> String {
+    "limits".to_string()
 }
 fn default_models_claim() -> String {
     "models".to_string()

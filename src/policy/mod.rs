@@ -45,28 +45,18 @@ impl TenantLimits {
     }
 }
 
-/// Limiters per tenant, made on a tenant's first request from the limits its principal
-/// carries (gateway.yaml or the key store), and remade when those limits change.
+/// Limiters per tenant and per key, made on first use from the limits the principal carries
+/// (gateway.yaml, the key store or a JWT), and remade when those limits change.
 #[derive(Default)]
 pub struct Policy {
     tenants: DashMap<Arc<str>, Arc<TenantLimits>>,
+    keys: DashMap<Arc<str>, Arc<TenantLimits>>,
     clock: DefaultClock,
 }
 
 impl Policy {
     pub fn new() -> Self {
         Policy::default()
-    }
-
-    fn limits_of(&self, principal: &Principal) -> Arc<TenantLimits> {
-        if let Some(l) = self.tenants.get(&principal.tenant) {
-            if l.config == *principal.limits {
-                return l.clone();
-            }
-        }
-        let fresh = Arc::new(TenantLimits::new(&principal.limits));
-        self.tenants.insert(principal.tenant.clone(), fresh.clone());
-        fresh
     }
 
     /// Model rights: the same 404 for "no such model" and "not yours".
@@ -79,13 +69,31 @@ impl Policy {
     }
 
     /// Takes one request and `n` images from the tenant's limits, or says when to retry.
+    /// Takes one request and `n` images from the tenant's limits and then from the key's own
+    /// (when it narrows them), or says when to retry.
     pub fn admit(&self, principal: &Principal, n: u32) -> Result<(), ApiError> {
-        let limits = self.limits_of(principal);
+        let tenant = limiters(&self.tenants, &principal.tenant, &principal.limits);
+        self.take(&tenant, principal, n, "")?;
+        if let Some(own) = &principal.key_limits {
+            let key = limiters(&self.keys, &principal.key_id, own);
+            self.take(&key, principal, n, "key ")?;
+        }
+        Ok(())
+    }
+
+    fn take(
+        &self,
+        limits: &TenantLimits,
+        principal: &Principal,
+        n: u32,
+        scope: &str,
+    ) -> Result<(), ApiError> {
         if let Some(l) = &limits.requests {
             if let Err(not_until) = l.limiter.check() {
                 let wait = not_until.wait_time_from(self.clock.now());
-                crate::telemetry::metrics().rate_limited(&principal.tenant, "requests");
-                return Err(limited("requests", l.per_minute, wait));
+                crate::telemetry::metrics()
+                    .rate_limited(&principal.tenant, &format!("{scope}requests"));
+                return Err(limited(&format!("{scope}requests"), l.per_minute, wait));
             }
         }
         if let Some(l) = &limits.images {
@@ -94,15 +102,17 @@ impl Policy {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.clock.now());
-                    crate::telemetry::metrics().rate_limited(&principal.tenant, "images");
-                    return Err(limited("images", l.per_minute, wait));
+                    crate::telemetry::metrics()
+                        .rate_limited(&principal.tenant, &format!("{scope}images"));
+                    return Err(limited(&format!("{scope}images"), l.per_minute, wait));
                 }
                 Err(_) => {
-                    crate::telemetry::metrics().rate_limited(&principal.tenant, "images");
+                    crate::telemetry::metrics()
+                        .rate_limited(&principal.tenant, &format!("{scope}images"));
                     return Err(ApiError::new(
                         ErrorKind::RateLimited,
                         format!(
-                            "This request asks for {n} images, more than the images-per-minute limit of {} allows at once.",
+                            "This request asks for {n} images, more than the {scope}images-per-minute limit of {} allows at once.",
                             l.per_minute
                         ),
                     )
@@ -113,6 +123,22 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// The limiters of one tenant or key, made on first use and remade when its limits change.
+fn limiters(
+    map: &DashMap<Arc<str>, Arc<TenantLimits>>,
+    id: &Arc<str>,
+    limits: &LimitsConfig,
+) -> Arc<TenantLimits> {
+    if let Some(l) = map.get(id) {
+        if l.config == *limits {
+            return l.clone();
+        }
+    }
+    let fresh = Arc::new(TenantLimits::new(limits));
+    map.insert(id.clone(), fresh.clone());
+    fresh
 }
 
 fn limited(what: &str, per_minute: u32, wait: Duration) -> ApiError {
