@@ -497,9 +497,17 @@ async fn tenant_rate_limits_answer_429_with_retry_after() {
     );
     let gw = Gateway::start(&yaml).await;
     let body = json!({"prompt": "x", "size": "256x256", "response_format": "b64_json"});
-    assert_eq!(gw.generate(body.clone()).await.status(), 200);
+    let first = gw.generate(body.clone()).await;
+    assert_eq!(first.status(), 200);
+    let h = |r: &reqwest::Response, name: &str| r.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(h(&first, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(h(&first, "x-ratelimit-remaining-requests"), "1");
+    assert_eq!(h(&first, "x-ratelimit-reset-requests"), "30s");
+    assert_eq!(h(&first, "x-ratelimit-limit-images"), "3");
+    assert_eq!(h(&first, "x-ratelimit-remaining-images"), "2");
     assert_eq!(gw.generate(body.clone()).await.status(), 200);
     let resp = gw.generate(body.clone()).await;
+    assert_eq!(h(&resp, "x-ratelimit-remaining-requests"), "0");
     let retry: u64 = resp.headers()["retry-after"]
         .to_str()
         .unwrap()

@@ -1,21 +1,27 @@
-//! What an authenticated caller may do: model rights and per-tenant rate limits (requests
-//! and images per minute, GCRA via governor, in process).
+//! What an authenticated caller may do: model rights and rate limits per tenant and per key
+//! (requests and images per minute, GCRA via governor, in process), with OpenAI's
+//! `x-ratelimit-*` headers describing where the caller stands.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 
 use crate::api::{ApiError, ErrorKind};
 use crate::auth::Principal;
 use crate::config::LimitsConfig;
-use dashmap::DashMap;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
 struct Limit {
     per_minute: u32,
-    limiter: DefaultDirectRateLimiter,
+    burst: u32,
+    limiter: Limiter,
 }
 
 impl Limit {
@@ -24,8 +30,78 @@ impl Limit {
         let burst = burst.and_then(NonZeroU32::new).unwrap_or(rate);
         Some(Limit {
             per_minute: rate.get(),
-            limiter: RateLimiter::direct(Quota::per_minute(rate).allow_burst(burst)),
+            burst: burst.get(),
+            limiter: RateLimiter::direct(Quota::per_minute(rate).allow_burst(burst))
+                .with_middleware::<StateInformationMiddleware>(),
         })
+    }
+
+    /// Where this limit stands after a decision.
+    fn standing(&self, remaining: u32, reset: Duration) -> Standing {
+        Standing {
+            limit: self.per_minute,
+            remaining,
+            reset,
+        }
+    }
+
+    fn after(&self, snapshot: &StateSnapshot) -> Standing {
+        let remaining = snapshot.remaining_burst_capacity();
+        // Until the bucket is full again: one cell per (60 s / per_minute).
+        let per_cell = Duration::from_secs(60) / self.per_minute;
+        self.standing(remaining, per_cell * self.burst.saturating_sub(remaining))
+    }
+}
+
+/// One limit's `x-ratelimit-{limit,remaining,reset}-*` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: Duration,
+}
+
+/// The rate-limit headers of an answer (the tighter of tenant and key when both apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<Standing>,
+    pub images: Option<Standing>,
+}
+
+impl RateHeaders {
+    fn merge(slot: &mut Option<Standing>, s: Standing) {
+        if slot.is_none_or(|old| s.remaining < old.remaining) {
+            *slot = Some(s);
+        }
+    }
+
+    /// `(name, value)` pairs, OpenAI's names and duration format (`6m0s`, `1s`, `250ms`).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (kind, s) in [("requests", self.requests), ("images", self.images)] {
+            if let Some(s) = s {
+                out.push((format!("x-ratelimit-limit-{kind}"), s.limit.to_string()));
+                out.push((
+                    format!("x-ratelimit-remaining-{kind}"),
+                    s.remaining.to_string(),
+                ));
+                out.push((format!("x-ratelimit-reset-{kind}"), go_duration(s.reset)));
+            }
+        }
+        out
+    }
+}
+
+/// `6m0s`, `1s`, `250ms`, as OpenAI writes its reset times.
+pub fn go_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
     }
 }
 
@@ -68,15 +144,19 @@ impl Policy {
         }
     }
 
-    /// Takes one request and `n` images from the tenant's limits, or says when to retry.
     /// Takes one request and `n` images from the tenant's limits and then from the key's own
-    /// (when it narrows them), or says when to retry.
-    pub fn admit(&self, principal: &Principal, n: u32) -> Result<(), ApiError> {
+    /// (when it has them), or says when to retry. `headers` is filled either way.
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        n: u32,
+        headers: &mut RateHeaders,
+    ) -> Result<(), ApiError> {
         let tenant = limiters(&self.tenants, &principal.tenant, &principal.limits);
-        self.take(&tenant, principal, n, "")?;
+        self.take(&tenant, principal, n, "", headers)?;
         if let Some(own) = &principal.key_limits {
             let key = limiters(&self.keys, &principal.key_id, own);
-            self.take(&key, principal, n, "key ")?;
+            self.take(&key, principal, n, "key ", headers)?;
         }
         Ok(())
     }
@@ -87,28 +167,34 @@ impl Policy {
         principal: &Principal,
         n: u32,
         scope: &str,
+        headers: &mut RateHeaders,
     ) -> Result<(), ApiError> {
+        let refuse = |what: &str| {
+            crate::telemetry::metrics().rate_limited(&principal.tenant, &format!("{scope}{what}"));
+        };
         if let Some(l) = &limits.requests {
-            if let Err(not_until) = l.limiter.check() {
-                let wait = not_until.wait_time_from(self.clock.now());
-                crate::telemetry::metrics()
-                    .rate_limited(&principal.tenant, &format!("{scope}requests"));
-                return Err(limited(&format!("{scope}requests"), l.per_minute, wait));
+            match l.limiter.check() {
+                Ok(snapshot) => RateHeaders::merge(&mut headers.requests, l.after(&snapshot)),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    RateHeaders::merge(&mut headers.requests, l.standing(0, wait));
+                    refuse("requests");
+                    return Err(limited(&format!("{scope}requests"), l.per_minute, wait));
+                }
             }
         }
         if let Some(l) = &limits.images {
             let cells = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
             match l.limiter.check_n(cells) {
-                Ok(Ok(())) => {}
+                Ok(Ok(snapshot)) => RateHeaders::merge(&mut headers.images, l.after(&snapshot)),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.clock.now());
-                    crate::telemetry::metrics()
-                        .rate_limited(&principal.tenant, &format!("{scope}images"));
+                    RateHeaders::merge(&mut headers.images, l.standing(0, wait));
+                    refuse("images");
                     return Err(limited(&format!("{scope}images"), l.per_minute, wait));
                 }
                 Err(_) => {
-                    crate::telemetry::metrics()
-                        .rate_limited(&principal.tenant, &format!("{scope}images"));
+                    refuse("images");
                     return Err(ApiError::new(
                         ErrorKind::RateLimited,
                         format!(
@@ -152,4 +238,58 @@ fn limited(what: &str, per_minute: u32, wait: Duration) -> ApiError {
     )
     .code("rate_limit_exceeded")
     .retry_after(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_times_are_written_like_openai() {
+        assert_eq!(go_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "2s");
+        assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(go_duration(Duration::from_secs(61)), "1m1s");
+    }
+
+    #[test]
+    fn headers_count_down_and_the_tighter_limit_wins() {
+        let policy = Policy::new();
+        let principal = Principal {
+            key_id: Arc::from("k"),
+            tenant: Arc::from("t"),
+            models: crate::auth::ModelSet::All,
+            limits: Arc::new(LimitsConfig {
+                requests_per_minute: Some(60),
+                images_per_minute: Some(100),
+                burst: None,
+            }),
+            key_limits: Some(Arc::new(LimitsConfig {
+                requests_per_minute: Some(3),
+                images_per_minute: None,
+                burst: None,
+            })),
+        };
+        let mut h = RateHeaders::default();
+        policy.admit(&principal, 4, &mut h).unwrap();
+        let r = h.requests.unwrap();
+        assert_eq!(
+            (r.limit, r.remaining),
+            (3, 2),
+            "the key's limit is the tighter one"
+        );
+        let i = h.images.unwrap();
+        assert_eq!((i.limit, i.remaining), (100, 96));
+        assert_eq!(i.reset, Duration::from_millis(600) * 4);
+        let mut h = RateHeaders::default();
+        policy.admit(&principal, 1, &mut h).unwrap();
+        policy.admit(&principal, 1, &mut h).unwrap();
+        let mut h = RateHeaders::default();
+        assert!(policy.admit(&principal, 1, &mut h).is_err());
+        assert_eq!(h.requests.unwrap().remaining, 0);
+        let pairs = h.pairs();
+        assert!(pairs
+            .iter()
+            .any(|(k, v)| k == "x-ratelimit-remaining-requests" && v == "0"));
+    }
 }

@@ -34,6 +34,7 @@ struct AccessLog {
     /// Token usage the upstream reported (GPT image), for the log line until metering.
     usage: Option<String>,
     upstream_time: std::time::Duration,
+    rate: crate::policy::RateHeaders,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -88,6 +89,14 @@ pub async fn handle(
     if log.attempts > 0 {
         headers.insert("x-imagegate-attempts", HeaderValue::from(log.attempts));
     }
+    for (name, value) in log.rate.pairs() {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
 
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
@@ -110,7 +119,7 @@ pub async fn handle(
         method = %method,
         path = %path,
         status,
-        latency_ms = format_args!("{latency_ms:.1}"),
+        latency_ms = (latency_ms * 100.0).round() / 100.0,
         key_id = %dash(log.key_id.as_deref()),
         tenant = %dash(log.tenant.as_deref()),
         model = %dash(log.model.as_deref()),
@@ -241,7 +250,7 @@ async fn generations(
         .model(&model_name)
         .ok_or_else(|| ApiError::model_not_found(&model_name))?;
     let request = raw.validate(&route.rules)?;
-    rt.policy.admit(&principal, request.n)?;
+    rt.policy.admit(&principal, request.n, &mut log.rate)?;
 
     let deadline = Instant::now() + route.timeout;
     let dispatch = route
