@@ -8,6 +8,7 @@ pub mod auth;
 pub mod backends;
 pub mod config;
 pub mod images;
+pub mod metering;
 pub mod policy;
 pub mod routing;
 pub mod server;

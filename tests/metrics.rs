@@ -111,6 +111,15 @@ async fn counters_follow_a_scripted_mix_of_requests() {
         0.0,
         "nothing in flight; the admin listener is not counted"
     );
+    // dall-e-2 256x256 costs 16,000 micro-dollars an image.
+    assert_eq!(
+        v(r#"imagegate_spend_microdollars_total{tenant="demo",model="dall-e-2"}"#),
+        96_000.0
+    );
+    assert_eq!(
+        v(r#"imagegate_spend_microdollars_total{tenant="narrow",model="dall-e-2"}"#),
+        32_000.0
+    );
     // Never a per-key label.
     assert!(!text.contains("sk-") && !text.contains("key_id"));
 }

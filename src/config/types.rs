@@ -900,6 +900,37 @@ pub struct ModelConfig {
     /// Overall deadline of one request to this model.
     #[serde(default = "default_model_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// What an image costs the client: a preset (`dall-e-2`, `dall-e-3`) or a table; default:
+    /// the preset of the model's rules, else free.
+    #[serde(default)]
+    pub price: Option<PriceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PriceConfig {
+    Preset(String),
+    Table(PriceTableConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTableConfig {
+    #[serde(default)]
+    pub per_image: Vec<PriceEntry>,
+    /// Price of a size/quality not in the table.
+    #[serde(default)]
+    pub default_micro_usd: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceEntry {
+    pub size: String,
+    /// `standard` or `hd`; absent matches any.
+    #[serde(default)]
+    pub quality: Option<String>,
+    pub micro_usd: u64,
 }
 
 fn default_model_timeout() -> Duration {

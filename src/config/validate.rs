@@ -298,6 +298,9 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 ));
             }
         }
+        if let Err(e) = crate::metering::PriceTable::for_model(model.price.as_ref(), &model.rules) {
+            errors.push(ConfigError::new(format!("models.{name}.price"), e));
+        }
         if model.route.max_attempts == Some(0) {
             errors.push(ConfigError::new(
                 format!("models.{name}.route.max_attempts"),

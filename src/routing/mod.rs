@@ -37,6 +37,7 @@ pub struct Target {
 
 pub struct ModelRoute {
     pub rules: ModelRules,
+    pub prices: crate::metering::PriceTable,
     pub timeout: Duration,
     strategy: Strategy,
     max_attempts: u32,
@@ -467,10 +468,13 @@ impl Router {
                 .max_attempts
                 .unwrap_or(3)
                 .clamp(1, targets.len() as u32);
+            let prices = crate::metering::PriceTable::for_model(m.price.as_ref(), &m.rules)
+                .map_err(|e| format!("models.{name}.price: {e}"))?;
             models.insert(
                 name.clone(),
                 ModelRoute {
                     rules,
+                    prices,
                     timeout: m.timeout,
                     strategy: m.route.strategy,
                     max_attempts,

@@ -32,6 +32,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
     targets.sort_by_key(|t| t.priority);
     ModelRoute {
         rules: ModelRules::dalle2(),
+        prices: crate::metering::PriceTable::default(),
         timeout: Duration::from_secs(5),
         strategy,
         max_attempts: 3,

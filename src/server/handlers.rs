@@ -35,6 +35,8 @@ struct AccessLog {
     usage: Option<String>,
     upstream_time: std::time::Duration,
     rate: crate::policy::RateHeaders,
+    /// Micro-dollars charged (price table x images delivered).
+    cost: Option<u64>,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -127,6 +129,7 @@ pub async fn handle(
         attempts = log.attempts,
         usage = %dash(log.usage.as_deref()),
         trace_id = %dash(trace_id.as_deref()),
+        cost_micro_usd = log.cost.unwrap_or(0),
         "request"
     );
     Ok(resp)
@@ -295,7 +298,10 @@ async fn generations(
             deadline,
         )
         .await?;
+    let cost = route.prices.cost(&request, data.len() as u32);
+    log.cost = Some(cost);
     crate::telemetry::metrics().images(&request.model, data.len());
+    crate::telemetry::metrics().spend(&principal.tenant, &request.model, cost);
     let response = ImagesResponse {
         created: unix(SystemTime::now()),
         data,
