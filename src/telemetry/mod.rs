@@ -1,7 +1,7 @@
 //! Logs and traces. Logs: JSON lines when stdout is not a terminal (or when asked), pretty
-//! otherwise; `RUST_LOG` overrides the configured level. Traces: a span per request and per
-//! upstream attempt, W3C `traceparent` taken from the client and passed to upstreams, and
-//! exported over OTLP/HTTP when `log.otlp_endpoint` is set.
+//! otherwise; `RUST_LOG` overrides the configured level. Traces, when `log.otlp_endpoint` is
+//! set: a span per request and per upstream attempt, exported over OTLP/HTTP, with the
+//! client's W3C `traceparent` continued and passed to upstreams.
 
 mod metrics;
 
@@ -59,7 +59,11 @@ pub fn init(config: &LogConfig) -> Telemetry {
         }
     }
     let provider = builder.build();
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("imagegate"));
+    // Spans cost a few microseconds each; they are only built when they are exported.
+    let otel = config
+        .otlp_endpoint
+        .is_some()
+        .then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer("imagegate")));
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()
