@@ -80,19 +80,9 @@ impl Database {
         Ok(db)
     }
 
+    /// One set of migrations, in the SQL both databases speak.
     async fn migrate(&self) -> Result<(), StoreError> {
-        match self.kind {
-            Kind::Sqlite => {
-                sqlx::migrate!("./migrations/sqlite")
-                    .run(&self.pool)
-                    .await?
-            }
-            Kind::Postgres => {
-                sqlx::migrate!("./migrations/postgres")
-                    .run(&self.pool)
-                    .await?
-            }
-        }
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
         Ok(())
     }
 
