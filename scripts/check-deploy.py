@@ -78,6 +78,15 @@ for i in df.structure:
         for src in i["value"].split()[:-1]:
             check((ROOT / src).exists(), f"Dockerfile COPY source {src} exists")
 
+# The build stage must copy everything `cargo build` reads: the manifest, the lock file, the
+# sources, the bench example and the migrations sqlx embeds at compile time.
+copied = set()
+for i in df.structure:
+    if i["instruction"] == "COPY" and "--from" not in i["value"]:
+        copied.update(p.rstrip("/") for p in i["value"].split()[:-1])
+for needed in ["Cargo.toml", "Cargo.lock", "src", "bench", "migrations"]:
+    check(needed in copied, f"Dockerfile copies {needed} for the build")
+
 compose = yaml.safe_load((ROOT / "deploy/docker/compose.yaml").read_text())
 services = compose["services"]
 volumes = set((compose.get("volumes") or {}).keys())
