@@ -136,10 +136,7 @@ pub trait Backend: Send + Sync {
     /// Server-sent events for `stream: true`. Backends that cannot stream answer whole, as
     /// one `image_generation.completed` event per image.
     async fn generate_stream(&self, call: UpstreamCall<'_>) -> Result<EventStream, BackendError> {
-        let request = call.request.clone();
-        let generation = self.generate(call).await?;
-        let events = translate::completed_events(&request, generation)?;
-        Ok(Box::pin(futures_util::stream::iter(events)))
+        whole_as_events(self, call).await
     }
 
     /// How often [`Backend::probe`] runs; `None`: this kind has no active probe.
@@ -151,6 +148,17 @@ pub trait Backend: Send + Sync {
     async fn probe(&self) -> Result<(), BackendError> {
         Ok(())
     }
+}
+
+/// Generates the whole answer, then sends it as the events a streaming upstream would.
+pub async fn whole_as_events<B: Backend + ?Sized>(
+    backend: &B,
+    call: UpstreamCall<'_>,
+) -> Result<EventStream, BackendError> {
+    let request = call.request.clone();
+    let generation = backend.generate(call).await?;
+    let events = translate::completed_events(&request, generation)?;
+    Ok(Box::pin(futures_util::stream::iter(events)))
 }
 
 /// How an upstream call failed, in terms the client-facing mapping needs.

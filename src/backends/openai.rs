@@ -473,10 +473,7 @@ impl Backend for OpenAiBackend {
     /// arrive. Everything else answers whole, as completed events.
     async fn generate_stream(&self, call: UpstreamCall<'_>) -> Result<EventStream, BackendError> {
         let (Dialect::GptImage, Some(g)) = (call.dialect, &call.request.gpt) else {
-            let request = call.request.clone();
-            let generation = self.generate(call).await?;
-            let events = translate::completed_events(&request, generation)?;
-            return Ok(Box::pin(futures_util::stream::iter(events)));
+            return super::whole_as_events(self, call).await;
         };
         let mut body = translate::gpt_body(call.request, g);
         let url = self.url(&call, &mut body);

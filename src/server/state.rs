@@ -107,18 +107,7 @@ impl AppState {
                 }
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
-        let tls = match &config.tls {
-            Some(t) => Some(Arc::new(
-                super::tls::acceptor(t).map_err(anyhow::Error::msg)?,
-            )),
-            None => None,
-        };
-        let admin_tls = match &config.admin.tls {
-            Some(t) => Some(Arc::new(
-                super::tls::acceptor(t).map_err(anyhow::Error::msg)?,
-            )),
-            None => None,
-        };
+        let (tls, admin_tls) = super::tls::acceptors(&config).map_err(anyhow::Error::msg)?;
         let db_keys = match open_store(&config).await? {
             Some(db) => Some(DbKeyStore::new(db, config.state.key_cache_ttl).await?),
             None => None,
@@ -163,14 +152,7 @@ impl AppState {
                 );
             }
         }
-        let tls = match &config.tls {
-            Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
-            None => None,
-        };
-        let admin_tls = match &config.admin.tls {
-            Some(t) => Some(Arc::new(super::tls::acceptor(t)?)),
-            None => None,
-        };
+        let (tls, admin_tls) = super::tls::acceptors(&config)?;
         let runtime = Runtime::build(config, &self.http, Some(&old), self.db_keys.clone())
             .map_err(|e| format!("{e:#}"))?;
         self.tls.store(tls);
