@@ -80,6 +80,15 @@ enum TenantCommand {
         /// Images per minute.
         #[arg(long)]
         ipm: Option<u32>,
+        /// Requests in flight at once.
+        #[arg(long)]
+        concurrent: Option<u32>,
+        /// Budget in micro-dollars per `--budget-period`.
+        #[arg(long)]
+        budget_micro_usd: Option<u64>,
+        /// daily, monthly or total.
+        #[arg(long, default_value = "monthly")]
+        budget_period: String,
         /// Labels, `key=value`.
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -163,8 +172,15 @@ async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Resu
             models,
             rpm,
             ipm,
+            concurrent,
+            budget_micro_usd,
+            budget_period,
             labels,
         } => {
+            let period: imagegate::config::BudgetPeriod = serde_json::from_value(
+                serde_json::Value::String(budget_period.clone()),
+            )
+            .map_err(|_| format!("--budget-period {budget_period}: daily, monthly or total"))?;
             let labels = labels
                 .iter()
                 .map(|l| {
@@ -180,6 +196,9 @@ async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Resu
                     requests_per_minute: rpm,
                     images_per_minute: ipm,
                     burst: None,
+                    concurrent_requests: concurrent,
+                    budget: budget_micro_usd
+                        .map(|micro_usd| imagegate::config::BudgetConfig { micro_usd, period }),
                 },
                 labels,
                 ..TenantInput::default()

@@ -18,6 +18,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// 409: conflicts with the current state (an idempotent repeat in flight, a duplicate).
     Conflict,
+    /// 422: well-formed but unusable here (an Idempotency-Key reused with another body).
+    Unprocessable,
     /// 413: body over the configured limit.
     PayloadTooLarge,
     /// 429: a rate limit (ours or the upstream's).
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RateLimited | ErrorKind::InsufficientQuota => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -60,6 +63,7 @@ impl ErrorKind {
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
             | ErrorKind::Conflict
+            | ErrorKind::Unprocessable
             | ErrorKind::PayloadTooLarge => "invalid_request_error",
             ErrorKind::RateLimited => "requests",
             ErrorKind::InsufficientQuota => "insufficient_quota",

@@ -183,7 +183,7 @@ impl KeyStore for DbKeyStore {
             key_id: Arc::from(key.id.as_str()),
             tenant: Arc::from(tenant.id.as_str()),
             models,
-            limits: Arc::new(tenant.limits.clone()),
+            limits: Arc::new(tenant.effective_limits()),
             key_limits: key.limits.clone().map(Arc::new),
         })
     }

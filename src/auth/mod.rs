@@ -154,7 +154,11 @@ impl KeyStores {
             None => {
                 let db = self.db.as_ref().ok_or(AuthError::Unknown)?;
                 let t = db.tenant(tenant_id).await?.ok_or(AuthError::Unknown)?;
-                (ModelSet::from_list(&t.models), t.limits.clone(), t.disabled)
+                (
+                    ModelSet::from_list(&t.models),
+                    t.effective_limits(),
+                    t.disabled,
+                )
             }
         };
         if disabled {

@@ -39,7 +39,7 @@ impl StaticKeyStore {
                         tenant: Arc::from(key.tenant.as_str()),
                         models,
                         limits: Arc::new(tenant.limits.clone()),
-                        key_limits: None,
+                        key_limits: key.limits.clone().map(Arc::new),
                     },
                     disabled: key.disabled || tenant.disabled,
                 },

@@ -118,6 +118,52 @@ pub struct StateConfig {
     /// made anywhere also drop it within a second).
     #[serde(default = "default_key_cache_ttl", deserialize_with = "duration")]
     pub key_cache_ttl: Duration,
+    /// Redis for rate and concurrency limits shared by every replica.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(
+        default = "default_idempotency_retention",
+        deserialize_with = "duration"
+    )]
+    pub idempotency_retention: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`.
+    pub url: Secret,
+    /// When Redis cannot be reached: `open` (each replica applies the limits locally, in
+    /// process) or `closed` (refuse with 503).
+    #[serde(default)]
+    pub on_failure: RedisFailure,
+    /// How long one limit check may wait for Redis before the failure policy applies.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Prefix of every key imagegate writes.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailure {
+    #[default]
+    Open,
+    Closed,
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_redis_prefix() -> String {
+    "imagegate:".into()
+}
+
+fn default_idempotency_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 impl Default for StateConfig {
@@ -126,6 +172,8 @@ impl Default for StateConfig {
             store: StoreChoice::default(),
             postgres: None,
             key_cache_ttl: default_key_cache_ttl(),
+            redis: None,
+            idempotency_retention: default_idempotency_retention(),
         }
     }
 }
@@ -904,6 +952,10 @@ pub struct ModelConfig {
     /// the preset of the model's rules, else free.
     #[serde(default)]
     pub price: Option<PriceConfig>,
+    /// What an image costs us upstream (same syntax as `price`, plus token prices), for the
+    /// margin in the usage ledger; default: free.
+    #[serde(default)]
+    pub upstream_price: Option<PriceConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -921,6 +973,12 @@ pub struct PriceTableConfig {
     /// Price of a size/quality not in the table.
     #[serde(default)]
     pub default_micro_usd: u64,
+    /// Token prices (GPT image `usage`), micro-dollars per million tokens; when the upstream
+    /// reports usage and either is set, they replace the per-image price.
+    #[serde(default)]
+    pub input_tokens_per_million: u64,
+    #[serde(default)]
+    pub output_tokens_per_million: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -1149,6 +1207,31 @@ pub struct LimitsConfig {
     /// value (a full minute's worth at once), as OpenAI's limits behave.
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub concurrent_requests: Option<u32>,
+    /// What may be spent per period, reserved before relaying and settled per image delivered.
+    #[serde(default)]
+    pub budget: Option<BudgetConfig>,
+}
+
+/// A spending cap in micro-dollars per period.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub micro_usd: u64,
+    #[serde(default)]
+    pub period: BudgetPeriod,
+}
+
+/// Periods start at 00:00 UTC (daily) and on the 1st at 00:00 UTC (monthly).
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Daily,
+    #[default]
+    Monthly,
+    Total,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -1166,6 +1249,9 @@ pub struct KeyConfig {
     /// Narrows the tenant's models for this key.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// The key's own limits and budget, on top of its tenant's.
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
     #[serde(default)]
     pub disabled: bool,
 }

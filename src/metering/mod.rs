@@ -1,8 +1,21 @@
-//! What a request costs: price tables per model x size x quality in integer micro-dollars.
-//! Presets for dall-e-2 and dall-e-3 carry OpenAI's published per-image prices; other models
-//! set their own (default 0). Reservation, settlement and the usage ledger build on this.
+//! What a request costs and who pays: price tables per model x size x quality in integer
+//! micro-dollars (presets for dall-e-2 and dall-e-3 at OpenAI's published prices), budgets
+//! reserved before relaying and settled at the images delivered ([`budget`]), the usage ledger
+//! ([`ledger`]) and `Idempotency-Key` records ([`idempotency`]), behind one [`Meter`].
+
+pub mod budget;
+pub mod idempotency;
+pub mod ledger;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use budget::Hold;
+
+use crate::api::{ApiError, ErrorKind};
+use crate::auth::Principal;
+use crate::store::Database;
 
 use crate::api::{ImageRequest, Quality, Size};
 use crate::config::{PriceConfig, RulesConfig};
@@ -13,6 +26,8 @@ pub struct PriceTable {
     /// (size, quality) -> price; a `None` quality matches any.
     entries: HashMap<(Size, Option<Quality>), u64>,
     default: u64,
+    /// Micro-dollars per million input / output tokens (upstream tables).
+    tokens: Option<(u64, u64)>,
 }
 
 const fn s(w: u32, h: u32) -> Size {
@@ -41,6 +56,7 @@ impl PriceTable {
         Some(PriceTable {
             entries: entries.into_iter().collect(),
             default: 0,
+            tokens: None,
         })
     }
 
@@ -62,9 +78,12 @@ impl PriceTable {
                     };
                     entries.insert((size, quality), e.micro_usd);
                 }
+                let tokens = (t.input_tokens_per_million > 0 || t.output_tokens_per_million > 0)
+                    .then_some((t.input_tokens_per_million, t.output_tokens_per_million));
                 Ok(PriceTable {
                     entries,
                     default: t.default_micro_usd,
+                    tokens,
                 })
             }
             None => Ok(match rules {
@@ -91,6 +110,371 @@ impl PriceTable {
     pub fn cost(&self, request: &ImageRequest, images: u32) -> u64 {
         self.per_image(request.size, request.quality) * u64::from(images)
     }
+
+    /// The cost with the upstream's token counts when the table has token prices, else per
+    /// image (rounded up to the micro-dollar).
+    pub fn cost_with_tokens(
+        &self,
+        request: &ImageRequest,
+        images: u32,
+        tokens: (Option<i64>, Option<i64>),
+    ) -> u64 {
+        match (self.tokens, tokens) {
+            (Some((pi, po)), (i, o)) if i.is_some() || o.is_some() => {
+                let t = |n: Option<i64>, p: u64| n.unwrap_or(0).max(0) as u128 * p as u128;
+                (t(i, pi) + t(o, po)).div_ceil(1_000_000) as u64
+            }
+            _ => self.cost(request, images),
+        }
+    }
+}
+
+/// `input_tokens` and `output_tokens` of a GPT image `usage` object.
+pub fn usage_tokens(usage: Option<&serde_json::Value>) -> (Option<i64>, Option<i64>) {
+    let get = |k: &str| usage.and_then(|u| u.get(k)).and_then(|v| v.as_i64());
+    (get("input_tokens"), get("output_tokens"))
+}
+
+/// `$0.040000`, as the budget messages write money.
+pub fn dollars(micro: u64) -> String {
+    format!("${}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
+/// Budgets, the ledger and idempotency records, in the shared store when there is one (SQLite
+/// on one machine, PostgreSQL for many replicas), else in this process.
+pub struct Meter {
+    db: Option<Database>,
+    ledger: Option<ledger::Ledger>,
+    budgets: budget::MemoryBudgets,
+    idem: idempotency::MemoryIdempotency,
+}
+
+fn store_unavailable(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "metering store error");
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "The usage store is temporarily unavailable; please retry.",
+    )
+    .retry_after(Duration::from_secs(1))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Meter {
+    /// Starts the ledger writer (and the idempotency sweeper) when there is a database.
+    pub fn new(db: Option<Database>, retention: Duration) -> Arc<Self> {
+        let ledger = db.clone().map(ledger::Ledger::start);
+        let meter = Arc::new(Meter {
+            db,
+            ledger,
+            budgets: budget::MemoryBudgets::default(),
+            idem: idempotency::MemoryIdempotency::default(),
+        });
+        let weak = Arc::downgrade(&meter);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(m) = weak.upgrade() else { break };
+                match &m.db {
+                    Some(db) => {
+                        if let Err(e) = idempotency::sql_sweep(db, retention, now_ms()).await {
+                            tracing::warn!(error = %e, "idempotency sweep failed");
+                        }
+                    }
+                    None => m.idem.sweep(retention, now_ms() as u64),
+                }
+            }
+        });
+        meter
+    }
+
+    pub fn database(&self) -> Option<&Database> {
+        self.db.as_ref()
+    }
+
+    /// Where an `Idempotency-Key` stands for this request (`lock_for`: how long the first
+    /// request may run before a repeat may take the key over).
+    pub async fn claim(
+        &self,
+        tenant: &str,
+        key: &str,
+        fp: &str,
+        lock_for: Duration,
+        retention: Duration,
+    ) -> Result<idempotency::Claim, ApiError> {
+        match &self.db {
+            Some(db) => idempotency::sql_claim(db, tenant, key, fp, lock_for, retention, now_ms())
+                .await
+                .map_err(store_unavailable),
+            None => Ok(self
+                .idem
+                .claim(tenant, key, fp, lock_for, retention, now_ms() as u64)),
+        }
+    }
+
+    /// Holds `cost` in the tenant's budget and then the key's; refuses with 429
+    /// `insufficient_quota` (and holds nothing) when either would be exceeded.
+    pub async fn reserve(&self, principal: &Principal, cost: u64) -> Result<Vec<Hold>, ApiError> {
+        let mut holds = Vec::new();
+        if cost == 0 {
+            return Ok(holds);
+        }
+        let now = budget::now_unix();
+        let scopes = [
+            ("tenant", &principal.tenant, principal.limits.budget),
+            (
+                "key",
+                &principal.key_id,
+                principal.key_limits.as_ref().and_then(|l| l.budget),
+            ),
+        ];
+        for (kind, id, b) in scopes {
+            let Some(b) = b else { continue };
+            let (period, resets_at) = budget::period_of(b.period, now);
+            let scope = format!("{kind}:{id}");
+            let outcome = match &self.db {
+                Some(db) => budget::sql_reserve(db, &scope, &period, cost, b.micro_usd).await,
+                None => Ok(self.budgets.reserve(&scope, &period, cost, b.micro_usd)),
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    self.release_holds(&holds).await;
+                    return Err(store_unavailable(e));
+                }
+            };
+            match outcome {
+                Ok(()) => holds.push(Hold {
+                    scope,
+                    period,
+                    amount: cost,
+                }),
+                Err(left) => {
+                    self.release_holds(&holds).await;
+                    crate::telemetry::metrics().over_budget(&principal.tenant, kind);
+                    return Err(exhausted(
+                        &budget::Exhausted {
+                            scope_kind: kind,
+                            budget: b,
+                            left,
+                            resets_at,
+                        },
+                        cost,
+                    ));
+                }
+            }
+        }
+        Ok(holds)
+    }
+
+    async fn release_holds(&self, holds: &[Hold]) {
+        for h in holds {
+            match &self.db {
+                Some(db) => {
+                    if let Err(e) = budget::sql_release(db, h).await {
+                        tracing::error!(error = %e, scope = %h.scope, "budget release failed");
+                    }
+                }
+                None => self.budgets.settle(h, 0),
+            }
+        }
+    }
+
+    /// Ends a relayed request: ledger row, holds settled at its cost, idempotency record kept
+    /// or dropped, in one commit that the answer waits for. False if it could not be written.
+    pub async fn settle(&self, s: ledger::Settlement) -> bool {
+        match &self.ledger {
+            Some(l) => l.commit(s).await,
+            None => {
+                self.settle_in_memory(s);
+                true
+            }
+        }
+    }
+
+    fn settle_in_memory(&self, s: ledger::Settlement) {
+        for h in &s.holds {
+            self.budgets.settle(h, s.row.cost_micro_usd);
+        }
+        match s.idem {
+            Some(ledger::IdemOutcome::Complete {
+                tenant,
+                key,
+                response,
+            }) => self.idem.complete(&tenant, &key, response),
+            Some(ledger::IdemOutcome::Release { tenant, key }) => self.idem.release(&tenant, &key),
+            None => {}
+        }
+    }
+
+    /// As [`Meter::settle`] without waiting (from a `Drop`).
+    pub fn settle_later(&self, s: ledger::Settlement) {
+        match &self.ledger {
+            Some(l) => l.submit(s),
+            None => self.settle_in_memory(s),
+        }
+    }
+
+    /// Gives back holds and an idempotency claim of a request that was never relayed.
+    pub async fn abandon(&self, holds: Vec<Hold>, idem: Option<(String, String)>) {
+        self.release_holds(&holds).await;
+        if let Some((tenant, key)) = idem {
+            match &self.db {
+                Some(db) => {
+                    if let Err(e) = idempotency::sql_release(db, &tenant, &key).await {
+                        tracing::error!(error = %e, "idempotency release failed");
+                    }
+                }
+                None => self.idem.release(&tenant, &key),
+            }
+        }
+    }
+
+    /// Waits for queued ledger writes (shutdown).
+    pub async fn flush(&self) {
+        if let Some(l) = &self.ledger {
+            l.flush().await;
+        }
+    }
+
+    /// What is spent and held in a budget scope's current period.
+    pub async fn standing(&self, scope: &str, period: &str) -> Result<(u64, u64), ApiError> {
+        match &self.db {
+            Some(db) => budget::sql_spent(db, scope, period)
+                .await
+                .map_err(store_unavailable),
+            None => Ok(self.budgets.spent(scope, period)),
+        }
+    }
+}
+
+fn exhausted(e: &budget::Exhausted, cost: u64) -> ApiError {
+    let period = match e.budget.period {
+        crate::config::BudgetPeriod::Daily => "daily ",
+        crate::config::BudgetPeriod::Monthly => "monthly ",
+        crate::config::BudgetPeriod::Total => "",
+    };
+    let resets = match e.resets_at {
+        Some(t) => {
+            let (y, m, d) = budget::civil_from_days((t / 86_400) as i64);
+            format!(" It resets at {y:04}-{m:02}-{d:02}T00:00:00Z.")
+        }
+        None => String::new(),
+    };
+    ApiError::new(
+        ErrorKind::InsufficientQuota,
+        format!(
+            "You exceeded your current quota: this request costs {} and the {}'s {period}budget of {} has {} left.{resets}",
+            dollars(cost),
+            e.scope_kind,
+            dollars(e.budget.micro_usd),
+            dollars(e.left),
+        ),
+    )
+    .code("insufficient_quota")
+    .should_retry(false)
+}
+
+/// A relayed request's claim on budgets and on its `Idempotency-Key`, ended exactly once:
+/// by [`Charge::finish`], or, when the request is dropped (the client went away), by `Drop`,
+/// which releases everything (and records the request as abandoned if it was relayed).
+pub struct Charge {
+    meter: Arc<Meter>,
+    pub row: ledger::UsageRow,
+    holds: Vec<Hold>,
+    idem: Option<(String, String)>,
+    relayed: bool,
+    started: Instant,
+    done: bool,
+}
+
+impl Charge {
+    pub fn new(meter: Arc<Meter>, row: ledger::UsageRow, idem: Option<(String, String)>) -> Self {
+        Charge {
+            meter,
+            row,
+            holds: Vec::new(),
+            idem,
+            relayed: false,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Reserves the request's cost (see [`Meter::reserve`]).
+    pub async fn reserve(&mut self, principal: &Principal, cost: u64) -> Result<(), ApiError> {
+        self.holds = self.meter.reserve(principal, cost).await?;
+        self.row.reserved_micro_usd = cost;
+        Ok(())
+    }
+
+    /// From here on the request counts in the ledger.
+    pub fn relayed(&mut self) {
+        self.relayed = true;
+    }
+
+    /// Settles at `row.cost_micro_usd` with the row as filled in; `response` (the answer's
+    /// body) is kept for the idempotency key when the request succeeded.
+    pub async fn finish(mut self, status: u16, response: Option<String>) -> bool {
+        self.done = true;
+        self.row.status = status;
+        self.row.latency_ms = self.started.elapsed().as_millis() as u64;
+        if status != 200 {
+            self.row.cost_micro_usd = 0;
+            self.row.n_delivered = 0;
+        }
+        let idem = self.idem.take().map(|(tenant, key)| match response {
+            Some(response) if status == 200 => ledger::IdemOutcome::Complete {
+                tenant,
+                key,
+                response,
+            },
+            _ => ledger::IdemOutcome::Release { tenant, key },
+        });
+        let settlement = ledger::Settlement {
+            row: std::mem::take(&mut self.row),
+            holds: std::mem::take(&mut self.holds),
+            idem,
+        };
+        self.meter.settle(settlement).await
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let holds = std::mem::take(&mut self.holds);
+        let idem = self.idem.take();
+        if self.relayed {
+            // The client went away mid-request: nothing delivered, nothing charged.
+            self.row.status = 499;
+            self.row.cost_micro_usd = 0;
+            self.row.n_delivered = 0;
+            self.row.latency_ms = self.started.elapsed().as_millis() as u64;
+            self.meter.settle_later(ledger::Settlement {
+                row: std::mem::take(&mut self.row),
+                holds,
+                idem: idem.map(|(tenant, key)| ledger::IdemOutcome::Release { tenant, key }),
+            });
+        } else if !holds.is_empty() || idem.is_some() {
+            let meter = self.meter.clone();
+            tokio::spawn(async move { meter.abandon(holds, idem).await });
+        }
+    }
+}
+
+/// A random id for ledger rows.
+pub fn new_id() -> String {
+    hex::encode(rand::random::<[u8; 12]>())
 }
 
 #[cfg(test)]

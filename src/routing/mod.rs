@@ -38,6 +38,8 @@ pub struct Target {
 pub struct ModelRoute {
     pub rules: ModelRules,
     pub prices: crate::metering::PriceTable,
+    /// What an image costs us upstream (for the ledger's margin).
+    pub upstream_prices: crate::metering::PriceTable,
     pub timeout: Duration,
     strategy: Strategy,
     max_attempts: u32,
@@ -470,11 +472,17 @@ impl Router {
                 .clamp(1, targets.len() as u32);
             let prices = crate::metering::PriceTable::for_model(m.price.as_ref(), &m.rules)
                 .map_err(|e| format!("models.{name}.price: {e}"))?;
+            let upstream_prices = match &m.upstream_price {
+                Some(p) => crate::metering::PriceTable::for_model(Some(p), &m.rules)
+                    .map_err(|e| format!("models.{name}.upstream_price: {e}"))?,
+                None => crate::metering::PriceTable::default(),
+            };
             models.insert(
                 name.clone(),
                 ModelRoute {
                     rules,
                     prices,
+                    upstream_prices,
                     timeout: m.timeout,
                     strategy: m.route.strategy,
                     max_attempts,

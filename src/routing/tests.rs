@@ -33,6 +33,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
     ModelRoute {
         rules: ModelRules::dalle2(),
         prices: crate::metering::PriceTable::default(),
+        upstream_prices: crate::metering::PriceTable::default(),
         timeout: Duration::from_secs(5),
         strategy,
         max_attempts: 3,

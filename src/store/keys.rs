@@ -104,6 +104,35 @@ pub struct KeyRecord {
     pub revoked_at: Option<i64>,
 }
 
+impl TenantInput {
+    fn check_budget(&self) -> Result<(), StoreError> {
+        match &self.budget {
+            Some(b) => serde_json::from_value::<crate::config::BudgetConfig>(b.clone())
+                .map(|_| ())
+                .map_err(|e| {
+                    StoreError::Invalid(format!(
+                        "budget: {e} (expected {{\"micro_usd\": N, \"period\": \"daily|monthly|total\"}})"
+                    ))
+                }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl TenantRecord {
+    /// The tenant's limits, with a budget given in the `budget` field when `limits` has none.
+    pub fn effective_limits(&self) -> LimitsConfig {
+        let mut limits = self.limits.clone();
+        if limits.budget.is_none() {
+            limits.budget = self
+                .budget
+                .as_ref()
+                .and_then(|b| serde_json::from_value(b.clone()).ok());
+        }
+        limits
+    }
+}
+
 impl KeyRecord {
     /// Whether `secret` opens this key now (current secret, or the previous one in its grace).
     pub fn secret_matches(&self, secret: &str, at: i64) -> bool {
@@ -214,6 +243,7 @@ impl Database {
     }
 
     pub async fn create_tenant(&self, t: &TenantInput) -> Result<TenantRecord, StoreError> {
+        t.check_budget()?;
         check_id(&t.id, "tenant")?;
         if self.get_tenant(&t.id).await?.is_some() {
             return Err(StoreError::Conflict(format!("tenant \"{}\"", t.id)));
@@ -243,6 +273,7 @@ impl Database {
 
     /// Replaces a tenant's settings (all but its id and creation time).
     pub async fn update_tenant(&self, t: &TenantInput) -> Result<TenantRecord, StoreError> {
+        t.check_budget()?;
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE tenants SET models = $2, limits = $3, budget = $4, labels = $5, disabled = $6, \

@@ -81,6 +81,9 @@ pub struct Metrics {
     images: Family<ModelLabel, Counter>,
     spend: Family<TenantModel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    ledger_rows: Family<ResultLabel, Counter>,
+    ledger_batches: Family<ResultLabel, Counter>,
+    redis_failures: Counter,
 }
 
 impl Metrics {
@@ -102,6 +105,9 @@ impl Metrics {
             images: Family::default(),
             spend: Family::default(),
             reloads: Family::default(),
+            ledger_rows: Family::default(),
+            ledger_batches: Family::default(),
+            redis_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +159,21 @@ impl Metrics {
             "rate_limited",
             "Requests refused by a rate limit",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "ledger_rows",
+            "Usage ledger rows written (result=ok) or not written after retries (result=error)",
+            m.ledger_rows.clone(),
+        );
+        registry.register(
+            "ledger_batches",
+            "Usage ledger transactions (group commits)",
+            m.ledger_batches.clone(),
+        );
+        registry.register(
+            "redis_failures",
+            "Limit checks that could not reach Redis (the failure policy applied)",
+            m.redis_failures.clone(),
         );
         registry.register(
             "over_budget",
@@ -274,6 +295,19 @@ impl Metrics {
                 model: model.to_string(),
             })
             .inc_by(n as u64);
+    }
+
+    pub fn ledger_batch(&self, rows: usize, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        let labels = ResultLabel {
+            result: result.to_string(),
+        };
+        self.ledger_rows.get_or_create(&labels).inc_by(rows as u64);
+        self.ledger_batches.get_or_create(&labels).inc();
+    }
+
+    pub fn redis_failure(&self) {
+        self.redis_failures.inc();
     }
 
     pub fn spend(&self, tenant: &str, model: &str, micro_dollars: u64) {

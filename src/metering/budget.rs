@@ -1,0 +1,234 @@
+//! Budgets: per tenant and per key, per period, in micro-dollars. A request's cost is held
+//! before it is relayed (one conditional UPDATE in SQLite/PostgreSQL, a shard-locked map entry
+//! in memory) and settled at the images delivered, or released, when it ends.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+
+use crate::config::{BudgetConfig, BudgetPeriod};
+use crate::store::{Database, StoreError};
+
+/// One budget a request draws on: a scope (`tenant:<id>`, `key:<id>`) in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hold {
+    pub scope: String,
+    pub period: String,
+    /// Micro-dollars held.
+    pub amount: u64,
+}
+
+/// Why a budget refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exhausted {
+    /// `tenant` or `key`.
+    pub scope_kind: &'static str,
+    pub budget: BudgetConfig,
+    /// What is left in this period (budget - spent - held), never negative.
+    pub left: u64,
+    /// Unix seconds when the period ends (`None` for `total`).
+    pub resets_at: Option<u64>,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Days since 1970-01-01 of a civil date.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The period a moment falls in (`2026-11-25`, `2026-11`, `total`) and when it ends.
+pub fn period_of(period: BudgetPeriod, unix: u64) -> (String, Option<u64>) {
+    let days = (unix / 86_400) as i64;
+    let (y, m, d) = civil_from_days(days);
+    match period {
+        BudgetPeriod::Daily => (
+            format!("{y:04}-{m:02}-{d:02}"),
+            Some((days as u64 + 1) * 86_400),
+        ),
+        BudgetPeriod::Monthly => {
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (
+                format!("{y:04}-{m:02}"),
+                Some(days_from_civil(ny, nm, 1) as u64 * 86_400),
+            )
+        }
+        BudgetPeriod::Total => ("total".to_string(), None),
+    }
+}
+
+/// Budgets kept in this process only (`state.store: none`).
+#[derive(Default)]
+pub struct MemoryBudgets {
+    /// (scope, period) -> (spent, held)
+    rows: DashMap<(String, String), (u64, u64)>,
+}
+
+impl MemoryBudgets {
+    pub fn reserve(&self, scope: &str, period: &str, amount: u64, limit: u64) -> Result<(), u64> {
+        let mut row = self
+            .rows
+            .entry((scope.to_string(), period.to_string()))
+            .or_default();
+        let (spent, held) = *row;
+        if spent + held + amount > limit {
+            return Err(limit.saturating_sub(spent + held));
+        }
+        row.1 += amount;
+        Ok(())
+    }
+
+    pub fn settle(&self, hold: &Hold, actual: u64) {
+        if let Some(mut row) = self
+            .rows
+            .get_mut(&(hold.scope.clone(), hold.period.clone()))
+        {
+            row.1 = row.1.saturating_sub(hold.amount);
+            row.0 += actual;
+        }
+    }
+
+    pub fn spent(&self, scope: &str, period: &str) -> (u64, u64) {
+        self.rows
+            .get(&(scope.to_string(), period.to_string()))
+            .map(|r| *r)
+            .unwrap_or_default()
+    }
+}
+
+/// Holds `amount` in one SQL budget row, or says what is left. The common path is a single
+/// conditional UPDATE; the row is created the first time a period is used.
+pub async fn sql_reserve(
+    db: &Database,
+    scope: &str,
+    period: &str,
+    amount: u64,
+    limit: u64,
+) -> Result<Result<(), u64>, StoreError> {
+    let update = || {
+        sqlx::query(
+            "UPDATE budget_usage SET held = held + $3 \
+             WHERE scope = $1 AND period = $2 AND spent + held + $3 <= $4",
+        )
+        .bind(scope)
+        .bind(period)
+        .bind(amount as i64)
+        .bind(limit as i64)
+    };
+    if update().execute(&db.pool).await?.rows_affected() == 1 {
+        return Ok(Ok(()));
+    }
+    let created = sqlx::query(
+        "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, 0, 0) \
+         ON CONFLICT (scope, period) DO NOTHING",
+    )
+    .bind(scope)
+    .bind(period)
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    if created == 1 && update().execute(&db.pool).await?.rows_affected() == 1 {
+        return Ok(Ok(()));
+    }
+    let (spent, held) = sql_spent(db, scope, period).await?;
+    Ok(Err(limit.saturating_sub(spent + held)))
+}
+
+/// (spent, held) of one budget row.
+pub async fn sql_spent(db: &Database, scope: &str, period: &str) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT spent, held FROM budget_usage WHERE scope = $1 AND period = $2")
+            .bind(scope)
+            .bind(period)
+            .fetch_optional(&db.pool)
+            .await?;
+    let (s, h) = row.unwrap_or((0, 0));
+    Ok((s.max(0) as u64, h.max(0) as u64))
+}
+
+/// Gives back a hold that will not be settled through the ledger (a later budget refused).
+pub async fn sql_release(db: &Database, hold: &Hold) -> Result<(), StoreError> {
+    sqlx::query("UPDATE budget_usage SET held = held - $3 WHERE scope = $1 AND period = $2")
+        .bind(&hold.scope)
+        .bind(&hold.period)
+        .bind(hold.amount as i64)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_utc_days_and_months() {
+        // 2026-11-25T16:00:00Z
+        let t = 1_795_564_800 + 16 * 3600;
+        assert_eq!(civil_from_days((t / 86_400) as i64), (2026, 11, 25));
+        let (d, end) = period_of(BudgetPeriod::Daily, t);
+        assert_eq!(d, "2026-11-25");
+        assert_eq!(end, Some(1_795_564_800 + 86_400));
+        let (m, end) = period_of(BudgetPeriod::Monthly, t);
+        assert_eq!(m, "2026-11");
+        assert_eq!(
+            civil_from_days((end.unwrap() / 86_400) as i64),
+            (2026, 12, 1)
+        );
+        let dec = days_from_civil(2026, 12, 31) as u64 * 86_400;
+        let (_, end) = period_of(BudgetPeriod::Monthly, dec);
+        assert_eq!(
+            civil_from_days((end.unwrap() / 86_400) as i64),
+            (2027, 1, 1)
+        );
+        assert_eq!(period_of(BudgetPeriod::Total, t), ("total".into(), None));
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(
+            days_from_civil(2000, 2, 29) + 1,
+            days_from_civil(2000, 3, 1)
+        );
+    }
+
+    #[test]
+    fn memory_budget_holds_and_settles() {
+        let b = MemoryBudgets::default();
+        for _ in 0..7 {
+            b.reserve("tenant:t", "total", 10, 70).unwrap();
+        }
+        assert_eq!(b.reserve("tenant:t", "total", 10, 70), Err(0));
+        let hold = Hold {
+            scope: "tenant:t".into(),
+            period: "total".into(),
+            amount: 10,
+        };
+        b.settle(&hold, 0);
+        assert_eq!(b.spent("tenant:t", "total"), (0, 60));
+        b.reserve("tenant:t", "total", 10, 70).unwrap();
+        b.settle(&hold, 10);
+        assert_eq!(b.spent("tenant:t", "total"), (10, 60));
+    }
+}

@@ -1,0 +1,457 @@
+//! The usage ledger: one row per relayed request, written by one task in batches (group
+//! commit). The row, the settlement of its budget holds and the answer kept for its
+//! `Idempotency-Key` go into one transaction, and the request's answer waits for that commit:
+//! a request the client saw succeed is in the ledger, and a crash (even `kill -9`) between
+//! the two cannot charge it twice or lose it.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::budget::Hold;
+use crate::store::{Database, StoreError};
+
+/// One request, as the ledger keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UsageRow {
+    pub id: String,
+    pub request_id: String,
+    pub ts_ms: i64,
+    pub tenant: String,
+    pub key_id: String,
+    pub model: String,
+    pub backend: Option<String>,
+    pub size: String,
+    pub quality: Option<String>,
+    pub n_requested: u32,
+    pub n_delivered: u32,
+    pub reserved_micro_usd: u64,
+    pub cost_micro_usd: u64,
+    pub upstream_cost_micro_usd: u64,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub status: u16,
+    pub latency_ms: u64,
+    pub idempotency_key: Option<String>,
+}
+
+/// What becomes of an `Idempotency-Key` record when its request ends.
+#[derive(Debug, Clone)]
+pub enum IdemOutcome {
+    /// Keep the answer for repeats.
+    Complete {
+        tenant: String,
+        key: String,
+        response: String,
+    },
+    /// Forget the key: the request failed, a repeat runs anew.
+    Release { tenant: String, key: String },
+}
+
+/// Everything that ends one request, committed together.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub row: UsageRow,
+    /// Each hold is settled at `row.cost_micro_usd`.
+    pub holds: Vec<Hold>,
+    pub idem: Option<IdemOutcome>,
+}
+
+enum Msg {
+    Settle(Box<Settlement>, Option<oneshot::Sender<bool>>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The ledger's writer task, fed through a channel.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+const MAX_BATCH: usize = 512;
+
+impl Ledger {
+    pub fn start(db: Database) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(db, rx));
+        Ledger { tx }
+    }
+
+    /// Commits a settlement and waits until it is durable; false if it could not be written.
+    pub async fn commit(&self, s: Settlement) -> bool {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Settle(Box::new(s), Some(done))).is_err() {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
+
+    /// Queues a settlement without waiting (a request abandoned by its client).
+    pub fn submit(&self, s: Settlement) {
+        let _ = self.tx.send(Msg::Settle(Box::new(s), None));
+    }
+
+    /// Waits until everything queued so far is written (shutdown).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn run(db: Database, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut batch: Vec<(Box<Settlement>, Option<oneshot::Sender<bool>>)> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Settle(s, done) => batch.push((s, done)),
+                Msg::Flush(done) => flushes.push(done),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let ok = write_with_retry(&db, &batch).await;
+            crate::telemetry::metrics().ledger_batch(batch.len(), ok);
+            for (_, done) in batch.drain(..) {
+                if let Some(done) = done {
+                    let _ = done.send(ok);
+                }
+            }
+        }
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn write_with_retry(
+    db: &Database,
+    batch: &[(Box<Settlement>, Option<oneshot::Sender<bool>>)],
+) -> bool {
+    let mut wait = Duration::from_millis(50);
+    for attempt in 0..5 {
+        match write_batch(db, batch).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::error!(error = %e, attempt, rows = batch.len(), "usage ledger write failed");
+                tokio::time::sleep(wait).await;
+                wait *= 3;
+            }
+        }
+    }
+    false
+}
+
+async fn write_batch(
+    db: &Database,
+    batch: &[(Box<Settlement>, Option<oneshot::Sender<bool>>)],
+) -> Result<(), StoreError> {
+    let mut tx = db.pool.begin().await?;
+    for (s, _) in batch {
+        let r = &s.row;
+        sqlx::query(
+            "INSERT INTO usage_ledger (id, request_id, ts_ms, tenant, key_id, model, backend, size, \
+             quality, n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, \
+             upstream_cost_micro_usd, input_tokens, output_tokens, status, latency_ms, \
+             idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+             $14, $15, $16, $17, $18, $19) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&r.id)
+        .bind(&r.request_id)
+        .bind(r.ts_ms)
+        .bind(&r.tenant)
+        .bind(&r.key_id)
+        .bind(&r.model)
+        .bind(&r.backend)
+        .bind(&r.size)
+        .bind(&r.quality)
+        .bind(i64::from(r.n_requested))
+        .bind(i64::from(r.n_delivered))
+        .bind(r.reserved_micro_usd as i64)
+        .bind(r.cost_micro_usd as i64)
+        .bind(r.upstream_cost_micro_usd as i64)
+        .bind(r.input_tokens)
+        .bind(r.output_tokens)
+        .bind(i64::from(r.status))
+        .bind(r.latency_ms as i64)
+        .bind(&r.idempotency_key)
+        .execute(&mut *tx)
+        .await?;
+        for h in &s.holds {
+            sqlx::query(
+                "UPDATE budget_usage SET held = held - $3, spent = spent + $4 \
+                 WHERE scope = $1 AND period = $2",
+            )
+            .bind(&h.scope)
+            .bind(&h.period)
+            .bind(h.amount as i64)
+            .bind(r.cost_micro_usd as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        match &s.idem {
+            Some(IdemOutcome::Complete {
+                tenant,
+                key,
+                response,
+            }) => {
+                sqlx::query(
+                    "UPDATE idempotency SET state = 'done', response = $3 \
+                     WHERE tenant = $1 AND idem_key = $2",
+                )
+                .bind(tenant)
+                .bind(key)
+                .bind(response)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(IdemOutcome::Release { tenant, key }) => {
+                sqlx::query("DELETE FROM idempotency WHERE tenant = $1 AND idem_key = $2")
+                    .bind(tenant)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            None => {}
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// How `GET /admin/v1/usage` and `imagegate usage` group rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Day,
+    Model,
+    Key,
+    Tenant,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "day" => GroupBy::Day,
+            "model" => GroupBy::Model,
+            "key" => GroupBy::Key,
+            "tenant" => GroupBy::Tenant,
+            _ => return None,
+        })
+    }
+
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::Day => "CAST(ts_ms / 86400000 AS BIGINT)",
+            GroupBy::Model => "model",
+            GroupBy::Key => "key_id",
+            GroupBy::Tenant => "tenant",
+        }
+    }
+}
+
+/// Filters of a usage query; times in Unix milliseconds, `to` exclusive.
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub tenant: Option<String>,
+    pub key: Option<String>,
+    pub model: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub limit: i64,
+}
+
+/// Totals of one group.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageGroup {
+    pub group: String,
+    pub requests: i64,
+    pub images: i64,
+    pub cost_micro_usd: i64,
+    pub upstream_cost_micro_usd: i64,
+    pub margin_micro_usd: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+impl UsageQuery {
+    fn where_clause(&self) -> (String, Vec<Param>) {
+        let mut conds = Vec::new();
+        let mut params = Vec::new();
+        let mut push = |cond: &str, p: Param| {
+            params.push(p);
+            conds.push(format!("{cond} ${}", params.len()));
+        };
+        if let Some(t) = &self.tenant {
+            push("tenant =", Param::Text(t.clone()));
+        }
+        if let Some(k) = &self.key {
+            push("key_id =", Param::Text(k.clone()));
+        }
+        if let Some(m) = &self.model {
+            push("model =", Param::Text(m.clone()));
+        }
+        if let Some(f) = self.from_ms {
+            push("ts_ms >=", Param::Int(f));
+        }
+        if let Some(t) = self.to_ms {
+            push("ts_ms <", Param::Int(t));
+        }
+        let clause = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        (clause, params)
+    }
+}
+
+enum Param {
+    Text(String),
+    Int(i64),
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    params: &'q [Param],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for p in params {
+        q = match p {
+            Param::Text(s) => q.bind(s.as_str()),
+            Param::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+/// Ledger rows, newest first.
+pub async fn rows(db: &Database, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+    use sqlx::Row;
+    let (clause, params) = q.where_clause();
+    let sql = format!(
+        "SELECT id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
+         n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
+         input_tokens, output_tokens, status, latency_ms, idempotency_key FROM usage_ledger{clause} \
+         ORDER BY ts_ms DESC, id LIMIT {}",
+        q.limit.max(1)
+    );
+    let found = bind_all(sqlx::query(&sql), &params)
+        .fetch_all(&db.pool)
+        .await?;
+    let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<i64, sqlx::Error> { r.try_get::<i64, _>(c) };
+    found
+        .iter()
+        .map(|r| {
+            Ok(UsageRow {
+                id: r.try_get("id")?,
+                request_id: r.try_get("request_id")?,
+                ts_ms: n(r, "ts_ms")?,
+                tenant: r.try_get("tenant")?,
+                key_id: r.try_get("key_id")?,
+                model: r.try_get("model")?,
+                backend: r.try_get("backend")?,
+                size: r.try_get("size")?,
+                quality: r.try_get("quality")?,
+                n_requested: n(r, "n_requested")? as u32,
+                n_delivered: n(r, "n_delivered")? as u32,
+                reserved_micro_usd: n(r, "reserved_micro_usd")? as u64,
+                cost_micro_usd: n(r, "cost_micro_usd")? as u64,
+                upstream_cost_micro_usd: n(r, "upstream_cost_micro_usd")? as u64,
+                input_tokens: r.try_get("input_tokens")?,
+                output_tokens: r.try_get("output_tokens")?,
+                status: n(r, "status")? as u16,
+                latency_ms: n(r, "latency_ms")? as u64,
+                idempotency_key: r.try_get("idempotency_key")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// Totals per day, model, key or tenant.
+pub async fn groups(
+    db: &Database,
+    q: &UsageQuery,
+    by: GroupBy,
+) -> Result<Vec<UsageGroup>, StoreError> {
+    use sqlx::Row;
+    let (clause, params) = q.where_clause();
+    let col = by.column();
+    let sql = format!(
+        "SELECT {col} AS g, COUNT(*) AS requests, \
+         CAST(COALESCE(SUM(n_delivered), 0) AS BIGINT) AS images, \
+         CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS cost, \
+         CAST(COALESCE(SUM(upstream_cost_micro_usd), 0) AS BIGINT) AS upstream, \
+         CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+         CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens \
+         FROM usage_ledger{clause} GROUP BY {col} ORDER BY {col}"
+    );
+    let found = bind_all(sqlx::query(&sql), &params)
+        .fetch_all(&db.pool)
+        .await?;
+    found
+        .iter()
+        .map(|r| {
+            let group = match by {
+                GroupBy::Day => {
+                    let (y, m, d) = super::budget::civil_from_days(r.try_get::<i64, _>("g")?);
+                    format!("{y:04}-{m:02}-{d:02}")
+                }
+                _ => r.try_get::<String, _>("g")?,
+            };
+            let cost: i64 = r.try_get("cost")?;
+            let upstream: i64 = r.try_get("upstream")?;
+            Ok(UsageGroup {
+                group,
+                requests: r.try_get("requests")?,
+                images: r.try_get("images")?,
+                cost_micro_usd: cost,
+                upstream_cost_micro_usd: upstream,
+                margin_micro_usd: cost - upstream,
+                input_tokens: r.try_get("input_tokens")?,
+                output_tokens: r.try_get("output_tokens")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// CSV with a header line; fields quoted when they need it.
+pub fn to_csv<T: Serialize>(items: &[T]) -> String {
+    let mut out = String::new();
+    let mut header_done = false;
+    for item in items {
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(item) else {
+            continue;
+        };
+        if !header_done {
+            out.push_str(&map.keys().cloned().collect::<Vec<_>>().join(","));
+            out.push('\n');
+            header_done = true;
+        }
+        let fields: Vec<String> = map
+            .values()
+            .map(|v| match v {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => csv_field(s),
+                other => other.to_string(),
+            })
+            .collect();
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
