@@ -39,6 +39,7 @@ fn tenant(id: &str) -> TenantInput {
             requests_per_minute: Some(100),
             images_per_minute: None,
             burst: None,
+            ..LimitsConfig::default()
         },
         ..TenantInput::default()
     }

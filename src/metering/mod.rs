@@ -415,6 +415,10 @@ impl Charge {
         Ok(())
     }
 
+    pub fn has_idempotency_key(&self) -> bool {
+        self.idem.is_some()
+    }
+
     /// From here on the request counts in the ledger.
     pub fn relayed(&mut self) {
         self.relayed = true;

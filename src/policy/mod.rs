@@ -1,6 +1,13 @@
-//! What an authenticated caller may do: model rights and rate limits per tenant and per key
-//! (requests and images per minute, GCRA via governor, in process), with OpenAI's
-//! `x-ratelimit-*` headers describing where the caller stands.
+//! What an authenticated caller may do: model rights and limits per tenant and per key
+//! (requests and images per minute with a burst, GCRA; concurrent requests), in process with
+//! governor, or across replicas in Redis ([`redis`]) with a failure policy; OpenAI's
+//! `x-ratelimit-*` headers describe where the caller stands.
+
+mod redis;
+
+pub use redis::RedisLimiter;
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -69,7 +76,7 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
-    fn merge(slot: &mut Option<Standing>, s: Standing) {
+    pub(crate) fn merge(slot: &mut Option<Standing>, s: Standing) {
         if slot.is_none_or(|old| s.remaining < old.remaining) {
             *slot = Some(s);
         }
@@ -127,12 +134,111 @@ impl TenantLimits {
 pub struct Policy {
     tenants: DashMap<Arc<str>, Arc<TenantLimits>>,
     keys: DashMap<Arc<str>, Arc<TenantLimits>>,
+    /// Requests in flight per `t:<tenant>` / `k:<key>`.
+    in_flight: DashMap<String, Arc<AtomicU32>>,
     clock: DefaultClock,
+    redis: Option<Arc<RedisLimiter>>,
+}
+
+/// Concurrency slots a request holds until it ends (dropped: given back).
+#[derive(Default)]
+pub struct Permits {
+    local: Vec<Arc<AtomicU32>>,
+    redis: Option<(Arc<RedisLimiter>, Vec<String>, String)>,
+}
+
+impl Drop for Permits {
+    fn drop(&mut self) {
+        for c in &self.local {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some((r, keys, member)) = self.redis.take() {
+            if !keys.is_empty() {
+                r.release(keys, member);
+            }
+        }
+    }
 }
 
 impl Policy {
     pub fn new() -> Self {
         Policy::default()
+    }
+
+    /// Limits shared through Redis (with the in-process ones as the fail-open fallback).
+    pub fn with_redis(redis: Option<Arc<RedisLimiter>>) -> Self {
+        Policy {
+            redis,
+            ..Policy::default()
+        }
+    }
+
+    /// Admits a request for `n` images against every limit of its tenant and key, in Redis
+    /// when configured, else (or when Redis fails open) in process. `member` names the request
+    /// (its concurrency slot) and `lease` bounds how long a slot outlives a crashed replica.
+    pub async fn admit_request(
+        &self,
+        principal: &Principal,
+        n: u32,
+        member: &str,
+        lease: Duration,
+        headers: &mut RateHeaders,
+    ) -> Result<Permits, ApiError> {
+        if let Some(r) = &self.redis {
+            match r.check(principal, n, member, lease, headers).await {
+                redis::Outcome::Admitted(keys) => {
+                    return Ok(Permits {
+                        local: Vec::new(),
+                        redis: Some((r.clone(), keys, member.to_string())),
+                    })
+                }
+                redis::Outcome::Refused(e) => return Err(e),
+                redis::Outcome::Unavailable(why) => {
+                    r.warn(&why);
+                    if r.on_failure == crate::config::RedisFailure::Closed {
+                        return Err(redis::unavailable());
+                    }
+                }
+            }
+        }
+        let permits = self.occupy(principal)?;
+        self.admit(principal, n, headers)?;
+        Ok(permits)
+    }
+
+    /// Takes a concurrency slot of the tenant and of the key (when they limit it).
+    fn occupy(&self, principal: &Principal) -> Result<Permits, ApiError> {
+        let mut permits = Permits::default();
+        let scopes = [
+            ("t", "", &principal.tenant, Some(&principal.limits)),
+            (
+                "k",
+                "key ",
+                &principal.key_id,
+                principal.key_limits.as_ref(),
+            ),
+        ];
+        for (scope, label, id, limits) in scopes {
+            let Some(max) = limits
+                .and_then(|l| l.concurrent_requests)
+                .filter(|m| *m > 0)
+            else {
+                continue;
+            };
+            let counter = self
+                .in_flight
+                .entry(format!("{scope}:{id}"))
+                .or_default()
+                .clone();
+            if counter.fetch_add(1, Ordering::AcqRel) >= max {
+                counter.fetch_sub(1, Ordering::AcqRel);
+                let what = format!("{label}concurrent requests");
+                crate::telemetry::metrics().rate_limited(&principal.tenant, &what);
+                return Err(concurrency_refused(&what, max));
+            }
+            permits.local.push(counter);
+        }
+        Ok(permits)
     }
 
     /// Model rights: the same 404 for "no such model" and "not yours".
@@ -195,15 +301,7 @@ impl Policy {
                 }
                 Err(_) => {
                     refuse("images");
-                    return Err(ApiError::new(
-                        ErrorKind::RateLimited,
-                        format!(
-                            "This request asks for {n} images, more than the {scope}images-per-minute limit of {} allows at once.",
-                            l.per_minute
-                        ),
-                    )
-                    .code("rate_limit_exceeded")
-                    .should_retry(false));
+                    return Err(too_many_at_once(n, scope, l.per_minute));
                 }
             }
         }
@@ -225,6 +323,29 @@ fn limiters(
     let fresh = Arc::new(TenantLimits::new(limits));
     map.insert(id.clone(), fresh.clone());
     fresh
+}
+
+/// A request for more images than a limit's burst: it can never pass.
+fn too_many_at_once(n: u32, scope: &str, per_minute: u32) -> ApiError {
+    ApiError::new(
+        ErrorKind::RateLimited,
+        format!(
+            "This request asks for {n} images, more than the {scope}images-per-minute limit of {per_minute} allows at once."
+        ),
+    )
+    .code("rate_limit_exceeded")
+    .should_retry(false)
+}
+
+fn concurrency_refused(what: &str, max: u32) -> ApiError {
+    ApiError::new(
+        ErrorKind::RateLimited,
+        format!(
+            "Rate limit exceeded for {what}: at most {max} at once. Please try again when one of them has finished."
+        ),
+    )
+    .code("rate_limit_exceeded")
+    .retry_after(Duration::from_secs(1))
 }
 
 fn limited(what: &str, per_minute: u32, wait: Duration) -> ApiError {
@@ -263,11 +384,13 @@ mod tests {
                 requests_per_minute: Some(60),
                 images_per_minute: Some(100),
                 burst: None,
+                ..Default::default()
             }),
             key_limits: Some(Arc::new(LimitsConfig {
                 requests_per_minute: Some(3),
                 images_per_minute: None,
                 burst: None,
+                ..Default::default()
             })),
         };
         let mut h = RateHeaders::default();

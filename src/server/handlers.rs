@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -21,6 +21,9 @@ use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObje
 use crate::auth::{bearer_token, KeyStore, Principal};
 use crate::backends::translate;
 use crate::images::{unix, FILES_PREFIX};
+use crate::metering::idempotency::{self, Claim};
+use crate::metering::ledger::UsageRow;
+use crate::metering::Charge;
 use crate::routing::Output;
 
 /// What the access log line says about a request, filled in as it goes.
@@ -242,6 +245,11 @@ async fn generations(
     let rt = state.runtime.load_full();
     let principal = authenticate(&rt, &req, log).await?;
     require_json(&req)?;
+    let idem_key = req
+        .headers()
+        .get("idempotency-key")
+        .map(idempotency::check_key)
+        .transpose()?;
     let body = read_body(req, rt.config.server.max_body_bytes).await?;
     let raw = api::parse_request(&body)?;
 
@@ -253,11 +261,133 @@ async fn generations(
         .model(&model_name)
         .ok_or_else(|| ApiError::model_not_found(&model_name))?;
     let request = raw.validate(&route.rules)?;
-    rt.policy.admit(&principal, request.n, &mut log.rate)?;
+    // How long a request may hold a concurrency slot or an idempotency key before another
+    // replica may assume it died.
+    let lease = route.timeout + Duration::from_secs(30);
 
+    // A repeat of a finished request is answered from its record: no limit, no charge.
+    let mut idem = None;
+    if let Some(key) = idem_key {
+        if request.streaming() {
+            return Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "Idempotency-Key is not supported with stream=true.",
+            )
+            .param("Idempotency-Key"));
+        }
+        let fp = idempotency::fingerprint(&body);
+        let retention = rt.config.state.idempotency_retention;
+        match state
+            .meter
+            .claim(&principal.tenant, &key, &fp, lease, retention)
+            .await?
+        {
+            Claim::Run => idem = Some((principal.tenant.to_string(), key)),
+            Claim::Replay(answer) => {
+                let mut resp =
+                    respond::with_type(StatusCode::OK, Bytes::from(answer), "application/json");
+                resp.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(resp);
+            }
+            refused => {
+                return Err(refused
+                    .error()
+                    .unwrap_or_else(|| ApiError::internal("idempotency claim")))
+            }
+        }
+    }
+    let row = UsageRow {
+        id: crate::metering::new_id(),
+        request_id: request_id.to_string(),
+        ts_ms: unix_ms(),
+        tenant: principal.tenant.to_string(),
+        key_id: principal.key_id.to_string(),
+        model: request.model.clone(),
+        size: request.size.to_string(),
+        quality: request.quality.map(|q| q.as_str().to_string()),
+        n_requested: request.n,
+        idempotency_key: idem.as_ref().map(|(_, k): &(String, String)| k.clone()),
+        ..UsageRow::default()
+    };
+    let mut charge = Charge::new(state.meter.clone(), row, idem);
+    let _permits = rt
+        .policy
+        .admit_request(&principal, request.n, &charge.row.id, lease, &mut log.rate)
+        .await?;
+    let reserved = route.prices.cost(&request, request.n);
+    charge.reserve(&principal, reserved).await?;
+    charge.relayed();
+
+    let relayed = relay(state, route, &request, request_id, log).await;
+    charge.row.backend = log.backend.as_deref().map(String::from);
+    let relayed = match relayed {
+        Ok(r) => r,
+        Err(e) => {
+            charge.finish(e.kind.status().as_u16(), None).await;
+            return Err(e);
+        }
+    };
+    let (delivered, usage, resp, stored) = match relayed {
+        Relayed::Events(resp) => {
+            // Charged as asked once the upstream has started answering.
+            (request.n, None, resp, None)
+        }
+        Relayed::Images { response, usage } => {
+            let chunks = response.to_chunks();
+            let stored = charge
+                .has_idempotency_key()
+                .then(|| String::from_utf8_lossy(&chunks.concat()).into_owned());
+            let resp = respond::with_type(StatusCode::OK, Body::chunks(chunks), "application/json");
+            (response.data.len() as u32, usage, resp, stored)
+        }
+    };
+    let tokens = crate::metering::usage_tokens(usage.as_ref());
+    let cost = route.prices.cost(&request, delivered);
+    {
+        let row = &mut charge.row;
+        row.n_delivered = delivered;
+        row.cost_micro_usd = cost;
+        row.upstream_cost_micro_usd = route
+            .upstream_prices
+            .cost_with_tokens(&request, delivered, tokens);
+        (row.input_tokens, row.output_tokens) = tokens;
+    }
+    log.cost = Some(cost);
+    if let Some(u) = &usage {
+        log.usage = Some(u.to_string());
+    }
+    crate::telemetry::metrics().images(&request.model, delivered as usize);
+    crate::telemetry::metrics().spend(&principal.tenant, &request.model, cost);
+    if !charge.finish(200, stored).await {
+        tracing::error!(
+            request_id,
+            "usage ledger unavailable: answering without a durable usage record"
+        );
+    }
+    Ok(resp)
+}
+
+/// What the upstream gave, ready for the client.
+enum Relayed {
+    Events(Response<Body>),
+    Images {
+        response: ImagesResponse,
+        usage: Option<serde_json::Value>,
+    },
+}
+
+/// Route -> backend -> images: the part of a request that costs money.
+async fn relay(
+    state: &Arc<AppState>,
+    route: &crate::routing::ModelRoute,
+    request: &api::ImageRequest,
+    request_id: &str,
+    log: &mut AccessLog,
+) -> Result<Relayed, ApiError> {
     let deadline = Instant::now() + route.timeout;
     let dispatch = route
-        .dispatch(&request, request_id, deadline, request.streaming())
+        .dispatch(request, request_id, deadline, request.streaming())
         .await;
     log.backend = dispatch.backend;
     log.attempts = dispatch.attempts;
@@ -273,17 +403,15 @@ async fn generations(
                 http::header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache"),
             );
-            return Ok(resp);
+            return Ok(Relayed::Events(resp));
         }
     };
     let url_policy = dispatch
         .url_policy
         .ok_or_else(|| ApiError::internal("no image URL policy for the answering backend"))?;
 
-    let gpt_fields = translate::answer_fields(&request, generation.meta.as_ref());
-    if let Some(usage) = generation.meta.as_ref().and_then(|m| m.usage.as_ref()) {
-        log.usage = Some(usage.to_string());
-    }
+    let gpt_fields = translate::answer_fields(request, generation.meta.as_ref());
+    let usage = generation.meta.as_ref().and_then(|m| m.usage.clone());
     let fallback_revised = route
         .rules
         .revised_prompt
@@ -298,20 +426,21 @@ async fn generations(
             deadline,
         )
         .await?;
-    let cost = route.prices.cost(&request, data.len() as u32);
-    log.cost = Some(cost);
-    crate::telemetry::metrics().images(&request.model, data.len());
-    crate::telemetry::metrics().spend(&principal.tenant, &request.model, cost);
-    let response = ImagesResponse {
-        created: unix(SystemTime::now()),
-        data,
-        gpt: gpt_fields,
-    };
-    Ok(respond::with_type(
-        StatusCode::OK,
-        Body::chunks(response.to_chunks()),
-        "application/json",
-    ))
+    Ok(Relayed::Images {
+        response: ImagesResponse {
+            created: unix(SystemTime::now()),
+            data,
+            gpt: gpt_fields,
+        },
+        usage,
+    })
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn model_object(rt: &Runtime, id: &str) -> ModelObject {

@@ -118,6 +118,7 @@ pub async fn serve(
         Ok(()) => tracing::info!("drained; bye"),
         Err(_) => tracing::warn!("drain deadline passed with requests still in flight"),
     }
+    state.meter.flush().await;
     Ok(())
 }
 

@@ -24,7 +24,8 @@ use crate::routing::Router;
 pub struct Runtime {
     pub config: Config,
     pub router: Router,
-    pub policy: Policy,
+    /// Limiter state outlives reloads (a reload must not hand out a fresh minute).
+    pub policy: Arc<Policy>,
     pub keys: Arc<KeyStores>,
     /// Unix time of this generation, shown as `created` in `/v1/models`.
     pub created: u64,
@@ -37,12 +38,13 @@ impl Runtime {
         http: &reqwest::Client,
         previous: Option<&Runtime>,
         db_keys: Option<Arc<DbKeyStore>>,
+        policy: Arc<Policy>,
     ) -> anyhow::Result<Self> {
         let router = Router::from_config(&config, http, previous.map(|p| &p.router))
             .map_err(anyhow::Error::msg)?;
         Ok(Runtime {
             router,
-            policy: Policy::new(),
+            policy,
             keys: Arc::new(KeyStores {
                 config: StaticKeyStore::from_config(&config),
                 db: db_keys,
@@ -75,6 +77,8 @@ pub struct AppState {
     pub db_keys: Option<Arc<DbKeyStore>>,
     /// The admin listener's TLS, swapped on reload too.
     pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// Budgets, the usage ledger and idempotency records.
+    pub meter: Arc<crate::metering::Meter>,
     probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -108,13 +112,21 @@ impl AppState {
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
         let (tls, admin_tls) = super::tls::acceptors(&config).map_err(anyhow::Error::msg)?;
-        let db_keys = match open_store(&config).await? {
-            Some(db) => Some(DbKeyStore::new(db, config.state.key_cache_ttl).await?),
+        let db = open_store(&config).await?;
+        let db_keys = match &db {
+            Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
             None => None,
         };
-        let runtime = Runtime::build(config, &http, None, db_keys.clone())?;
+        let meter = crate::metering::Meter::new(db, config.state.idempotency_retention);
+        let redis = match &config.state.redis {
+            Some(r) => Some(crate::policy::RedisLimiter::new(r).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let policy = Arc::new(Policy::with_redis(redis));
+        let runtime = Runtime::build(config, &http, None, db_keys.clone(), policy)?;
         Ok(Arc::new(AppState {
             db_keys,
+            meter,
             tls: ArcSwapOption::new(tls),
             admin_tls: ArcSwapOption::new(admin_tls),
             runtime: ArcSwap::from_pointee(runtime),
@@ -153,8 +165,20 @@ impl AppState {
             }
         }
         let (tls, admin_tls) = super::tls::acceptors(&config)?;
-        let runtime = Runtime::build(config, &self.http, Some(&old), self.db_keys.clone())
-            .map_err(|e| format!("{e:#}"))?;
+        if config.state != old.config.state {
+            tracing::warn!(
+                key = "state",
+                "changed in the config file; takes effect at the next restart"
+            );
+        }
+        let runtime = Runtime::build(
+            config,
+            &self.http,
+            Some(&old),
+            self.db_keys.clone(),
+            old.policy.clone(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
         self.tls.store(tls);
         self.admin_tls.store(admin_tls);
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
