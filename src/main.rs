@@ -58,6 +58,32 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// The usage ledger: rows, or totals per day/model/key/tenant, as JSON or CSV.
+    Usage {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// As --from (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// day, model, key or tenant.
+        #[arg(long)]
+        group_by: Option<String>,
+        /// json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Most rows listed (without --group-by).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
+        config: PathBuf,
+    },
     /// GET a plain-HTTP URL and exit 0 on a 2xx answer (container health checks, where the
     /// image has no curl).
     Probe {
@@ -386,6 +412,48 @@ fn main() -> ExitCode {
         }),
         Command::Keys { command, config } => runtime_block_on(async move {
             store_command(&config, async move |db| keys(db, command).await).await
+        }),
+        Command::Usage {
+            tenant,
+            key,
+            model,
+            from,
+            to,
+            group_by,
+            format,
+            limit,
+            config,
+        } => runtime_block_on(async move {
+            let limit = limit.to_string();
+            let mut pairs: Vec<(&str, &str)> = vec![("format", &format), ("limit", &limit)];
+            for (k, v) in [
+                ("tenant", &tenant),
+                ("key", &key),
+                ("model", &model),
+                ("from", &from),
+                ("to", &to),
+                ("group_by", &group_by),
+            ] {
+                if let Some(v) = v {
+                    pairs.push((k, v));
+                }
+            }
+            let report = match imagegate::metering::ledger::Report::from_pairs(pairs) {
+                Ok(r) => r,
+                Err((param, why)) => {
+                    eprintln!("--{}: {why}", param.replace('_', "-"));
+                    return ExitCode::from(2);
+                }
+            };
+            store_command(&config, async move |db| {
+                let text = report.render(&db).await.map_err(|e| e.to_string())?;
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
+                Ok(())
+            })
+            .await
         }),
         Command::Probe { url } => match probe(&url) {
             Ok(()) => ExitCode::SUCCESS,

@@ -142,16 +142,16 @@ pub async fn sql_reserve(
     if update().execute(&db.pool).await?.rows_affected() == 1 {
         return Ok(Ok(()));
     }
-    let created = sqlx::query(
+    // The period's row may not exist yet (made here, or by a concurrent request).
+    sqlx::query(
         "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, 0, 0) \
          ON CONFLICT (scope, period) DO NOTHING",
     )
     .bind(scope)
     .bind(period)
     .execute(&db.pool)
-    .await?
-    .rows_affected();
-    if created == 1 && update().execute(&db.pool).await?.rows_affected() == 1 {
+    .await?;
+    if update().execute(&db.pool).await?.rows_affected() == 1 {
         return Ok(Ok(()));
     }
     let (spent, held) = sql_spent(db, scope, period).await?;

@@ -455,3 +455,115 @@ fn csv_field(s: &str) -> String {
         s.to_string()
     }
 }
+
+/// A usage report as asked for by `GET /admin/v1/usage` or `imagegate usage`.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub query: UsageQuery,
+    pub group_by: Option<GroupBy>,
+    pub csv: bool,
+}
+
+/// Unix milliseconds of `1795564800` (seconds), `2026-11-25` or `2026-11-25T16:00:00Z`.
+pub fn parse_time(s: &str) -> Option<i64> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<i64>().ok().map(|secs| secs * 1000);
+    }
+    let (date, time) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t.trim_end_matches('Z'))),
+        None => (s, None),
+    };
+    let mut d = date.splitn(3, '-');
+    let y: i64 = d.next()?.parse().ok()?;
+    let m: u32 = d.next()?.parse().ok().filter(|m| (1..=12).contains(m))?;
+    let day: u32 = d.next()?.parse().ok().filter(|d| (1..=31).contains(d))?;
+    let mut secs = super::budget::days_from_civil(y, m, day) * 86_400;
+    if let Some(t) = time {
+        let mut parts = t.splitn(3, ':');
+        let h: i64 = parts.next()?.parse().ok().filter(|h| (0..24).contains(h))?;
+        let mi: i64 = parts
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .ok()
+            .filter(|m| (0..60).contains(m))?;
+        let sec: f64 = parts.next().unwrap_or("0").parse().ok()?;
+        secs += h * 3600 + mi * 60 + sec as i64;
+    }
+    Some(secs * 1000)
+}
+
+impl Report {
+    /// From query pairs (`tenant`, `key`, `model`, `from`, `to`, `group_by`, `format`,
+    /// `limit`); the error names the bad parameter.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, (String, String)> {
+        let mut r = Report {
+            query: UsageQuery {
+                limit: 1000,
+                ..UsageQuery::default()
+            },
+            ..Report::default()
+        };
+        let bad = |k: &str, why: &str| Err((k.to_string(), why.to_string()));
+        for (k, v) in pairs {
+            match k {
+                "tenant" => r.query.tenant = Some(v.to_string()),
+                "key" => r.query.key = Some(v.to_string()),
+                "model" => r.query.model = Some(v.to_string()),
+                "from" | "to" => {
+                    let Some(t) = parse_time(v) else {
+                        return bad(
+                            k,
+                            "expected unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ",
+                        );
+                    };
+                    if k == "from" {
+                        r.query.from_ms = Some(t);
+                    } else {
+                        r.query.to_ms = Some(t);
+                    }
+                }
+                "group_by" => match GroupBy::parse(v) {
+                    Some(g) => r.group_by = Some(g),
+                    None => return bad(k, "expected day, model, key or tenant"),
+                },
+                "format" => match v {
+                    "json" => r.csv = false,
+                    "csv" => r.csv = true,
+                    _ => return bad(k, "expected json or csv"),
+                },
+                "limit" => match v.parse::<i64>() {
+                    Ok(n) if (1..=100_000).contains(&n) => r.query.limit = n,
+                    _ => return bad(k, "expected 1 to 100000"),
+                },
+                other => return bad(other, "unknown parameter"),
+            }
+        }
+        Ok(r)
+    }
+
+    /// The report's body and whether it is CSV.
+    pub async fn render(&self, db: &Database) -> Result<String, StoreError> {
+        Ok(match (self.group_by, self.csv) {
+            (Some(by), true) => to_csv(&groups(db, &self.query, by).await?),
+            (Some(by), false) => serde_json::json!({
+                "object": "list",
+                "group_by": format!("{by:?}").to_lowercase(),
+                "data": groups(db, &self.query, by).await?,
+            })
+            .to_string(),
+            (None, true) => to_csv(&rows(db, &self.query).await?),
+            (None, false) => {
+                let data = rows(db, &self.query).await?;
+                serde_json::json!({
+                    "object": "list",
+                    "has_more": data.len() as i64 == self.query.limit,
+                    "data": data,
+                })
+                .to_string()
+            }
+        })
+    }
+}

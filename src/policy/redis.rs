@@ -3,7 +3,7 @@
 //! takes from all of them or from none, in one round trip. Redis's own clock decides, so the
 //! replicas' clocks do not matter.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +86,10 @@ pub enum Outcome {
 pub struct RedisLimiter {
     client: redis::Client,
     conn: ArcSwapOption<ConnectionManager>,
-    connecting: AtomicBool,
+    /// One connection attempt at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
+    /// No new attempt before this (Unix ms) after a failed one.
+    retry_at: AtomicU64,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -101,7 +104,8 @@ impl RedisLimiter {
         Ok(Arc::new(RedisLimiter {
             client,
             conn: ArcSwapOption::empty(),
-            connecting: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
+            retry_at: AtomicU64::new(0),
             script: redis::Script::new(SCRIPT),
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
@@ -116,8 +120,13 @@ impl RedisLimiter {
         if let Some(c) = self.conn.load_full() {
             return Ok((*c).clone());
         }
-        if self.connecting.swap(true, Ordering::AcqRel) {
-            return Err("connecting to Redis".into());
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.conn.load_full() {
+            return Ok((*c).clone());
+        }
+        let now = now_ms();
+        if now < self.retry_at.load(Ordering::Acquire) {
+            return Err("not connected (retrying shortly)".into());
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)
@@ -128,7 +137,9 @@ impl RedisLimiter {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
-        self.connecting.store(false, Ordering::Release);
+        if !matches!(made, Ok(Ok(_))) {
+            self.retry_at.store(now_ms() + 1000, Ordering::Release);
+        }
         match made {
             Ok(Ok(c)) => {
                 tracing::info!("connected to Redis: limits are shared by every replica");
@@ -311,10 +322,17 @@ impl RedisLimiter {
             }
         }
         // A broken connection is remade at the next check.
-        if why != "connecting to Redis" && !why.contains("timed out") {
+        if !why.starts_with("not connected") && !why.contains("timed out") {
             self.conn.store(None);
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn unavailable() -> ApiError {

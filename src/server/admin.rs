@@ -150,6 +150,23 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     let parts: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
     let method = req.method().clone();
     match (method, parts.as_slice()) {
+        (Method::GET, ["usage"]) => {
+            let query = req.uri().query().unwrap_or("").to_string();
+            let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            let report = crate::metering::ledger::Report::from_pairs(
+                pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .map_err(|(param, why)| ApiError::invalid(&param, format!("{param}: {why}")))?;
+            let text = report.render(&db).await?;
+            let kind = if report.csv {
+                "text/csv; charset=utf-8"
+            } else {
+                "application/json"
+            };
+            Ok(respond::with_type(StatusCode::OK, Bytes::from(text), kind))
+        }
         (Method::GET, ["tenants"]) => {
             let p = page(&req)?;
             let limit = p.limit.unwrap_or(100);
