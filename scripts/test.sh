@@ -35,11 +35,35 @@ export IMAGEGATE_TEST_PG="postgres://postgres@127.0.0.1:5432/$pg_db"
 cleanup_pg() { psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true; }
 trap 'cleanup; cleanup_pg' EXIT
 
+# A private Redis for the limits shared across replicas (installed if the machine lacks it).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+fi
+if command -v redis-server >/dev/null 2>&1; then
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    >target/redis.log 2>&1 &
+  pids+=($!)
+  export IMAGEGATE_TEST_REDIS="redis://127.0.0.1:$redis_port/0"
+elif [ -n "${CI:-}" ]; then
+  echo "redis-server is missing and could not be installed" >&2
+  exit 1
+fi
+
 cargo build --bins
 for _ in $(seq 1 100); do
   if .venv/bin/python -c "import urllib.request; urllib.request.urlopen('$IMAGEGATE_TEST_S3/')" 2>/dev/null; then break; fi
   sleep 0.1
 done
+
+if [ -n "${IMAGEGATE_TEST_REDIS:-}" ]; then
+  for _ in $(seq 1 100); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
 
 cargo test --all-targets
 .venv/bin/python scripts/check-deploy.py "$PWD/target/debug/imagegate"

@@ -170,6 +170,18 @@ pub async fn sql_spent(db: &Database, scope: &str, period: &str) -> Result<(u64,
     Ok((s.max(0) as u64, h.max(0) as u64))
 }
 
+/// Gives back every hold (SQLite at start: the holders died with the previous process).
+pub async fn release_all_holds(db: &Database) -> Result<u64, StoreError> {
+    let n = sqlx::query("UPDATE budget_usage SET held = 0 WHERE held <> 0")
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    if n > 0 {
+        tracing::warn!(budgets = n, "released budget holds left by a previous process");
+    }
+    Ok(n)
+}
+
 /// Gives back a hold that will not be settled through the ledger (a later budget refused).
 pub async fn sql_release(db: &Database, hold: &Hold) -> Result<(), StoreError> {
     sqlx::query("UPDATE budget_usage SET held = held - $3 WHERE scope = $1 AND period = $2")

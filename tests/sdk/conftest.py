@@ -122,11 +122,13 @@ data_dir: {tmp / "data"}
 log: {{level: warn}}
 backends:
   sandbox: {{kind: sandbox}}
+  slow-sandbox: {{kind: sandbox, delay: 1500ms}}
   fake: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
   fake-throttled: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
 models:
   dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: sandbox}}]}}}}
   dall-e-3: {{rules: dall-e-3, route: {{targets: [{{backend: sandbox}}]}}}}
+  slow: {{rules: dall-e-2, route: {{targets: [{{backend: slow-sandbox}}]}}}}
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
   remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
   gpt-image-2: {{rules: gpt-image, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
@@ -134,9 +136,13 @@ models:
 tenants:
   demo: {{models: ["*"]}}
   tight: {{models: ["*"], limits: {{requests_per_minute: 1}}}}
+  quick: {{models: ["*"], limits: {{requests_per_minute: 30, burst: 1}}}}
+  broke: {{models: ["*"], limits: {{budget: {{micro_usd: 16000, period: total}}}}}}
 keys:
   - {{id: demo, tenant: demo, secret: sk-imagegate-demo}}
   - {{id: tight, tenant: tight, secret: sk-tight-limit}}
+  - {{id: quick, tenant: quick, secret: sk-quick-limit}}
+  - {{id: broke, tenant: broke, secret: sk-broke-budget}}
 """)
     proc = subprocess.Popen([BIN, "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

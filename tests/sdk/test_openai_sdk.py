@@ -2,6 +2,8 @@
 
 import base64
 import struct
+import threading
+import time
 import urllib.request
 
 import openai
@@ -42,7 +44,7 @@ def test_generate_b64_json_returns_the_bytes(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-2", "remote", "remote-throttled"]
+    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-2", "remote", "remote-throttled", "slow"]
 
 
 def test_400_is_bad_request_error_naming_the_param(client):
@@ -124,3 +126,57 @@ def test_dalle3_client_on_a_gpt_image_upstream(client):
     assert resp.usage is None, "DALL-E answers keep the contract's shape"
     with urllib.request.urlopen(resp.data[0].url) as r:
         assert png_size(r.read()) == (1792, 1024)
+
+
+def test_sdk_retry_honours_retry_after_and_then_succeeds(gateway):
+    # 30 requests per minute with a burst of 1: one request per 2 s. The SDK's own retry reads
+    # our 429's retry-after, waits, and the retry goes through.
+    quick = OpenAI(api_key="sk-quick-limit", base_url=f"{gateway}/v1", max_retries=3)
+    quick.images.generate(prompt="first", size="256x256")
+    raw = OpenAI(api_key="sk-quick-limit", base_url=f"{gateway}/v1", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        raw.images.generate(prompt="refused", size="256x256")
+    assert e.value.code == "rate_limit_exceeded"
+    wait = int(e.value.response.headers["retry-after"])
+    assert 1 <= wait <= 2
+    assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    started = time.monotonic()
+    answer = quick.images.generate(prompt="retried", size="256x256")
+    assert answer.data[0].url
+    # It waited for the limit (about 2 s) rather than its own sub-second first backoff.
+    assert time.monotonic() - started >= 1.0
+
+
+def test_exhausted_budget_is_rate_limit_error_insufficient_quota_not_retried(gateway):
+    broke = OpenAI(api_key="sk-broke-budget", base_url=f"{gateway}/v1", max_retries=0)
+    broke.images.generate(prompt="the only one", size="256x256")
+    with pytest.raises(openai.RateLimitError) as e:
+        broke.images.generate(prompt="one too many", size="256x256")
+    assert e.value.code == "insufficient_quota"
+    assert e.value.type == "insufficient_quota"
+    assert e.value.response.headers["x-should-retry"] == "false"
+
+
+def test_idempotency_key_replays_conflicts_and_mismatches(client, gateway):
+    key = {"Idempotency-Key": "sdk-order-1"}
+    first = client.images.generate(prompt="idem", size="256x256", extra_headers=key)
+    again = client.images.generate(prompt="idem", size="256x256", extra_headers=key)
+    assert again.created == first.created
+    assert again.data[0].url == first.data[0].url
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.images.generate(prompt="another body", size="256x256", extra_headers=key)
+
+    slow_key = {"Idempotency-Key": "sdk-order-2"}
+    results = {}
+
+    def run_first():
+        results["first"] = client.images.generate(model="slow", prompt="slow", size="256x256",
+                                                  extra_headers=slow_key)
+
+    t = threading.Thread(target=run_first)
+    t.start()
+    time.sleep(0.5)
+    with pytest.raises(openai.ConflictError):
+        client.images.generate(model="slow", prompt="slow", size="256x256", extra_headers=slow_key)
+    t.join()
+    assert results["first"].data[0].url
