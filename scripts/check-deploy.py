@@ -52,7 +52,8 @@ check(kv.returncode == 0, "kubernetes-validate --strict" + ("" if kv.returncode 
 # The gateway configs shipped inside deploy/ are valid imagegate configs.
 placeholders = {k: "x" * 40 for k in ["OPENAI_API_KEY", "URL_SIGNING_KEY", "S3_ACCESS_KEY", "S3_SECRET_KEY"]}
 placeholders.update(PUBLIC_URL="https://images.example.com", S3_BUCKET="b", S3_ENDPOINT="http://minio:9000",
-                    DEFAULT_KEY_SHA256="0" * 64)
+                    DEFAULT_KEY_SHA256="0" * 64, PG_URL="postgres://u:p@db:5432/imagegate",
+                    REDIS_URL="redis://redis:6379/0")
 env = {**os.environ, **placeholders}
 configs = [ROOT / "deploy/docker/cluster.yaml"]
 with tempfile.TemporaryDirectory() as tmp:

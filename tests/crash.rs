@@ -51,8 +51,11 @@ async fn start(file: &std::path::Path, port: u16) -> tokio::process::Child {
 async fn every_success_the_client_saw_survives_kill_9_exactly_once() {
     let png = tiny_png(8, 8);
     let fake = FakeUpstream::start(move |_| {
-        Reply::json(200, json!({"created": 1, "data": [{"b64_json": b64(&png)}]}))
-            .delay(Duration::from_millis(5))
+        Reply::json(
+            200,
+            json!({"created": 1, "data": [{"b64_json": b64(&png)}]}),
+        )
+        .delay(Duration::from_millis(5))
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -98,8 +101,10 @@ keys:
                     .post(format!("http://127.0.0.1:{port}/v1/images/generations"))
                     .bearer_auth(KEY)
                     .header("x-request-id", &id)
-                    .json(&json!({"model": "dall-e-2", "prompt": "p", "size": "256x256",
-                                  "response_format": "b64_json"}))
+                    .json(
+                        &json!({"model": "dall-e-2", "prompt": "p", "size": "256x256",
+                                  "response_format": "b64_json"}),
+                    )
                     .send()
                     .await;
                 let Ok(resp) = sent else { continue };
@@ -155,24 +160,33 @@ keys:
             None => missing.push(id.clone()),
         }
     }
-    assert!(missing.is_empty(), "successes missing from the ledger: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "successes missing from the ledger: {missing:?}"
+    );
     let ids: HashSet<&str> = by_id.keys().copied().collect();
-    assert_eq!(ids.len(), by_id.values().map(|v| v.len()).sum::<usize>(), "no duplicates");
+    assert_eq!(
+        ids.len(),
+        by_id.values().map(|v| v.len()).sum::<usize>(),
+        "no duplicates"
+    );
 
     // The budget was settled in the same transactions as the rows.
     let db = imagegate::store::Database::sqlite(&dir.path().join("data"))
         .await
         .unwrap();
-    let (spent, held) =
-        imagegate::metering::budget::sql_spent(&db, "tenant:crash", "total")
-            .await
-            .unwrap();
+    let (spent, held) = imagegate::metering::budget::sql_spent(&db, "tenant:crash", "total")
+        .await
+        .unwrap();
     let ledger_sum: u64 = rows
         .iter()
         .map(|r| r["cost_micro_usd"].as_u64().unwrap())
         .sum();
     assert_eq!(spent, ledger_sum);
-    assert_eq!(held, 0, "holds of requests killed in flight were given back at restart");
+    assert_eq!(
+        held, 0,
+        "holds of requests killed in flight were given back at restart"
+    );
     eprintln!(
         "{} successes seen, {} ledger rows, {} micro-dollars",
         seen.len(),

@@ -177,7 +177,10 @@ pub async fn release_all_holds(db: &Database) -> Result<u64, StoreError> {
         .await?
         .rows_affected();
     if n > 0 {
-        tracing::warn!(budgets = n, "released budget holds left by a previous process");
+        tracing::warn!(
+            budgets = n,
+            "released budget holds left by a previous process"
+        );
     }
     Ok(n)
 }
