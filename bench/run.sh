@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# imagegate's benchmark: one command, production settings.
+#
+# Builds in release mode, starts two fake OpenAI upstreams (small URL answers, and 1.5 MB
+# base64 PNG answers), the gateway (API key auth, a tenant rate limit, a concurrency limit, a
+# budget and the usage ledger in SQLite, all on) and, when nginx is installed, nginx as a plain
+# reverse proxy; drives load with wrk; prints one table. The gateway and nginx are pinned to
+# core 0, the upstreams and wrk to core 1.
+#
+#   bash bench/run.sh [seconds per run, default 10] [requests for the leak check, default 100000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+leak_n=${2:-100000}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+if ! command -v wrk >/dev/null; then
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+if ! command -v nginx >/dev/null && [ -z "${NO_NGINX:-}" ]; then
+  (as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+    || echo "nginx could not be installed: its rows are skipped"
+fi
+NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
+cargo build --release -q --bins --example fake_upstream
+
+tmp=$(mktemp -d)
+small_port=19101; large_port=19102; gw_port=19180; ng_small=19190; ng_large=19191
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+key=sk-bench-key-0001
+cat > "$tmp/gw.yaml" <<YAML
+listen: 127.0.0.1:$gw_port
+public_url: http://127.0.0.1:$gw_port
+admin: {listen: null}
+data_dir: $tmp/data
+state: {store: sqlite}
+log: {level: error}
+backends:
+  small: {kind: openai, base_url: "http://127.0.0.1:$small_port/v1", api_key: sk-up}
+  large: {kind: openai, base_url: "http://127.0.0.1:$large_port/v1", api_key: sk-up, max_image_bytes: 4000000}
+models:
+  small: {rules: {sizes: [1024x1024], max_n: 10}, price: {default_micro_usd: 1000}, route: {targets: [{backend: small}]}}
+  large: {rules: {sizes: [1024x1024], max_n: 10}, price: {default_micro_usd: 1000}, route: {targets: [{backend: large}]}}
+tenants:
+  bench:
+    models: ["*"]
+    limits:
+      requests_per_minute: 100000000
+      images_per_minute: 100000000
+      concurrent_requests: 100000
+      budget: {micro_usd: 9000000000000000, period: monthly}
+keys:
+  - {id: bench, tenant: bench, secret_sha256: $(printf %s "$key" | target/release/imagegate hash-key)}
+YAML
+
+lua() { # file model response_format
+  cat > "$tmp/$1.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"$2","prompt":"a fox in the snow","size":"1024x1024","response_format":"$3"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+local n = 0
+local limit = tonumber(os.getenv("STOP_AFTER") or "0")
+function response(status)
+  if status ~= 200 then
+    io.stderr:write("status " .. status .. "\n")
+  end
+  n = n + 1
+  if limit > 0 and n >= limit then wrk.thread:stop() end
+end
+LUA
+}
+lua small small url
+lua large large b64_json
+lua convert large url
+
+taskset -c 1 target/release/examples/fake_upstream --port $small_port 2>/dev/null & pids+=($!)
+taskset -c 1 target/release/examples/fake_upstream --port $large_port --b64-bytes 1500000 2>/dev/null & pids+=($!)
+taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
+
+if [ -n "$NGINX" ]; then
+  mkdir -p "$tmp/ng"
+  cat > "$tmp/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $tmp/ng/nginx.pid;
+error_log $tmp/ng/error.log error;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $tmp/ng; proxy_temp_path $tmp/ng; fastcgi_temp_path $tmp/ng;
+  uwsgi_temp_path $tmp/ng; scgi_temp_path $tmp/ng;
+  upstream small { server 127.0.0.1:$small_port; keepalive 128; }
+  upstream large { server 127.0.0.1:$large_port; keepalive 128; }
+  server { listen 127.0.0.1:$ng_small; location / { proxy_pass http://small; proxy_http_version 1.1;
+           proxy_set_header Connection ""; proxy_buffering off; } }
+  server { listen 127.0.0.1:$ng_large; location / { proxy_pass http://large; proxy_http_version 1.1;
+           proxy_set_header Connection ""; proxy_buffering off; } }
+}
+NGINX
+  taskset -c 0 "$NGINX" -c "$tmp/nginx.conf" & pids+=($!)
+fi
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$gw_port/healthz" >/dev/null 2>&1 && break; sleep 0.1
+done
+sleep 0.5
+
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/$gw/status; }
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$gw/status; }
+cpu_ticks() { awk '{print $14 + $15}' /proc/$gw/stat; }
+idle_rss=$(rss)
+
+declare -A P50 P99
+# run NAME URL CONNECTIONS LUA [bytes per answer] -> prints a row, fills P50/P99[NAME c]
+run() {
+  local name=$1 url=$2 c=$3 script=$4 bytes=${5:-0} before after out
+  before=$(cpu_ticks)
+  out=$(taskset -c 1 wrk -t1 -c"$c" -d"${secs}s" --latency -s "$tmp/$script.lua" "$url" 2>"$tmp/wrk.err")
+  after=$(cpu_ticks)
+  local rps p50 p90 p99 total
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  total=$(echo "$out" | awk '/requests in/ {print $1}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p90=$(echo "$out" | awk '$1=="90%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  P50["$name $c"]=$p50; P99["$name $c"]=$p99
+  local extra=""
+  if [ "$name" = gateway ] && [ "${total:-0}" -gt 0 ]; then
+    extra=$(awk -v t=$((after - before)) -v n="$total" 'BEGIN {printf "cpu %.1f us/req", t * 10000 / n}')
+  fi
+  if [ "$bytes" -gt 0 ]; then
+    extra="$extra $(awk -v r="$rps" -v b="$bytes" 'BEGIN {printf "%.0f MB/s", r * b / 1e6}')"
+  fi
+  local errors; errors=$(grep -c status "$tmp/wrk.err" || true)
+  [ "$errors" -gt 0 ] && extra="$extra ($errors non-200!)"
+  printf "%-9s %-22s c=%-3s %9s req/s  p50 %8s  p90 %8s  p99 %8s  %s\n" "$name" "$script" "$c" "$rps" "$p50" "$p90" "$p99" "$extra"
+}
+us() { # wrk latency (e.g. 213.00us, 1.20ms) -> microseconds
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /ms$/) n *= 1000; else if (v ~ /[0-9]s$/ && v !~ /us$/) n *= 1000000; printf "%.0f", n }'
+}
+
+echo "imagegate benchmark: $(date -u +%F), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+echo "gateway and nginx pinned to core 0; upstreams and wrk (1 thread) on core 1; ${secs}s per run."
+echo "gateway: key auth, rate + concurrency limits, a budget and the SQLite usage ledger on."
+echo
+small=/v1/images/generations
+for c in 1 64; do
+  run direct "http://127.0.0.1:$small_port$small" $c small
+  [ -n "$NGINX" ] && run nginx "http://127.0.0.1:$ng_small$small" $c small
+  run gateway "http://127.0.0.1:$gw_port$small" $c small
+done
+answer=$(curl -s -X POST "http://127.0.0.1:$large_port$small" -H 'content-type: application/json' -d '{"n":1}' | wc -c)
+run direct "http://127.0.0.1:$large_port$small" 16 large "$answer"
+[ -n "$NGINX" ] && run nginx "http://127.0.0.1:$ng_large$small" 16 large "$answer"
+run gateway "http://127.0.0.1:$gw_port$small" 16 large "$answer"
+run gateway "http://127.0.0.1:$gw_port$small" 16 convert 1500000
+echo "  (convert: b64 from the upstream, url to the client: decode + store + sign; MB/s of raw image)"
+run gateway "http://127.0.0.1:$gw_port$small" 64 large "$answer"
+peak64=$(hwm)
+
+echo
+for c in 1; do
+  d50=$(us "${P50[direct $c]}"); d99=$(us "${P99[direct $c]}")
+  g50=$(us "${P50[gateway $c]}"); g99=$(us "${P99[gateway $c]}")
+  printf "overhead c=%s   gateway p50 +%s us, p99 +%s us" "$c" $((g50 - d50)) $((g99 - d99))
+  if [ -n "$NGINX" ]; then
+    n50=$(us "${P50[nginx $c]}"); n99=$(us "${P99[nginx $c]}")
+    printf "   nginx p50 +%s us, p99 +%s us" $((n50 - d50)) $((n99 - d99))
+  fi
+  echo
+done
+echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers in flight)"
+
+# Leak check: RSS after the first 1,000 requests vs after $leak_n more.
+STOP_AFTER=1000 taskset -c 1 wrk -t1 -c16 -d600s -s "$tmp/small.lua" "http://127.0.0.1:$gw_port$small" >/dev/null 2>&1
+first=$(rss)
+STOP_AFTER=$leak_n taskset -c 1 wrk -t1 -c16 -d600s -s "$tmp/small.lua" "http://127.0.0.1:$gw_port$small" >/dev/null 2>&1
+after=$(rss)
+awk -v a="$first" -v b="$after" -v n="$leak_n" 'BEGIN {printf "leak check: RSS %s MiB after 1,000 requests, %s MiB after %d more (%+.1f%%)\n", a, b, n, (b - a) * 100 / a}'
+rows=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from usage_ledger").fetchone()[0])' "$tmp/data/imagegate.db")
+echo "usage ledger rows written: $rows"
