@@ -10,7 +10,7 @@ use crate::config::{BudgetConfig, BudgetPeriod};
 use crate::store::{Database, StoreError};
 
 /// One budget a request draws on: a scope (`tenant:<id>`, `key:<id>`) in one period.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Hold {
     pub scope: String,
     pub period: String,
@@ -102,6 +102,18 @@ impl MemoryBudgets {
         Ok(())
     }
 
+    pub fn has(&self, scope: &str, period: &str) -> bool {
+        self.rows
+            .contains_key(&(scope.to_string(), period.to_string()))
+    }
+
+    /// Starts a row at what the database says is spent (first use in this process).
+    pub fn seed(&self, scope: &str, period: &str, spent: u64) {
+        self.rows
+            .entry((scope.to_string(), period.to_string()))
+            .or_insert((spent, 0));
+    }
+
     pub fn settle(&self, hold: &Hold, actual: u64) {
         if let Some(mut row) = self
             .rows
@@ -168,21 +180,6 @@ pub async fn sql_spent(db: &Database, scope: &str, period: &str) -> Result<(u64,
             .await?;
     let (s, h) = row.unwrap_or((0, 0));
     Ok((s.max(0) as u64, h.max(0) as u64))
-}
-
-/// Gives back every hold (SQLite at start: the holders died with the previous process).
-pub async fn release_all_holds(db: &Database) -> Result<u64, StoreError> {
-    let n = sqlx::query("UPDATE budget_usage SET held = 0 WHERE held <> 0")
-        .execute(&db.pool)
-        .await?
-        .rows_affected();
-    if n > 0 {
-        tracing::warn!(
-            budgets = n,
-            "released budget holds left by a previous process"
-        );
-    }
-    Ok(n)
 }
 
 /// Gives back a hold that will not be settled through the ledger (a later budget refused).

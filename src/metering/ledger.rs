@@ -1,19 +1,30 @@
 //! The usage ledger: one row per relayed request, written by one task in batches (group
-//! commit). The row, the settlement of its budget holds and the answer kept for its
-//! `Idempotency-Key` go into one transaction, and the request's answer waits for that commit:
-//! a request the client saw succeed is in the ledger, and a crash (even `kill -9`) between
-//! the two cannot charge it twice or lose it.
+//! commit: one multi-row INSERT and one UPDATE per budget touched, per transaction). The row,
+//! the settlement of its budget holds and the idempotency record go into one transaction.
+//!
+//! Durability before the answer is sent, two ways:
+//! - **commit** (PostgreSQL, and any request carrying an `Idempotency-Key`): the answer waits
+//!   for the transaction;
+//! - **journal** (SQLite): the settlement is appended to `data_dir/ledger.journal` (a `write`
+//!   into the OS page cache, which outlives a `kill -9` of the process) and the transaction
+//!   follows; at start the journal is replayed (rows already in the table are skipped, so
+//!   nothing is charged twice) and emptied whenever everything in it is committed.
 
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::budget::Hold;
 use crate::store::{Database, StoreError};
 
 /// One request, as the ledger keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
     pub id: String,
     pub request_id: String,
@@ -37,7 +48,7 @@ pub struct UsageRow {
 }
 
 /// What becomes of an `Idempotency-Key` record when its request ends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum IdemOutcome {
     /// Keep the answer for repeats.
     Complete {
@@ -50,7 +61,7 @@ pub enum IdemOutcome {
 }
 
 /// Everything that ends one request, committed together.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settlement {
     pub row: UsageRow,
     /// Each hold is settled at `row.cost_micro_usd`.
@@ -58,28 +69,129 @@ pub struct Settlement {
     pub idem: Option<IdemOutcome>,
 }
 
+/// How the SQL side of a budget is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetBook {
+    /// Holds live in the database (PostgreSQL: shared by replicas): `held -= hold, spent +=
+    /// cost`.
+    Shared,
+    /// Holds live in this process (SQLite, one process per file): `spent += cost`.
+    Local,
+}
+
 enum Msg {
     Settle(Box<Settlement>, Option<oneshot::Sender<bool>>),
     Flush(oneshot::Sender<()>),
+}
+
+/// The append-only file that makes a settlement durable before it is committed.
+pub struct Journal {
+    file: Mutex<std::fs::File>,
+    path: PathBuf,
+    /// Settlements appended and not yet committed.
+    pending: AtomicUsize,
+}
+
+impl Journal {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Journal {
+            file: Mutex::new(file),
+            path: path.to_path_buf(),
+            pending: AtomicUsize::new(0),
+        })
+    }
+
+    fn append(&self, s: &Settlement) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_all(&line)?;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// `n` journaled settlements are committed; empties the file once none is left.
+    fn committed(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if self.pending.fetch_sub(n, Ordering::AcqRel) == n {
+            let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+            if self.pending.load(Ordering::Acquire) == 0 {
+                if let Err(e) = f.set_len(0) {
+                    tracing::warn!(error = %e, path = %self.path.display(), "cannot empty the ledger journal");
+                }
+            }
+        }
+    }
+
+    /// The settlements a previous process journaled (a torn last line is ignored).
+    fn read(path: &Path) -> Vec<Settlement> {
+        let Ok(f) = std::fs::File::open(path) else {
+            return Vec::new();
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
 }
 
 /// The ledger's writer task, fed through a channel.
 #[derive(Clone)]
 pub struct Ledger {
     tx: mpsc::UnboundedSender<Msg>,
+    journal: Option<Arc<Journal>>,
 }
 
 const MAX_BATCH: usize = 512;
 
 impl Ledger {
-    pub fn start(db: Database) -> Self {
+    /// Starts the writer; with a journal path, first replays what a previous process left
+    /// there.
+    pub async fn start(
+        db: Database,
+        book: BudgetBook,
+        journal: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        let journal = match journal {
+            Some(path) => {
+                replay(&db, book, path).await?;
+                Some(Arc::new(Journal::open(path).map_err(|e| {
+                    StoreError::Invalid(format!("ledger journal {}: {e}", path.display()))
+                })?))
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(db, rx));
-        Ledger { tx }
+        tokio::spawn(run(db, book, rx, journal.clone()));
+        Ok(Ledger { tx, journal })
     }
 
-    /// Commits a settlement and waits until it is durable; false if it could not be written.
-    pub async fn commit(&self, s: Settlement) -> bool {
+    /// Makes a settlement durable: journaled (returns at once) when there is a journal and
+    /// `wait` is false, else committed (waits). False if it could not be made durable.
+    pub async fn commit(&self, s: Settlement, wait: bool) -> bool {
+        if let (Some(j), false) = (&self.journal, wait) {
+            return match j.append(&s) {
+                Ok(()) => {
+                    let _ = self.tx.send(Msg::Settle(Box::new(s), None));
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ledger journal write failed; committing instead");
+                    self.commit_now(s).await
+                }
+            };
+        }
+        self.commit_now(s).await
+    }
+
+    async fn commit_now(&self, s: Settlement) -> bool {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Msg::Settle(Box::new(s), Some(done))).is_err() {
             return false;
@@ -89,6 +201,11 @@ impl Ledger {
 
     /// Queues a settlement without waiting (a request abandoned by its client).
     pub fn submit(&self, s: Settlement) {
+        if let Some(j) = &self.journal {
+            if j.append(&s).is_err() {
+                tracing::error!("ledger journal write failed");
+            }
+        }
         let _ = self.tx.send(Msg::Settle(Box::new(s), None));
     }
 
@@ -101,8 +218,15 @@ impl Ledger {
     }
 }
 
-async fn run(db: Database, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    let mut batch: Vec<(Box<Settlement>, Option<oneshot::Sender<bool>>)> = Vec::new();
+type Batch = Vec<(Box<Settlement>, Option<oneshot::Sender<bool>>)>;
+
+async fn run(
+    db: Database,
+    book: BudgetBook,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    journal: Option<Arc<Journal>>,
+) {
+    let mut batch: Batch = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -116,12 +240,21 @@ async fn run(db: Database, mut rx: mpsc::UnboundedReceiver<Msg>) {
             }
         }
         if !batch.is_empty() {
-            let ok = write_with_retry(&db, &batch).await;
+            let settlements: Vec<&Settlement> = batch.iter().map(|(s, _)| &**s).collect();
+            let ok = write_with_retry(&db, book, &settlements).await;
             crate::telemetry::metrics().ledger_batch(batch.len(), ok);
+            let mut journaled = 0;
             for (_, done) in batch.drain(..) {
-                if let Some(done) = done {
-                    let _ = done.send(ok);
+                match done {
+                    Some(done) => {
+                        let _ = done.send(ok);
+                    }
+                    None => journaled += 1,
                 }
+            }
+            if let (Some(j), true) = (&journal, ok) {
+                // Journaled entries that failed stay in the file for the next start.
+                j.committed(journaled);
             }
         }
         for f in flushes.drain(..) {
@@ -130,13 +263,40 @@ async fn run(db: Database, mut rx: mpsc::UnboundedReceiver<Msg>) {
     }
 }
 
-async fn write_with_retry(
-    db: &Database,
-    batch: &[(Box<Settlement>, Option<oneshot::Sender<bool>>)],
-) -> bool {
+/// Applies what a previous process journaled, skipping rows already committed.
+async fn replay(db: &Database, book: BudgetBook, path: &Path) -> Result<(), StoreError> {
+    let entries = Journal::read(path);
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut fresh = Vec::new();
+    for s in &entries {
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM usage_ledger WHERE id = $1")
+            .bind(&s.row.id)
+            .fetch_optional(&db.pool)
+            .await?;
+        if exists.is_none() {
+            fresh.push(s);
+        }
+    }
+    write_batch(db, book, &fresh).await?;
+    tracing::warn!(
+        journaled = entries.len(),
+        replayed = fresh.len(),
+        "usage ledger journal replayed (the previous process stopped before committing it)"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .map_err(|e| StoreError::Invalid(format!("ledger journal {}: {e}", path.display())))?;
+    Ok(())
+}
+
+async fn write_with_retry(db: &Database, book: BudgetBook, batch: &[&Settlement]) -> bool {
     let mut wait = Duration::from_millis(50);
     for attempt in 0..5 {
-        match write_batch(db, batch).await {
+        match write_batch(db, book, batch).await {
             Ok(()) => return true,
             Err(e) => {
                 tracing::error!(error = %e, attempt, rows = batch.len(), "usage ledger write failed");
@@ -148,53 +308,90 @@ async fn write_with_retry(
     false
 }
 
-async fn write_batch(
-    db: &Database,
-    batch: &[(Box<Settlement>, Option<oneshot::Sender<bool>>)],
-) -> Result<(), StoreError> {
+const COLUMNS: &str = "id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
+     n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
+     input_tokens, output_tokens, status, latency_ms, idempotency_key";
+const PER_ROW: usize = 19;
+/// Rows per INSERT statement (19 binds each, well under both databases' limits).
+const ROWS_PER_INSERT: usize = 100;
+
+async fn write_batch(db: &Database, book: BudgetBook, batch: &[&Settlement]) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     let mut tx = db.pool.begin().await?;
-    for (s, _) in batch {
-        let r = &s.row;
-        sqlx::query(
-            "INSERT INTO usage_ledger (id, request_id, ts_ms, tenant, key_id, model, backend, size, \
-             quality, n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, \
-             upstream_cost_micro_usd, input_tokens, output_tokens, status, latency_ms, \
-             idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-             $14, $15, $16, $17, $18, $19) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&r.id)
-        .bind(&r.request_id)
-        .bind(r.ts_ms)
-        .bind(&r.tenant)
-        .bind(&r.key_id)
-        .bind(&r.model)
-        .bind(&r.backend)
-        .bind(&r.size)
-        .bind(&r.quality)
-        .bind(i64::from(r.n_requested))
-        .bind(i64::from(r.n_delivered))
-        .bind(r.reserved_micro_usd as i64)
-        .bind(r.cost_micro_usd as i64)
-        .bind(r.upstream_cost_micro_usd as i64)
-        .bind(r.input_tokens)
-        .bind(r.output_tokens)
-        .bind(i64::from(r.status))
-        .bind(r.latency_ms as i64)
-        .bind(&r.idempotency_key)
-        .execute(&mut *tx)
-        .await?;
+    for chunk in batch.chunks(ROWS_PER_INSERT) {
+        let mut sql = format!("INSERT INTO usage_ledger ({COLUMNS}) VALUES ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..PER_ROW {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", i * PER_ROW + c + 1));
+            }
+            sql.push(')');
+        }
+        sql.push_str(" ON CONFLICT (id) DO NOTHING");
+        let mut q = sqlx::query(&sql);
+        for s in chunk {
+            let r = &s.row;
+            q = q
+                .bind(r.id.clone())
+                .bind(r.request_id.clone())
+                .bind(r.ts_ms)
+                .bind(r.tenant.clone())
+                .bind(r.key_id.clone())
+                .bind(r.model.clone())
+                .bind(r.backend.clone())
+                .bind(r.size.clone())
+                .bind(r.quality.clone())
+                .bind(i64::from(r.n_requested))
+                .bind(i64::from(r.n_delivered))
+                .bind(r.reserved_micro_usd as i64)
+                .bind(r.cost_micro_usd as i64)
+                .bind(r.upstream_cost_micro_usd as i64)
+                .bind(r.input_tokens)
+                .bind(r.output_tokens)
+                .bind(i64::from(r.status))
+                .bind(r.latency_ms as i64)
+                .bind(r.idempotency_key.clone());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    // One statement per budget row touched by the batch.
+    let mut budgets: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+    for s in batch {
         for h in &s.holds {
-            sqlx::query(
+            let e = budgets.entry((&h.scope, &h.period)).or_default();
+            e.0 += h.amount as i64;
+            e.1 += s.row.cost_micro_usd as i64;
+        }
+    }
+    for ((scope, period), (held, spent)) in budgets {
+        let q = match book {
+            BudgetBook::Shared => sqlx::query(
                 "UPDATE budget_usage SET held = held - $3, spent = spent + $4 \
                  WHERE scope = $1 AND period = $2",
             )
-            .bind(&h.scope)
-            .bind(&h.period)
-            .bind(h.amount as i64)
-            .bind(r.cost_micro_usd as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
+            .bind(scope)
+            .bind(period)
+            .bind(held)
+            .bind(spent),
+            BudgetBook::Local => sqlx::query(
+                "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
+                 ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
+            )
+            .bind(scope)
+            .bind(period)
+            .bind(spent),
+        };
+        q.execute(&mut *tx).await?;
+    }
+    for s in batch {
         match &s.idem {
             Some(IdemOutcome::Complete {
                 tenant,

@@ -145,6 +145,11 @@ pub fn dollars(micro: u64) -> String {
 pub struct Meter {
     db: Option<Database>,
     ledger: Option<ledger::Ledger>,
+    /// Where holds live: in the database (PostgreSQL, shared by replicas) or here (SQLite,
+    /// whose file one process owns, and `store: none`).
+    book: ledger::BudgetBook,
+    /// Budgets held in this process; with SQLite each row is seeded from the database on
+    /// first use and the ledger adds what is spent.
     budgets: budget::MemoryBudgets,
     idem: idempotency::MemoryIdempotency,
 }
@@ -166,12 +171,29 @@ fn now_ms() -> i64 {
 }
 
 impl Meter {
-    /// Starts the ledger writer (and the idempotency sweeper) when there is a database.
-    pub fn new(db: Option<Database>, retention: Duration) -> Arc<Self> {
-        let ledger = db.clone().map(ledger::Ledger::start);
+    /// Starts the ledger writer (replaying SQLite's journal from `data_dir` first) and the
+    /// idempotency sweeper.
+    pub async fn new(
+        db: Option<Database>,
+        retention: Duration,
+        data_dir: &std::path::Path,
+    ) -> Result<Arc<Self>, crate::store::StoreError> {
+        let book = match db.as_ref().map(|d| d.kind) {
+            Some(crate::store::Kind::Postgres) => ledger::BudgetBook::Shared,
+            _ => ledger::BudgetBook::Local,
+        };
+        let ledger = match &db {
+            Some(db) => {
+                let journal = (db.kind == crate::store::Kind::Sqlite)
+                    .then(|| data_dir.join("ledger.journal"));
+                Some(ledger::Ledger::start(db.clone(), book, journal.as_deref()).await?)
+            }
+            None => None,
+        };
         let meter = Arc::new(Meter {
             db,
             ledger,
+            book,
             budgets: budget::MemoryBudgets::default(),
             idem: idempotency::MemoryIdempotency::default(),
         });
@@ -192,7 +214,26 @@ impl Meter {
                 }
             }
         });
-        meter
+        Ok(meter)
+    }
+
+    /// Budgets held in the database (PostgreSQL) rather than in this process.
+    fn shared_book(&self) -> Option<&Database> {
+        match self.book {
+            ledger::BudgetBook::Shared => self.db.as_ref(),
+            ledger::BudgetBook::Local => None,
+        }
+    }
+
+    /// Seeds an in-process budget row from the database the first time it is used.
+    async fn seed(&self, scope: &str, period: &str) -> Result<(), crate::store::StoreError> {
+        if let Some(db) = &self.db {
+            if !self.budgets.has(scope, period) {
+                let (spent, _) = budget::sql_spent(db, scope, period).await?;
+                self.budgets.seed(scope, period, spent);
+            }
+        }
+        Ok(())
     }
 
     pub fn database(&self) -> Option<&Database> {
@@ -239,9 +280,12 @@ impl Meter {
             let Some(b) = b else { continue };
             let (period, resets_at) = budget::period_of(b.period, now);
             let scope = format!("{kind}:{id}");
-            let outcome = match &self.db {
+            let outcome = match self.shared_book() {
                 Some(db) => budget::sql_reserve(db, &scope, &period, cost, b.micro_usd).await,
-                None => Ok(self.budgets.reserve(&scope, &period, cost, b.micro_usd)),
+                None => self
+                    .seed(&scope, &period)
+                    .await
+                    .map(|()| self.budgets.reserve(&scope, &period, cost, b.micro_usd)),
             };
             let outcome = match outcome {
                 Ok(o) => o,
@@ -276,7 +320,7 @@ impl Meter {
 
     async fn release_holds(&self, holds: &[Hold]) {
         for h in holds {
-            match &self.db {
+            match self.shared_book() {
                 Some(db) => {
                     if let Err(e) = budget::sql_release(db, h).await {
                         tracing::error!(error = %e, scope = %h.scope, "budget release failed");
@@ -291,7 +335,14 @@ impl Meter {
     /// or dropped, in one commit that the answer waits for. False if it could not be written.
     pub async fn settle(&self, s: ledger::Settlement) -> bool {
         match &self.ledger {
-            Some(l) => l.commit(s).await,
+            Some(l) => {
+                if self.book == ledger::BudgetBook::Local {
+                    self.settle_holds_here(&s);
+                }
+                // An idempotency record must be readable by the next request at once.
+                let wait = self.book == ledger::BudgetBook::Shared || s.idem.is_some();
+                l.commit(s, wait).await
+            }
             None => {
                 self.settle_in_memory(s);
                 true
@@ -299,10 +350,14 @@ impl Meter {
         }
     }
 
-    fn settle_in_memory(&self, s: ledger::Settlement) {
+    fn settle_holds_here(&self, s: &ledger::Settlement) {
         for h in &s.holds {
             self.budgets.settle(h, s.row.cost_micro_usd);
         }
+    }
+
+    fn settle_in_memory(&self, s: ledger::Settlement) {
+        self.settle_holds_here(&s);
         match s.idem {
             Some(ledger::IdemOutcome::Complete {
                 tenant,
@@ -317,7 +372,12 @@ impl Meter {
     /// As [`Meter::settle`] without waiting (from a `Drop`).
     pub fn settle_later(&self, s: ledger::Settlement) {
         match &self.ledger {
-            Some(l) => l.submit(s),
+            Some(l) => {
+                if self.book == ledger::BudgetBook::Local {
+                    self.settle_holds_here(&s);
+                }
+                l.submit(s)
+            }
             None => self.settle_in_memory(s),
         }
     }
@@ -346,11 +406,14 @@ impl Meter {
 
     /// What is spent and held in a budget scope's current period.
     pub async fn standing(&self, scope: &str, period: &str) -> Result<(u64, u64), ApiError> {
-        match &self.db {
+        match self.shared_book() {
             Some(db) => budget::sql_spent(db, scope, period)
                 .await
                 .map_err(store_unavailable),
-            None => Ok(self.budgets.spent(scope, period)),
+            None => {
+                self.seed(scope, period).await.map_err(store_unavailable)?;
+                Ok(self.budgets.spent(scope, period))
+            }
         }
     }
 }

@@ -159,6 +159,8 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
                 pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .map_err(|(param, why)| ApiError::invalid(&param, format!("{param}: {why}")))?;
+            // Read-your-writes: what this replica has journaled is committed first.
+            state.meter.flush().await;
             let text = report.render(&db).await?;
             let kind = if report.csv {
                 "text/csv; charset=utf-8"

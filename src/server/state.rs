@@ -117,12 +117,13 @@ impl AppState {
             Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
             None => None,
         };
-        if let Some(db) = db.as_ref().filter(|d| d.kind == crate::store::Kind::Sqlite) {
-            // One process owns a SQLite file: whatever is still held was held by requests
-            // that died with a previous process (kill -9), and is given back.
-            crate::metering::budget::release_all_holds(db).await?;
-        }
-        let meter = crate::metering::Meter::new(db, config.state.idempotency_retention);
+        let meter = crate::metering::Meter::new(
+            db,
+            config.state.idempotency_retention,
+            &config.data_dir,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
         let redis = match &config.state.redis {
             Some(r) => Some(crate::policy::RedisLimiter::new(r).map_err(anyhow::Error::msg)?),
             None => None,
