@@ -623,6 +623,8 @@ async fn the_usage_cli_reads_the_ledger() {
     for _ in 0..3 {
         assert_eq!(gw.generate_as(KEY, small()).await.status(), 200);
     }
+    // The admin API commits what the gateway journaled; the CLI reads the database directly.
+    assert_eq!(ledger(&gw, &tenant).await.len(), 3);
     let dir = gw.data_dir.path().to_path_buf();
     let file = dir.join("gateway.yaml");
     std::fs::write(

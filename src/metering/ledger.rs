@@ -150,6 +150,8 @@ pub struct Ledger {
 }
 
 const MAX_BATCH: usize = 512;
+/// How long journaled settlements wait for company before they are committed.
+const LINGER: Duration = Duration::from_millis(5);
 
 impl Ledger {
     /// Starts the writer; with a journal path, first replays what a previous process left
@@ -230,13 +232,28 @@ async fn run(
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Settle(s, done) => batch.push((s, done)),
-                Msg::Flush(done) => flushes.push(done),
+        let mut lingered = false;
+        loop {
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Settle(s, done) => batch.push((s, done)),
+                    Msg::Flush(done) => flushes.push(done),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
             }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
+            // Journaled settlements are durable already: gather a few milliseconds' worth
+            // into one transaction, unless someone waits for this batch.
+            let waited_on = !flushes.is_empty() || batch.iter().any(|(_, d)| d.is_some());
+            if lingered || waited_on || batch.len() >= MAX_BATCH {
+                break;
+            }
+            lingered = true;
+            tokio::time::sleep(LINGER).await;
+            next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
             }
         }
         if !batch.is_empty() {
@@ -311,57 +328,46 @@ async fn write_with_retry(db: &Database, book: BudgetBook, batch: &[&Settlement]
 const COLUMNS: &str = "id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
      n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
      input_tokens, output_tokens, status, latency_ms, idempotency_key";
-const PER_ROW: usize = 19;
-/// Rows per INSERT statement (19 binds each, well under both databases' limits).
-const ROWS_PER_INSERT: usize = 100;
+
+fn sqlite_insert() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let values: Vec<String> = COLUMNS
+            .split(", ")
+            .map(|c| format!("value ->> '{}'", c.trim()))
+            .collect();
+        format!(
+            "INSERT INTO usage_ledger ({COLUMNS}) SELECT {} FROM json_each(?1) WHERE true \
+             ON CONFLICT (id) DO NOTHING",
+            values.join(", ")
+        )
+    })
+}
+
+fn postgres_insert() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "INSERT INTO usage_ledger ({COLUMNS}) SELECT {COLUMNS} FROM \
+             json_populate_recordset(NULL::usage_ledger, $1::json) ON CONFLICT (id) DO NOTHING"
+        )
+    })
+}
 
 async fn write_batch(db: &Database, book: BudgetBook, batch: &[&Settlement]) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
     let mut tx = db.pool.begin().await?;
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
-        let mut sql = format!("INSERT INTO usage_ledger ({COLUMNS}) VALUES ");
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 0..PER_ROW {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("${}", i * PER_ROW + c + 1));
-            }
-            sql.push(')');
-        }
-        sql.push_str(" ON CONFLICT (id) DO NOTHING");
-        let mut q = sqlx::query(&sql);
-        for s in chunk {
-            let r = &s.row;
-            q = q
-                .bind(r.id.clone())
-                .bind(r.request_id.clone())
-                .bind(r.ts_ms)
-                .bind(r.tenant.clone())
-                .bind(r.key_id.clone())
-                .bind(r.model.clone())
-                .bind(r.backend.clone())
-                .bind(r.size.clone())
-                .bind(r.quality.clone())
-                .bind(i64::from(r.n_requested))
-                .bind(i64::from(r.n_delivered))
-                .bind(r.reserved_micro_usd as i64)
-                .bind(r.cost_micro_usd as i64)
-                .bind(r.upstream_cost_micro_usd as i64)
-                .bind(r.input_tokens)
-                .bind(r.output_tokens)
-                .bind(i64::from(r.status))
-                .bind(r.latency_ms as i64)
-                .bind(r.idempotency_key.clone());
-        }
-        q.execute(&mut *tx).await?;
-    }
+    // Every row of the batch in one statement with one parameter (a JSON array): one
+    // prepared statement whatever the batch size, no per-row round trips to the database.
+    let rows: Vec<&UsageRow> = batch.iter().map(|s| &s.row).collect();
+    let json = serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let insert = match db.kind {
+        crate::store::Kind::Sqlite => sqlite_insert(),
+        crate::store::Kind::Postgres => postgres_insert(),
+    };
+    sqlx::query(insert).bind(json).execute(&mut *tx).await?;
     // One statement per budget row touched by the batch.
     let mut budgets: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
     for s in batch {

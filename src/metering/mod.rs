@@ -539,9 +539,10 @@ impl Drop for Charge {
     }
 }
 
-/// A random id for ledger rows.
+/// A ledger row id: milliseconds since the epoch then 64 random bits, both in hex (sorts by
+/// time, so the primary key grows at its end).
 pub fn new_id() -> String {
-    hex::encode(rand::random::<[u8; 12]>())
+    format!("{:012x}{}", now_ms(), hex::encode(rand::random::<[u8; 8]>()))
 }
 
 #[cfg(test)]

@@ -320,9 +320,14 @@ fn limiters(
             return l.clone();
         }
     }
-    let fresh = Arc::new(TenantLimits::new(limits));
-    map.insert(id.clone(), fresh.clone());
-    fresh
+    // Made under the map's lock: two first requests must not each get a fresh limiter.
+    let mut entry = map
+        .entry(id.clone())
+        .or_insert_with(|| Arc::new(TenantLimits::new(limits)));
+    if entry.config != *limits {
+        *entry = Arc::new(TenantLimits::new(limits));
+    }
+    entry.clone()
 }
 
 /// A request for more images than a limit's burst: it can never pass.

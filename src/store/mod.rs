@@ -68,6 +68,12 @@ impl Database {
                         use sqlx::Executor;
                         conn.execute("PRAGMA journal_mode=WAL").await?;
                         conn.execute("PRAGMA busy_timeout=5000").await?;
+                        // WAL + NORMAL: a commit survives the process dying (kill -9); only
+                        // a power cut can lose the last commits, and the usage ledger's
+                        // journal covers its own rows. Temporary b-trees (the ledger's
+                        // batched INSERT ... SELECT) stay in memory.
+                        conn.execute("PRAGMA synchronous=NORMAL").await?;
+                        conn.execute("PRAGMA temp_store=MEMORY").await?;
                         conn.execute("PRAGMA foreign_keys=ON").await?;
                     }
                     Ok(())
