@@ -259,8 +259,9 @@ fn parse_name(name: &str) -> Option<ImageFormat> {
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// base64 both ways with SIMD (megabytes per image: several times the scalar speed).
 fn encode_base64(bytes: &[u8]) -> Bytes {
-    Bytes::from(B64.encode(bytes))
+    Bytes::from(base64_simd::STANDARD.encode_type::<Vec<u8>>(bytes))
 }
 
 fn bad_base64() -> ApiError {
@@ -272,7 +273,11 @@ fn bad_base64() -> ApiError {
 }
 
 fn decode_base64(b64: &[u8]) -> Result<Bytes, ApiError> {
-    let bytes = Bytes::from(B64.decode(b64).map_err(|_| bad_base64())?);
+    let bytes = Bytes::from(
+        base64_simd::STANDARD
+            .decode_to_vec(b64)
+            .map_err(|_| bad_base64())?,
+    );
     checked_format(&bytes)?;
     Ok(bytes)
 }
@@ -280,12 +285,7 @@ fn decode_base64(b64: &[u8]) -> Result<Bytes, ApiError> {
 /// Checks base64 text without decoding it all: the alphabet and padding throughout, and the
 /// image magic number in its first bytes. Passing it on unchanged then makes no copy.
 fn check_base64(b64: &[u8]) -> Result<ImageFormat, ApiError> {
-    let body = b64
-        .strip_suffix(b"==")
-        .or_else(|| b64.strip_suffix(b"="))
-        .unwrap_or(b64);
-    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
-    if b64.len() % 4 != 0 || b64.is_empty() || !body.iter().all(alphabet) {
+    if b64.is_empty() || base64_simd::STANDARD.check(b64).is_err() {
         return Err(bad_base64());
     }
     let head = B64

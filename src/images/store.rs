@@ -30,9 +30,15 @@ impl LocalStore {
 impl BlobStore for LocalStore {
     async fn put(&self, name: &str, bytes: Bytes) -> std::io::Result<()> {
         // Write then rename, so a reader never sees half a file.
+        // One blocking task for both, handing over the buffer (tokio::fs::write would copy it).
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        tokio::fs::write(&tmp, &bytes).await?;
-        tokio::fs::rename(&tmp, self.dir.join(name)).await
+        let dest = self.dir.join(name);
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&tmp, &bytes)?;
+            std::fs::rename(&tmp, dest)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     async fn get(&self, name: &str) -> std::io::Result<Option<Bytes>> {

@@ -354,7 +354,11 @@ fn postgres_insert() -> &'static str {
     })
 }
 
-async fn write_batch(db: &Database, book: BudgetBook, batch: &[&Settlement]) -> Result<(), StoreError> {
+async fn write_batch(
+    db: &Database,
+    book: BudgetBook,
+    batch: &[&Settlement],
+) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }

@@ -542,7 +542,11 @@ impl Drop for Charge {
 /// A ledger row id: milliseconds since the epoch then 64 random bits, both in hex (sorts by
 /// time, so the primary key grows at its end).
 pub fn new_id() -> String {
-    format!("{:012x}{}", now_ms(), hex::encode(rand::random::<[u8; 8]>()))
+    format!(
+        "{:012x}{}",
+        now_ms(),
+        hex::encode(rand::random::<[u8; 8]>())
+    )
 }
 
 #[cfg(test)]

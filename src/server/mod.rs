@@ -40,6 +40,7 @@ pub async fn serve(
         .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_images(state.clone()));
+    let trimmer = tokio::spawn(trim_allocator());
     crate::telemetry::metrics().set_tenant_label(state.runtime.load().config.metrics.tenant_label);
     state.restart_probes();
     let reloader = tokio::spawn(watch_config(state.clone()));
@@ -105,6 +106,7 @@ pub async fn serve(
     state.draining.store(true, Ordering::SeqCst);
     drop(listener);
     sweeper.abort();
+    trimmer.abort();
     reloader.abort();
     if let Some(w) = key_watch {
         w.abort();
@@ -273,5 +275,20 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// Gives the heap's free memory back to the OS every two seconds (glibc keeps it otherwise:
+/// RSS would stay at the peak of the last burst of large answers).
+async fn trim_allocator() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory; it takes the allocator's own locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }

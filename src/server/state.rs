@@ -117,13 +117,10 @@ impl AppState {
             Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
             None => None,
         };
-        let meter = crate::metering::Meter::new(
-            db,
-            config.state.idempotency_retention,
-            &config.data_dir,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
+        let meter =
+            crate::metering::Meter::new(db, config.state.idempotency_retention, &config.data_dir)
+                .await
+                .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
         let redis = match &config.state.redis {
             Some(r) => Some(crate::policy::RedisLimiter::new(r).map_err(anyhow::Error::msg)?),
             None => None,
