@@ -83,6 +83,7 @@ fn budget_reserve_and_settle(b: Bencher) {
         scope: "tenant:t".into(),
         period: "2026-11".into(),
         amount: 80_000,
+        in_redis: false,
     };
     b.bench(|| {
         budgets
@@ -117,6 +118,7 @@ fn ledger_journal_line(b: Bencher) {
             scope: "tenant:t".into(),
             period: "2026-11".into(),
             amount: 80_000,
+            in_redis: false,
         }],
         idem: None,
     };

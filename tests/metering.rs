@@ -215,7 +215,7 @@ async fn two_replicas_sharing_postgres_and_redis_hold_the_budget_and_the_rate() 
     // The same with Redis holding the limits.
     let tenant = unique("rd7");
     let state = format!(
-        "{{store: postgres, postgres: \"${{PG}}\", redis: {{url: \"{redis}\", prefix: \"{}:\"}}}}",
+        "{{store: postgres, postgres: \"${{PG}}\", redis: {{url: \"{redis}\", prefix: \"{}:\", timeout: 3s}}}}",
         unique("t")
     );
     let yaml = config(&fake.base_url(), &tenant, &limits, &state);
@@ -600,6 +600,18 @@ async fn redis_down_fails_open_to_local_limits_or_closed_with_503() {
         metrics.contains("imagegate_redis_failures_total 3"),
         "{metrics}"
     );
+
+    // Budgets never fail open: with Redis away a budgeted request is refused, retryably.
+    let budgeted = Gateway::start(&config(
+        &fake.base_url(),
+        &tenant,
+        "{budget: {micro_usd: 1000000, period: daily}}",
+        &open,
+    ))
+    .await;
+    let resp = budgeted.generate_as(KEY, small()).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
 
     let closed =
         format!("{{redis: {{url: \"redis://{dead}\", on_failure: closed, timeout: 100ms}}}}");

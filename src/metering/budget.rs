@@ -16,6 +16,9 @@ pub struct Hold {
     pub period: String,
     /// Micro-dollars held.
     pub amount: u64,
+    /// Held in Redis (settled there, and only added to `spent` in the database).
+    #[serde(default)]
+    pub in_redis: bool,
 }
 
 /// Why a budget refused.
@@ -236,6 +239,7 @@ mod tests {
             scope: "tenant:t".into(),
             period: "total".into(),
             amount: 10,
+            in_redis: false,
         };
         b.settle(&hold, 0);
         assert_eq!(b.spent("tenant:t", "total"), (0, 60));

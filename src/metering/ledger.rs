@@ -373,17 +373,20 @@ async fn write_batch(
     };
     sqlx::query(insert).bind(json).execute(&mut *tx).await?;
     // One statement per budget row touched by the batch.
-    let mut budgets: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+    // Holds in the database (PostgreSQL without Redis) are settled there; holds in this
+    // process or in Redis only add what was spent.
+    let mut budgets: HashMap<(&str, &str, bool), (i64, i64)> = HashMap::new();
     for s in batch {
         for h in &s.holds {
-            let e = budgets.entry((&h.scope, &h.period)).or_default();
+            let held_here = book == BudgetBook::Shared && !h.in_redis;
+            let e = budgets.entry((&h.scope, &h.period, held_here)).or_default();
             e.0 += h.amount as i64;
             e.1 += s.row.cost_micro_usd as i64;
         }
     }
-    for ((scope, period), (held, spent)) in budgets {
-        let q = match book {
-            BudgetBook::Shared => sqlx::query(
+    for ((scope, period, held_here), (held, spent)) in budgets {
+        let q = match held_here {
+            true => sqlx::query(
                 "UPDATE budget_usage SET held = held - $3, spent = spent + $4 \
                  WHERE scope = $1 AND period = $2",
             )
@@ -391,7 +394,7 @@ async fn write_batch(
             .bind(period)
             .bind(held)
             .bind(spent),
-            BudgetBook::Local => sqlx::query(
+            false => sqlx::query(
                 "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
                  ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
             )

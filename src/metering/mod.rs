@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod idempotency;
 pub mod ledger;
+pub mod redis_budget;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -152,6 +153,8 @@ pub struct Meter {
     /// first use and the ledger adds what is spent.
     budgets: budget::MemoryBudgets,
     idem: idempotency::MemoryIdempotency,
+    /// With `state.redis`: budgets held in Redis, shared by every replica.
+    redis: Option<redis_budget::RedisBudgets>,
 }
 
 fn store_unavailable(e: crate::store::StoreError) -> ApiError {
@@ -177,6 +180,7 @@ impl Meter {
         db: Option<Database>,
         retention: Duration,
         data_dir: &std::path::Path,
+        redis: Option<Arc<crate::policy::RedisLimiter>>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let book = match db.as_ref().map(|d| d.kind) {
             Some(crate::store::Kind::Postgres) => ledger::BudgetBook::Shared,
@@ -196,6 +200,7 @@ impl Meter {
             book,
             budgets: budget::MemoryBudgets::default(),
             idem: idempotency::MemoryIdempotency::default(),
+            redis: redis.map(redis_budget::RedisBudgets::new),
         });
         let weak = Arc::downgrade(&meter);
         tokio::spawn(async move {
@@ -260,9 +265,57 @@ impl Meter {
         }
     }
 
+    /// Holds a budget in Redis, seeding it from the database's `spent` the first time.
+    /// `Ok(None)`: held; `Ok(Some(left))`: exhausted; `Err`: Redis did not answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn redis_reserve(
+        &self,
+        rb: &redis_budget::RedisBudgets,
+        scope: &str,
+        period: &str,
+        member: &str,
+        cost: u64,
+        limit: u64,
+        lease: Duration,
+        resets_at: Option<u64>,
+    ) -> Result<Option<u64>, String> {
+        for _ in 0..2 {
+            match rb
+                .reserve(scope, period, member, cost, limit, lease)
+                .await?
+            {
+                redis_budget::Reserve::Held => return Ok(None),
+                redis_budget::Reserve::Exhausted(left) => return Ok(Some(left)),
+                redis_budget::Reserve::Unseeded => {
+                    let spent = match &self.db {
+                        Some(db) => {
+                            budget::sql_spent(db, scope, period)
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .0
+                        }
+                        None => 0,
+                    };
+                    let ttl = resets_at.map(|end| {
+                        Duration::from_secs(end.saturating_sub(budget::now_unix()) + 2 * 86_400)
+                    });
+                    rb.seed(scope, period, spent, ttl).await?;
+                }
+            }
+        }
+        Err("budget could not be seeded".into())
+    }
+
     /// Holds `cost` in the tenant's budget and then the key's; refuses with 429
-    /// `insufficient_quota` (and holds nothing) when either would be exceeded.
-    pub async fn reserve(&self, principal: &Principal, cost: u64) -> Result<Vec<Hold>, ApiError> {
+    /// `insufficient_quota` (and holds nothing) when either would be exceeded. `member` names
+    /// the request's hold; `lease` bounds how long a hold outlives a replica that died.
+    pub async fn reserve(
+        &self,
+        principal: &Principal,
+        cost: u64,
+        member: &str,
+        lease: Duration,
+    ) -> Result<Vec<Hold>, ApiError> {
         let mut holds = Vec::new();
         if cost == 0 {
             return Ok(holds);
@@ -280,6 +333,51 @@ impl Meter {
             let Some(b) = b else { continue };
             let (period, resets_at) = budget::period_of(b.period, now);
             let scope = format!("{kind}:{id}");
+            if let Some(rb) = &self.redis {
+                let held = self
+                    .redis_reserve(
+                        rb,
+                        &scope,
+                        &period,
+                        member,
+                        cost,
+                        b.micro_usd,
+                        lease,
+                        resets_at,
+                    )
+                    .await;
+                match held {
+                    Ok(None) => {
+                        holds.push(Hold {
+                            scope,
+                            period,
+                            amount: cost,
+                            in_redis: true,
+                        });
+                        continue;
+                    }
+                    Ok(Some(left)) => {
+                        self.release_holds(&holds, member).await;
+                        crate::telemetry::metrics().over_budget(&principal.tenant, kind);
+                        return Err(exhausted(
+                            &budget::Exhausted {
+                                scope_kind: kind,
+                                budget: b,
+                                left,
+                                resets_at,
+                            },
+                            cost,
+                        ));
+                    }
+                    Err(why) => {
+                        // Money never fails open: a hold that cannot be made exactly (the
+                        // other replicas' holds are in Redis) is refused, retryably.
+                        rb.limiter().warn(&why);
+                        self.release_holds(&holds, member).await;
+                        return Err(crate::policy::redis_unavailable());
+                    }
+                }
+            }
             let outcome = match self.shared_book() {
                 Some(db) => budget::sql_reserve(db, &scope, &period, cost, b.micro_usd).await,
                 None => self
@@ -290,7 +388,7 @@ impl Meter {
             let outcome = match outcome {
                 Ok(o) => o,
                 Err(e) => {
-                    self.release_holds(&holds).await;
+                    self.release_holds(&holds, member).await;
                     return Err(store_unavailable(e));
                 }
             };
@@ -299,9 +397,10 @@ impl Meter {
                     scope,
                     period,
                     amount: cost,
+                    in_redis: false,
                 }),
                 Err(left) => {
-                    self.release_holds(&holds).await;
+                    self.release_holds(&holds, member).await;
                     crate::telemetry::metrics().over_budget(&principal.tenant, kind);
                     return Err(exhausted(
                         &budget::Exhausted {
@@ -318,8 +417,17 @@ impl Meter {
         Ok(holds)
     }
 
-    async fn release_holds(&self, holds: &[Hold]) {
+    async fn release_holds(&self, holds: &[Hold], member: &str) {
         for h in holds {
+            if h.in_redis {
+                if let Some(rb) = &self.redis {
+                    if let Err(e) = rb.settle(h, member, 0).await {
+                        // Its lease runs out by itself.
+                        tracing::warn!(error = %e, scope = %h.scope, "budget release in Redis failed");
+                    }
+                }
+                continue;
+            }
             match self.shared_book() {
                 Some(db) => {
                     if let Err(e) = budget::sql_release(db, h).await {
@@ -339,6 +447,7 @@ impl Meter {
                 if self.book == ledger::BudgetBook::Local {
                     self.settle_holds_here(&s);
                 }
+                self.settle_in_redis(&s);
                 // An idempotency record must be readable by the next request at once.
                 let wait = self.book == ledger::BudgetBook::Shared || s.idem.is_some();
                 l.commit(s, wait).await
@@ -351,9 +460,28 @@ impl Meter {
     }
 
     fn settle_holds_here(&self, s: &ledger::Settlement) {
-        for h in &s.holds {
+        for h in s.holds.iter().filter(|h| !h.in_redis) {
             self.budgets.settle(h, s.row.cost_micro_usd);
         }
+    }
+
+    /// Settles the holds that live in Redis (in the background: the ledger has the truth).
+    fn settle_in_redis(&self, s: &ledger::Settlement) {
+        let Some(rb) = &self.redis else { return };
+        let holds: Vec<Hold> = s.holds.iter().filter(|h| h.in_redis).cloned().collect();
+        if holds.is_empty() {
+            return;
+        }
+        let (limiter, member, cost) =
+            (rb.limiter().clone(), s.row.id.clone(), s.row.cost_micro_usd);
+        tokio::spawn(async move {
+            let rb = redis_budget::RedisBudgets::new(limiter);
+            for h in &holds {
+                if let Err(e) = rb.settle(h, &member, cost).await {
+                    tracing::warn!(error = %e, scope = %h.scope, "budget settlement in Redis failed");
+                }
+            }
+        });
     }
 
     fn settle_in_memory(&self, s: ledger::Settlement) {
@@ -376,6 +504,7 @@ impl Meter {
                 if self.book == ledger::BudgetBook::Local {
                     self.settle_holds_here(&s);
                 }
+                self.settle_in_redis(&s);
                 l.submit(s)
             }
             None => self.settle_in_memory(s),
@@ -383,8 +512,8 @@ impl Meter {
     }
 
     /// Gives back holds and an idempotency claim of a request that was never relayed.
-    pub async fn abandon(&self, holds: Vec<Hold>, idem: Option<(String, String)>) {
-        self.release_holds(&holds).await;
+    pub async fn abandon(&self, holds: Vec<Hold>, member: &str, idem: Option<(String, String)>) {
+        self.release_holds(&holds, member).await;
         if let Some((tenant, key)) = idem {
             match &self.db {
                 Some(db) => {
@@ -472,8 +601,16 @@ impl Charge {
     }
 
     /// Reserves the request's cost (see [`Meter::reserve`]).
-    pub async fn reserve(&mut self, principal: &Principal, cost: u64) -> Result<(), ApiError> {
-        self.holds = self.meter.reserve(principal, cost).await?;
+    pub async fn reserve(
+        &mut self,
+        principal: &Principal,
+        cost: u64,
+        lease: Duration,
+    ) -> Result<(), ApiError> {
+        self.holds = self
+            .meter
+            .reserve(principal, cost, &self.row.id, lease)
+            .await?;
         self.row.reserved_micro_usd = cost;
         Ok(())
     }
@@ -534,7 +671,8 @@ impl Drop for Charge {
             });
         } else if !holds.is_empty() || idem.is_some() {
             let meter = self.meter.clone();
-            tokio::spawn(async move { meter.abandon(holds, idem).await });
+            let member = self.row.id.clone();
+            tokio::spawn(async move { meter.abandon(holds, &member, idem).await });
         }
     }
 }

@@ -5,7 +5,7 @@
 
 mod redis;
 
-pub use redis::RedisLimiter;
+pub use redis::{unavailable as redis_unavailable, RedisLimiter};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -198,6 +198,33 @@ impl RedisLimiter {
         Ok(specs)
     }
 
+    /// Runs a Lua script (EVALSHA, loading it when Redis does not know it yet) within the
+    /// configured timeout; the error says why Redis could not answer.
+    pub async fn eval(
+        &self,
+        script: &redis::Script,
+        keys: &[&str],
+        args: &[String],
+    ) -> Result<Vec<i64>, String> {
+        let mut conn = self.connection().await?;
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(a.as_str());
+        }
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Checks and takes every limit of the request at once.
     pub async fn check(
         &self,
@@ -313,7 +340,7 @@ impl RedisLimiter {
             match self.on_failure {
                 RedisFailure::Open => tracing::warn!(
                     error = %why,
-                    "Redis unreachable: failing open, each replica applies the limits in process"
+                    "Redis unreachable: rate limits fail open (each replica applies them in process); budgets held in Redis are refused until it is back"
                 ),
                 RedisFailure::Closed => tracing::error!(
                     error = %why,
@@ -338,7 +365,7 @@ fn now_ms() -> u64 {
 pub fn unavailable() -> ApiError {
     ApiError::new(
         ErrorKind::Unavailable,
-        "The rate limit service is unavailable; please retry.",
+        "The shared limits and budgets store is unavailable; please retry.",
     )
     .retry_after(Duration::from_secs(1))
 }

@@ -316,7 +316,7 @@ async fn generations(
         .admit_request(&principal, request.n, &charge.row.id, lease, &mut log.rate)
         .await?;
     let reserved = route.prices.cost(&request, request.n);
-    charge.reserve(&principal, reserved).await?;
+    charge.reserve(&principal, reserved, lease).await?;
     charge.relayed();
 
     let relayed = relay(state, route, &request, request_id, log).await;

@@ -117,14 +117,18 @@ impl AppState {
             Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
             None => None,
         };
-        let meter =
-            crate::metering::Meter::new(db, config.state.idempotency_retention, &config.data_dir)
-                .await
-                .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
         let redis = match &config.state.redis {
             Some(r) => Some(crate::policy::RedisLimiter::new(r).map_err(anyhow::Error::msg)?),
             None => None,
         };
+        let meter = crate::metering::Meter::new(
+            db,
+            config.state.idempotency_retention,
+            &config.data_dir,
+            redis.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
         let policy = Arc::new(Policy::with_redis(redis));
         let runtime = Runtime::build(config, &http, None, db_keys.clone(), policy)?;
         Ok(Arc::new(AppState {
