@@ -667,3 +667,55 @@ async fn the_usage_cli_reads_the_ledger() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_budget_applies_on_top_of_its_tenants() {
+    let (fake, _) = upstream(Duration::ZERO).await;
+    let tenant = unique("kb");
+    let limits = format!("{{budget: {{micro_usd: {}, period: total}}}}", 10 * PRICE);
+    let yaml = config(&fake.base_url(), &tenant, &limits, "{}").replace(
+        &format!("secret: {KEY}}}"),
+        &format!(
+            "secret: {KEY}, limits: {{budget: {{micro_usd: {}, period: daily}}}}}}",
+            2 * PRICE
+        ),
+    );
+    assert!(yaml.contains("period: daily"), "{yaml}");
+    let gw = Gateway::start(&yaml).await;
+    for _ in 0..2 {
+        assert_eq!(gw.generate_as(KEY, small()).await.status(), 200);
+    }
+    let err = expect_error(gw.generate_as(KEY, small()).await, 429).await;
+    assert_eq!(err["code"], "insufficient_quota");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("key's daily budget of $0.032000"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_past_its_retention_is_a_new_request() {
+    let (fake, calls) = upstream(Duration::ZERO).await;
+    let tenant = unique("ir");
+    let gw = Gateway::start(&config(
+        &fake.base_url(),
+        &tenant,
+        "{}",
+        "{idempotency_retention: 1s}",
+    ))
+    .await;
+    let body =
+        json!({"model": "dall-e-2", "prompt": "p", "size": "256x256", "response_format": "url"});
+    assert_eq!(post_with_key(&gw, "k-1", &body).await.status(), 200);
+    let again = post_with_key(&gw, "k-1", &body).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = post_with_key(&gw, "k-1", &body).await;
+    assert_eq!(later.status(), 200);
+    assert!(later.headers().get("idempotent-replayed").is_none());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Another body is fine too once the old record is gone.
+    let mut other = body.clone();
+    other["prompt"] = json!("other");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(post_with_key(&gw, "k-1", &other).await.status(), 200);
+}
