@@ -306,6 +306,44 @@ impl Meter {
         Err("budget could not be seeded".into())
     }
 
+    /// Holds one budget where budgets live: `Ok(Ok(in_redis))` held, `Ok(Err(left))`
+    /// exhausted.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_one(
+        &self,
+        scope: &str,
+        period: &str,
+        member: &str,
+        cost: u64,
+        limit: u64,
+        lease: Duration,
+        resets_at: Option<u64>,
+    ) -> Result<Result<bool, u64>, ApiError> {
+        if let Some(rb) = &self.redis {
+            return match self
+                .redis_reserve(rb, scope, period, member, cost, limit, lease, resets_at)
+                .await
+            {
+                Ok(None) => Ok(Ok(true)),
+                Ok(Some(left)) => Ok(Err(left)),
+                Err(why) => {
+                    // Money never fails open: a hold that cannot be made exactly (the other
+                    // replicas' holds are in Redis) is refused, retryably.
+                    rb.limiter().warn(&why);
+                    Err(crate::policy::redis_unavailable())
+                }
+            };
+        }
+        let outcome = match self.shared_book() {
+            Some(db) => budget::sql_reserve(db, scope, period, cost, limit).await,
+            None => self
+                .seed(scope, period)
+                .await
+                .map(|()| self.budgets.reserve(scope, period, cost, limit)),
+        };
+        Ok(outcome.map_err(store_unavailable)?.map(|()| false))
+    }
+
     /// Holds `cost` in the tenant's budget and then the key's; refuses with 429
     /// `insufficient_quota` (and holds nothing) when either would be exceeded. `member` names
     /// the request's hold; `lease` bounds how long a hold outlives a replica that died.
@@ -333,73 +371,17 @@ impl Meter {
             let Some(b) = b else { continue };
             let (period, resets_at) = budget::period_of(b.period, now);
             let scope = format!("{kind}:{id}");
-            if let Some(rb) = &self.redis {
-                let held = self
-                    .redis_reserve(
-                        rb,
-                        &scope,
-                        &period,
-                        member,
-                        cost,
-                        b.micro_usd,
-                        lease,
-                        resets_at,
-                    )
-                    .await;
-                match held {
-                    Ok(None) => {
-                        holds.push(Hold {
-                            scope,
-                            period,
-                            amount: cost,
-                            in_redis: true,
-                        });
-                        continue;
-                    }
-                    Ok(Some(left)) => {
-                        self.release_holds(&holds, member).await;
-                        crate::telemetry::metrics().over_budget(&principal.tenant, kind);
-                        return Err(exhausted(
-                            &budget::Exhausted {
-                                scope_kind: kind,
-                                budget: b,
-                                left,
-                                resets_at,
-                            },
-                            cost,
-                        ));
-                    }
-                    Err(why) => {
-                        // Money never fails open: a hold that cannot be made exactly (the
-                        // other replicas' holds are in Redis) is refused, retryably.
-                        rb.limiter().warn(&why);
-                        self.release_holds(&holds, member).await;
-                        return Err(crate::policy::redis_unavailable());
-                    }
-                }
-            }
-            let outcome = match self.shared_book() {
-                Some(db) => budget::sql_reserve(db, &scope, &period, cost, b.micro_usd).await,
-                None => self
-                    .seed(&scope, &period)
-                    .await
-                    .map(|()| self.budgets.reserve(&scope, &period, cost, b.micro_usd)),
-            };
-            let outcome = match outcome {
-                Ok(o) => o,
-                Err(e) => {
-                    self.release_holds(&holds, member).await;
-                    return Err(store_unavailable(e));
-                }
-            };
-            match outcome {
-                Ok(()) => holds.push(Hold {
+            let held = self
+                .hold_one(&scope, &period, member, cost, b.micro_usd, lease, resets_at)
+                .await;
+            match held {
+                Ok(Ok(in_redis)) => holds.push(Hold {
                     scope,
                     period,
                     amount: cost,
-                    in_redis: false,
+                    in_redis,
                 }),
-                Err(left) => {
+                Ok(Err(left)) => {
                     self.release_holds(&holds, member).await;
                     crate::telemetry::metrics().over_budget(&principal.tenant, kind);
                     return Err(exhausted(
@@ -411,6 +393,10 @@ impl Meter {
                         },
                         cost,
                     ));
+                }
+                Err(e) => {
+                    self.release_holds(&holds, member).await;
+                    return Err(e);
                 }
             }
         }

@@ -76,6 +76,16 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
+    /// Merges the standing of an images (`true`) or requests limit.
+    pub(crate) fn merge_limit(&mut self, images: bool, s: Standing) {
+        let slot = if images {
+            &mut self.images
+        } else {
+            &mut self.requests
+        };
+        Self::merge(slot, s);
+    }
+
     pub(crate) fn merge(slot: &mut Option<Standing>, s: Standing) {
         if slot.is_none_or(|old| s.remaining < old.remaining) {
             *slot = Some(s);

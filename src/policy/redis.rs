@@ -269,13 +269,8 @@ impl RedisLimiter {
             };
             crate::telemetry::metrics().rate_limited(&principal.tenant, &s.what);
             if s.rate {
-                let slot = if s.images {
-                    &mut headers.images
-                } else {
-                    &mut headers.requests
-                };
-                RateHeaders::merge(
-                    slot,
+                headers.merge_limit(
+                    s.images,
                     Standing {
                         limit: s.per_minute,
                         remaining: 0,
@@ -291,13 +286,8 @@ impl RedisLimiter {
             let remaining = out.get(1 + 2 * i).copied().unwrap_or(0).max(0) as u32;
             let reset = out.get(2 + 2 * i).copied().unwrap_or(0).max(0) as u64;
             if s.rate {
-                let slot = if s.images {
-                    &mut headers.images
-                } else {
-                    &mut headers.requests
-                };
-                RateHeaders::merge(
-                    slot,
+                headers.merge_limit(
+                    s.images,
                     Standing {
                         limit: s.per_minute,
                         remaining,
