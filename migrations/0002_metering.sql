@@ -9,6 +9,18 @@ CREATE TABLE IF NOT EXISTS budget_usage (
     PRIMARY KEY (scope, period)
 );
 
+-- Holds in budget_usage.held, one row each (PostgreSQL), so that the holds of a replica that
+-- died (kill -9) are given back when their lease runs out, by whichever replica sweeps first.
+CREATE TABLE IF NOT EXISTS budget_holds (
+    member TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    period TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (member, scope)
+);
+CREATE INDEX IF NOT EXISTS budget_holds_expiry ON budget_holds (expires_at);
+
 -- The usage ledger: one row per relayed request, written in the same transaction that settles
 -- its budget reservation (group commit). Ids start with the time, so inserts append to the
 -- primary key's last pages instead of dirtying a random page per row.

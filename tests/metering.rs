@@ -719,3 +719,46 @@ async fn an_idempotency_key_past_its_retention_is_a_new_request() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(post_with_key(&gw, "k-1", &other).await.status(), 200);
 }
+
+#[tokio::test]
+async fn postgres_holds_are_leases_given_back_exactly_once() {
+    use imagegate::metering::budget::{sql_release, sql_reserve, sql_spent, sql_sweep_holds, Hold};
+    let Some(pg) = pg_url() else {
+        return;
+    };
+    let db = imagegate::store::Database::connect(&pg).await.unwrap();
+    let scope = format!("tenant:{}", unique("lease"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // A replica holds for two requests and dies: one lease has run out, one has not.
+    let r = |member: &'static str, expires: i64| {
+        let (db, scope) = (db.clone(), scope.clone());
+        async move {
+            sql_reserve(&db, &scope, "total", 100, 250, member, expires)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(r("req-a", now - 1).await, Ok(()));
+    assert_eq!(r("req-b", now + 60_000).await, Ok(()));
+    assert_eq!(r("req-c", now + 60_000).await, Err(50), "250 - 200 held");
+    assert_eq!(sql_spent(&db, &scope, "total").await.unwrap(), (0, 200));
+    assert!(sql_sweep_holds(&db, now).await.unwrap() >= 1);
+    assert_eq!(sql_spent(&db, &scope, "total").await.unwrap(), (0, 100));
+    let hold = Hold {
+        scope: scope.clone(),
+        period: "total".into(),
+        amount: 100,
+        in_redis: false,
+    };
+    sql_release(&db, &hold, "req-b").await.unwrap();
+    sql_release(&db, &hold, "req-b").await.unwrap();
+    sql_release(&db, &hold, "req-a").await.unwrap();
+    assert_eq!(
+        sql_spent(&db, &scope, "total").await.unwrap(),
+        (0, 0),
+        "each hold given back once, never below zero"
+    );
+}

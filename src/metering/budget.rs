@@ -135,26 +135,33 @@ impl MemoryBudgets {
     }
 }
 
-/// Holds `amount` in one SQL budget row, or says what is left. The common path is a single
-/// conditional UPDATE; the row is created the first time a period is used.
+/// Holds `amount` in one PostgreSQL budget row and records the hold (a lease until
+/// `expires_ms`) in the same statement, or says what is left. The row is created the first
+/// time a period is used.
 pub async fn sql_reserve(
     db: &Database,
     scope: &str,
     period: &str,
     amount: u64,
     limit: u64,
+    member: &str,
+    expires_ms: i64,
 ) -> Result<Result<(), u64>, StoreError> {
-    let update = || {
+    let hold = || {
         sqlx::query(
-            "UPDATE budget_usage SET held = held + $3 \
-             WHERE scope = $1 AND period = $2 AND spent + held + $3 <= $4",
+            "WITH u AS (UPDATE budget_usage SET held = held + $3 \
+             WHERE scope = $1 AND period = $2 AND spent + held + $3 <= $4 RETURNING scope) \
+             INSERT INTO budget_holds (member, scope, period, amount, expires_at) \
+             SELECT $5, $1, $2, $3, $6 FROM u",
         )
         .bind(scope)
         .bind(period)
         .bind(amount as i64)
         .bind(limit as i64)
+        .bind(member)
+        .bind(expires_ms)
     };
-    if update().execute(&db.pool).await?.rows_affected() == 1 {
+    if hold().execute(&db.pool).await?.rows_affected() == 1 {
         return Ok(Ok(()));
     }
     // The period's row may not exist yet (made here, or by a concurrent request).
@@ -166,11 +173,31 @@ pub async fn sql_reserve(
     .bind(period)
     .execute(&db.pool)
     .await?;
-    if update().execute(&db.pool).await?.rows_affected() == 1 {
+    if hold().execute(&db.pool).await?.rows_affected() == 1 {
         return Ok(Ok(()));
     }
     let (spent, held) = sql_spent(db, scope, period).await?;
     Ok(Err(limit.saturating_sub(spent + held)))
+}
+
+/// `DELETE`s hold rows (chosen by `filter`, with `$1` bound) and takes their amounts off
+/// `held`, in one statement: a hold is given back exactly once, whoever gets there first.
+pub(crate) fn give_back_sql(filter: &str) -> String {
+    format!(
+        "WITH d AS (DELETE FROM budget_holds WHERE {filter} RETURNING scope, period, amount), \
+         s AS (SELECT scope, period, SUM(amount) AS amount FROM d GROUP BY scope, period) \
+         UPDATE budget_usage SET held = budget_usage.held - s.amount FROM s \
+         WHERE budget_usage.scope = s.scope AND budget_usage.period = s.period"
+    )
+}
+
+/// Gives back the holds whose lease ran out (their replica died); returns how many budgets.
+pub async fn sql_sweep_holds(db: &Database, now_ms: i64) -> Result<u64, StoreError> {
+    Ok(sqlx::query(&give_back_sql("expires_at < $1"))
+        .bind(now_ms)
+        .execute(&db.pool)
+        .await?
+        .rows_affected())
 }
 
 /// (spent, held) of one budget row.
@@ -185,12 +212,11 @@ pub async fn sql_spent(db: &Database, scope: &str, period: &str) -> Result<(u64,
     Ok((s.max(0) as u64, h.max(0) as u64))
 }
 
-/// Gives back a hold that will not be settled through the ledger (a later budget refused).
-pub async fn sql_release(db: &Database, hold: &Hold) -> Result<(), StoreError> {
-    sqlx::query("UPDATE budget_usage SET held = held - $3 WHERE scope = $1 AND period = $2")
+/// Gives back a request's hold in one budget (a later budget refused it).
+pub async fn sql_release(db: &Database, hold: &Hold, member: &str) -> Result<(), StoreError> {
+    sqlx::query(&give_back_sql("member = $1 AND scope = $2"))
+        .bind(member)
         .bind(&hold.scope)
-        .bind(&hold.period)
-        .bind(hold.amount as i64)
         .execute(&db.pool)
         .await?;
     Ok(())

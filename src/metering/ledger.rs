@@ -373,36 +373,42 @@ async fn write_batch(
     };
     sqlx::query(insert).bind(json).execute(&mut *tx).await?;
     // One statement per budget row touched by the batch.
-    // Holds in the database (PostgreSQL without Redis) are settled there; holds in this
-    // process or in Redis only add what was spent.
-    let mut budgets: HashMap<(&str, &str, bool), (i64, i64)> = HashMap::new();
-    for s in batch {
-        for h in &s.holds {
-            let held_here = book == BudgetBook::Shared && !h.in_redis;
-            let e = budgets.entry((&h.scope, &h.period, held_here)).or_default();
-            e.0 += h.amount as i64;
-            e.1 += s.row.cost_micro_usd as i64;
+    // Holds in the database (PostgreSQL without Redis) are given back by deleting their rows
+    // (a hold whose lease already ran out was given back by the sweep, and is not again);
+    // then every budget touched adds what was spent.
+    if book == BudgetBook::Shared {
+        let members: Vec<&str> = batch
+            .iter()
+            .filter(|s| s.holds.iter().any(|h| !h.in_redis))
+            .map(|s| s.row.id.as_str())
+            .collect();
+        if !members.is_empty() {
+            let json =
+                serde_json::to_string(&members).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            sqlx::query(&super::budget::give_back_sql(
+                "member IN (SELECT json_array_elements_text($1::json))",
+            ))
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
         }
     }
-    for ((scope, period, held_here), (held, spent)) in budgets {
-        let q = match held_here {
-            true => sqlx::query(
-                "UPDATE budget_usage SET held = held - $3, spent = spent + $4 \
-                 WHERE scope = $1 AND period = $2",
-            )
-            .bind(scope)
-            .bind(period)
-            .bind(held)
-            .bind(spent),
-            false => sqlx::query(
-                "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
-                 ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
-            )
-            .bind(scope)
-            .bind(period)
-            .bind(spent),
-        };
-        q.execute(&mut *tx).await?;
+    let mut spent: HashMap<(&str, &str), i64> = HashMap::new();
+    for s in batch {
+        for h in &s.holds {
+            *spent.entry((&h.scope, &h.period)).or_default() += s.row.cost_micro_usd as i64;
+        }
+    }
+    for ((scope, period), cost) in spent {
+        sqlx::query(
+            "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
+             ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
+        )
+        .bind(scope)
+        .bind(period)
+        .bind(cost)
+        .execute(&mut *tx)
+        .await?;
     }
     for s in batch {
         match &s.idem {

@@ -204,18 +204,33 @@ impl Meter {
         });
         let weak = Arc::downgrade(&meter);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            // Holds every 30 s, idempotency records every 10 min.
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
             tick.tick().await;
-            loop {
+            for round in 1u64.. {
                 tick.tick().await;
                 let Some(m) = weak.upgrade() else { break };
+                let records = round % 20 == 0;
                 match &m.db {
                     Some(db) => {
-                        if let Err(e) = idempotency::sql_sweep(db, retention, now_ms()).await {
-                            tracing::warn!(error = %e, "idempotency sweep failed");
+                        if records {
+                            if let Err(e) = idempotency::sql_sweep(db, retention, now_ms()).await {
+                                tracing::warn!(error = %e, "idempotency sweep failed");
+                            }
+                        }
+                        if m.book == ledger::BudgetBook::Shared {
+                            match budget::sql_sweep_holds(db, now_ms()).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::warn!(
+                                    budgets = n,
+                                    "gave back budget holds whose lease ran out (a replica died mid-request)"
+                                ),
+                                Err(e) => tracing::warn!(error = %e, "budget hold sweep failed"),
+                            }
                         }
                     }
-                    None => m.idem.sweep(retention, now_ms() as u64),
+                    None if records => m.idem.sweep(retention, now_ms() as u64),
+                    None => {}
                 }
             }
         });
@@ -335,7 +350,10 @@ impl Meter {
             };
         }
         let outcome = match self.shared_book() {
-            Some(db) => budget::sql_reserve(db, scope, period, cost, limit).await,
+            Some(db) => {
+                let expires = now_ms() + lease.as_millis() as i64;
+                budget::sql_reserve(db, scope, period, cost, limit, member, expires).await
+            }
             None => self
                 .seed(scope, period)
                 .await
@@ -416,7 +434,7 @@ impl Meter {
             }
             match self.shared_book() {
                 Some(db) => {
-                    if let Err(e) = budget::sql_release(db, h).await {
+                    if let Err(e) = budget::sql_release(db, h, member).await {
                         tracing::error!(error = %e, scope = %h.scope, "budget release failed");
                     }
                 }
