@@ -15,14 +15,6 @@ use support::*;
 const ADMIN: &str = "adm-crash-secret";
 const KEY: &str = "sk-crash-key";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start(file: &std::path::Path, port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imagegate"))
         .args(["serve", "--config"])

@@ -7,13 +7,7 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::free_port;
 
 fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathBuf {
     let path = dir.join("gw.yaml");

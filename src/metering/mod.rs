@@ -282,21 +282,15 @@ impl Meter {
 
     /// Holds a budget in Redis, seeding it from the database's `spent` the first time.
     /// `Ok(None)`: held; `Ok(Some(left))`: exhausted; `Err`: Redis did not answer.
-    #[allow(clippy::too_many_arguments)]
     async fn redis_reserve(
         &self,
         rb: &redis_budget::RedisBudgets,
-        scope: &str,
-        period: &str,
-        member: &str,
-        cost: u64,
-        limit: u64,
-        lease: Duration,
-        resets_at: Option<u64>,
+        ask: &HoldAsk<'_>,
     ) -> Result<Option<u64>, String> {
+        let (scope, period) = (ask.scope, ask.period);
         for _ in 0..2 {
             match rb
-                .reserve(scope, period, member, cost, limit, lease)
+                .reserve(scope, period, ask.member, ask.cost, ask.limit, ask.lease)
                 .await?
             {
                 redis_budget::Reserve::Held => return Ok(None),
@@ -311,7 +305,7 @@ impl Meter {
                         }
                         None => 0,
                     };
-                    let ttl = resets_at.map(|end| {
+                    let ttl = ask.resets_at.map(|end| {
                         Duration::from_secs(end.saturating_sub(budget::now_unix()) + 2 * 86_400)
                     });
                     rb.seed(scope, period, spent, ttl).await?;
@@ -323,22 +317,9 @@ impl Meter {
 
     /// Holds one budget where budgets live: `Ok(Ok(in_redis))` held, `Ok(Err(left))`
     /// exhausted.
-    #[allow(clippy::too_many_arguments)]
-    async fn hold_one(
-        &self,
-        scope: &str,
-        period: &str,
-        member: &str,
-        cost: u64,
-        limit: u64,
-        lease: Duration,
-        resets_at: Option<u64>,
-    ) -> Result<Result<bool, u64>, ApiError> {
+    async fn hold_one(&self, ask: &HoldAsk<'_>) -> Result<Result<bool, u64>, ApiError> {
         if let Some(rb) = &self.redis {
-            return match self
-                .redis_reserve(rb, scope, period, member, cost, limit, lease, resets_at)
-                .await
-            {
+            return match self.redis_reserve(rb, ask).await {
                 Ok(None) => Ok(Ok(true)),
                 Ok(Some(left)) => Ok(Err(left)),
                 Err(why) => {
@@ -349,10 +330,11 @@ impl Meter {
                 }
             };
         }
+        let (scope, period, cost, limit) = (ask.scope, ask.period, ask.cost, ask.limit);
         let outcome = match self.shared_book() {
             Some(db) => {
-                let expires = now_ms() + lease.as_millis() as i64;
-                budget::sql_reserve(db, scope, period, cost, limit, member, expires).await
+                let expires = now_ms() + ask.lease.as_millis() as i64;
+                budget::sql_reserve(db, scope, period, cost, limit, ask.member, expires).await
             }
             None => self
                 .seed(scope, period)
@@ -390,7 +372,15 @@ impl Meter {
             let (period, resets_at) = budget::period_of(b.period, now);
             let scope = format!("{kind}:{id}");
             let held = self
-                .hold_one(&scope, &period, member, cost, b.micro_usd, lease, resets_at)
+                .hold_one(&HoldAsk {
+                    scope: &scope,
+                    period: &period,
+                    member,
+                    cost,
+                    limit: b.micro_usd,
+                    lease,
+                    resets_at,
+                })
                 .await;
             match held {
                 Ok(Ok(in_redis)) => holds.push(Hold {
@@ -549,6 +539,20 @@ impl Meter {
             }
         }
     }
+}
+
+/// One budget a request asks to hold `cost` in.
+struct HoldAsk<'a> {
+    scope: &'a str,
+    period: &'a str,
+    /// The request's ledger row id, naming its hold.
+    member: &'a str,
+    cost: u64,
+    limit: u64,
+    /// How long the hold outlives a replica that died.
+    lease: Duration,
+    /// When the period ends (Unix seconds; `None`: total).
+    resets_at: Option<u64>,
 }
 
 fn exhausted(e: &budget::Exhausted, cost: u64) -> ApiError {
