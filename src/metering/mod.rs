@@ -154,7 +154,7 @@ pub struct Meter {
     budgets: budget::MemoryBudgets,
     idem: idempotency::MemoryIdempotency,
     /// With `state.redis`: budgets held in Redis, shared by every replica.
-    redis: Option<redis_budget::RedisBudgets>,
+    redis: Option<Arc<redis_budget::RedisBudgets>>,
 }
 
 fn store_unavailable(e: crate::store::StoreError) -> ApiError {
@@ -200,7 +200,7 @@ impl Meter {
             book,
             budgets: budget::MemoryBudgets::default(),
             idem: idempotency::MemoryIdempotency::default(),
-            redis: redis.map(redis_budget::RedisBudgets::new),
+            redis: redis.map(|r| Arc::new(redis_budget::RedisBudgets::new(r))),
         });
         let weak = Arc::downgrade(&meter);
         tokio::spawn(async move {
@@ -254,10 +254,6 @@ impl Meter {
             }
         }
         Ok(())
-    }
-
-    pub fn database(&self) -> Option<&Database> {
-        self.db.as_ref()
     }
 
     /// Where an `Idempotency-Key` stands for this request (`lock_for`: how long the first
@@ -466,10 +462,8 @@ impl Meter {
         if holds.is_empty() {
             return;
         }
-        let (limiter, member, cost) =
-            (rb.limiter().clone(), s.row.id.clone(), s.row.cost_micro_usd);
+        let (rb, member, cost) = (rb.clone(), s.row.id.clone(), s.row.cost_micro_usd);
         tokio::spawn(async move {
-            let rb = redis_budget::RedisBudgets::new(limiter);
             for h in &holds {
                 if let Err(e) = rb.settle(h, &member, cost).await {
                     tracing::warn!(error = %e, scope = %h.scope, "budget settlement in Redis failed");
@@ -524,19 +518,6 @@ impl Meter {
     pub async fn flush(&self) {
         if let Some(l) = &self.ledger {
             l.flush().await;
-        }
-    }
-
-    /// What is spent and held in a budget scope's current period.
-    pub async fn standing(&self, scope: &str, period: &str) -> Result<(u64, u64), ApiError> {
-        match self.shared_book() {
-            Some(db) => budget::sql_spent(db, scope, period)
-                .await
-                .map_err(store_unavailable),
-            None => {
-                self.seed(scope, period).await.map_err(store_unavailable)?;
-                Ok(self.budgets.spent(scope, period))
-            }
         }
     }
 }
