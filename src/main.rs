@@ -36,27 +36,15 @@ enum Command {
     Tenants {
         #[command(subcommand)]
         command: TenantCommand,
-        #[arg(
-            long,
-            short,
-            global = true,
-            default_value = "gateway.yaml",
-            env = "IMAGEGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        store: StoreConfig,
     },
     /// API keys in the configured store.
     Keys {
         #[command(subcommand)]
         command: KeyCommand,
-        #[arg(
-            long,
-            short,
-            global = true,
-            default_value = "gateway.yaml",
-            env = "IMAGEGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        store: StoreConfig,
     },
     /// The usage ledger: rows, or totals per day/model/key/tenant, as JSON or CSV.
     Usage {
@@ -81,8 +69,8 @@ enum Command {
         /// Most rows listed (without --group-by).
         #[arg(long, default_value_t = 1000)]
         limit: u32,
-        #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        store: StoreConfig,
     },
     /// GET a plain-HTTP URL and exit 0 on a 2xx answer (container health checks, where the
     /// image has no curl).
@@ -90,6 +78,19 @@ enum Command {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+}
+
+/// The config file whose `state` names the store the store commands work on.
+#[derive(clap::Args)]
+struct StoreConfig {
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "gateway.yaml",
+        env = "IMAGEGATE_CONFIG"
+    )]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -409,11 +410,11 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Tenants { command, config } => runtime_block_on(async move {
-            store_command(&config, async move |db| tenants(db, command).await).await
+        Command::Tenants { command, store } => runtime_block_on(async move {
+            store_command(&store.config, async move |db| tenants(db, command).await).await
         }),
-        Command::Keys { command, config } => runtime_block_on(async move {
-            store_command(&config, async move |db| keys(db, command).await).await
+        Command::Keys { command, store } => runtime_block_on(async move {
+            store_command(&store.config, async move |db| keys(db, command).await).await
         }),
         Command::Usage {
             tenant,
@@ -424,7 +425,7 @@ fn main() -> ExitCode {
             group_by,
             format,
             limit,
-            config,
+            store,
         } => runtime_block_on(async move {
             let limit = limit.to_string();
             let mut pairs: Vec<(&str, &str)> = vec![("format", &format), ("limit", &limit)];
@@ -447,7 +448,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            store_command(&config, async move |db| {
+            store_command(&store.config, async move |db| {
                 let text = report.render(&db).await.map_err(|e| e.to_string())?;
                 print!("{text}");
                 if !text.ends_with('\n') {

@@ -14,23 +14,6 @@ use imagegate::store::{Database, StoreError};
 use serde_json::json;
 use support::*;
 
-fn pg_url() -> Option<String> {
-    match std::env::var("IMAGEGATE_TEST_PG") {
-        Ok(u) => Some(u),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("IMAGEGATE_TEST_PG must name a throwaway PostgreSQL database in CI (scripts/test.sh makes one)")
-        }
-        Err(_) => {
-            eprintln!("IMAGEGATE_TEST_PG not set: PostgreSQL part skipped (run scripts/test.sh)");
-            None
-        }
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", hex::encode(rand::random::<[u8; 4]>()))
-}
-
 fn tenant(id: &str) -> TenantInput {
     TenantInput {
         id: id.to_string(),

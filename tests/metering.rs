@@ -16,30 +16,6 @@ const KEY: &str = "sk-metered-key";
 /// dall-e-2 256x256 at OpenAI's price.
 const PRICE: u64 = 16_000;
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", hex::encode(rand::random::<[u8; 4]>()))
-}
-
-fn pg_url() -> Option<String> {
-    match std::env::var("IMAGEGATE_TEST_PG") {
-        Ok(u) => Some(u),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("IMAGEGATE_TEST_PG must name a throwaway PostgreSQL database in CI")
-        }
-        Err(_) => None,
-    }
-}
-
-fn redis_url() -> Option<String> {
-    match std::env::var("IMAGEGATE_TEST_REDIS") {
-        Ok(u) => Some(u),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("IMAGEGATE_TEST_REDIS must name a Redis server in CI (scripts/test.sh)")
-        }
-        Err(_) => None,
-    }
-}
-
 /// A gateway in front of `upstream` for tenant `tenant` whose limits are `limits` (YAML flow
 /// map), with `state` (YAML flow map) as its shared state.
 fn config(upstream: &str, tenant: &str, limits: &str, state: &str) -> String {

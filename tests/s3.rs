@@ -10,18 +10,7 @@ use serde_json::json;
 use support::*;
 
 fn endpoint() -> Option<String> {
-    match std::env::var("IMAGEGATE_TEST_S3") {
-        Ok(e) => Some(e),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("IMAGEGATE_TEST_S3 must name an S3-compatible server in CI (scripts/test.sh starts one)")
-        }
-        Err(_) => {
-            eprintln!(
-                "IMAGEGATE_TEST_S3 not set: run through scripts/test.sh to exercise the S3 store"
-            );
-            None
-        }
-    }
+    service("IMAGEGATE_TEST_S3", "an S3-compatible server")
 }
 
 async fn bucket(endpoint: &str) -> String {

@@ -353,6 +353,34 @@ pub fn unb64(s: &str) -> Vec<u8> {
 }
 
 /// An address where nothing listens: connections are refused.
+/// A service the test script starts (PostgreSQL, Redis, S3), named by an environment
+/// variable: `None` (the test skips that part) outside CI, a failure in CI.
+pub fn service(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) => Some(v),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("{var} must name {what} in CI (scripts/test.sh provides it)")
+        }
+        Err(_) => {
+            eprintln!("{var} not set: the part that needs {what} is skipped (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+pub fn pg_url() -> Option<String> {
+    service("IMAGEGATE_TEST_PG", "a throwaway PostgreSQL database")
+}
+
+pub fn redis_url() -> Option<String> {
+    service("IMAGEGATE_TEST_REDIS", "a Redis server")
+}
+
+/// `prefix-` and 8 random hex digits: names that do not collide across runs sharing a store.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", hex::encode(rand::random::<[u8; 4]>()))
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
