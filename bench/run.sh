@@ -4,8 +4,10 @@
 # Builds in release mode, starts two fake OpenAI upstreams (small URL answers, and 1.5 MB
 # base64 PNG answers), the gateway (API key auth, a tenant rate limit, a concurrency limit, a
 # budget and the usage ledger in SQLite, all on) and, when nginx is installed, nginx as a plain
-# reverse proxy; drives load with wrk; prints one table. The gateway and nginx are pinned to
-# core 0, the upstreams and wrk to core 1.
+# reverse proxy, and bench/bare_proxy.rs (hyper server + reqwest and nothing else: the floor of
+# the stack the gateway is built on); drives load with wrk; prints one table. The gateway,
+# nginx and the bare proxy are pinned to core 0 (so the gateway, its worker_threads left at
+# auto, runs tokio's single-threaded scheduler), the upstreams and wrk to core 1.
 #
 #   bash bench/run.sh [seconds per run, default 10] [requests for the leak check, default 100000]
 set -euo pipefail
@@ -21,10 +23,10 @@ if ! command -v nginx >/dev/null && [ -z "${NO_NGINX:-}" ]; then
     || echo "nginx could not be installed: its rows are skipped"
 fi
 NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
-cargo build --release -q --bins --example fake_upstream
+cargo build --release -q --bins --example fake_upstream --example bare_proxy
 
 tmp=$(mktemp -d)
-small_port=19101; large_port=19102; gw_port=19180; ng_small=19190; ng_large=19191
+small_port=19101; large_port=19102; gw_port=19180; bare_port=19170; ng_small=19190; ng_large=19191
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
@@ -78,6 +80,8 @@ lua convert large url
 
 taskset -c 1 target/release/examples/fake_upstream --port $small_port 2>/dev/null & pids+=($!)
 taskset -c 1 target/release/examples/fake_upstream --port $large_port --b64-bytes 1500000 2>/dev/null & pids+=($!)
+# The floor of the stack the gateway is built on (hyper server + reqwest, nothing else).
+taskset -c 0 target/release/examples/bare_proxy --port $bare_port --upstream-port $small_port 2>/dev/null & pids+=($!)
 taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
 
 if [ -n "$NGINX" ]; then
@@ -149,6 +153,7 @@ small=/v1/images/generations
 for c in 1 64; do
   run direct "http://127.0.0.1:$small_port$small" $c small
   [ -n "$NGINX" ] && run nginx "http://127.0.0.1:$ng_small$small" $c small
+  run bare "http://127.0.0.1:$bare_port$small" $c small
   run gateway "http://127.0.0.1:$gw_port$small" $c small
 done
 answer=$(curl -s -X POST "http://127.0.0.1:$large_port$small" -H 'content-type: application/json' -d '{"n":1}' | wc -c)
@@ -169,6 +174,8 @@ for c in 1; do
     n50=$(us "${P50[nginx $c]}"); n99=$(us "${P99[nginx $c]}")
     printf "   nginx p50 +%s us, p99 +%s us" $((n50 - d50)) $((n99 - d99))
   fi
+  b50=$(us "${P50[bare $c]}"); b99=$(us "${P99[bare $c]}")
+  printf "   bare hyper+reqwest p50 +%s us, p99 +%s us" $((b50 - d50)) $((b99 - d99))
   echo
 done
 echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers in flight)"

@@ -271,6 +271,11 @@ pub struct ServerConfig {
     /// How often the config file is checked for changes (0: only on SIGHUP).
     #[serde(default = "default_reload_poll", deserialize_with = "duration")]
     pub reload_poll: Duration,
+    /// Threads that run requests; absent or 0: one per CPU this process may use (cgroup
+    /// limits and CPU affinity included). With one, the runtime is single-threaded, which
+    /// on one core is faster than a work-stealing scheduler with one worker.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 fn default_reload_poll() -> Duration {
@@ -284,6 +289,7 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
             reload_poll: default_reload_poll(),
+            worker_threads: 0,
         }
     }
 }

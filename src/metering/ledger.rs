@@ -151,7 +151,7 @@ pub struct Ledger {
 
 const MAX_BATCH: usize = 512;
 /// How long journaled settlements wait for company before they are committed.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(20);
 
 impl Ledger {
     /// Starts the writer; with a journal path, first replays what a previous process left
@@ -329,19 +329,51 @@ const COLUMNS: &str = "id, request_id, ts_ms, tenant, key_id, model, backend, si
      n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
      input_tokens, output_tokens, status, latency_ms, idempotency_key";
 
-fn sqlite_insert() -> &'static str {
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
-        let values: Vec<String> = COLUMNS
-            .split(", ")
-            .map(|c| format!("value ->> '{}'", c.trim()))
-            .collect();
+/// SQLite: one multi-row `VALUES` with anonymous `?` parameters. (Named `$N` parameters make
+/// SQLite compare each with all the earlier ones while preparing, and pulling columns out of a
+/// bound JSON array re-parses the row's text once per column: together they took a fifth of
+/// the gateway's core at 10k requests/s.) A batch is padded to the next power of two with
+/// copies of its last row, which `ON CONFLICT DO NOTHING` skips, so at most ten statements are
+/// ever prepared and each stays in the connection's statement cache.
+fn sqlite_insert(rows: usize) -> (&'static str, usize) {
+    const SIZES: usize = MAX_BATCH.trailing_zeros() as usize + 1;
+    static SQL: [std::sync::OnceLock<String>; SIZES] =
+        [const { std::sync::OnceLock::new() }; SIZES];
+    let padded = rows.clamp(1, MAX_BATCH).next_power_of_two();
+    let sql = SQL[padded.trailing_zeros() as usize].get_or_init(|| {
+        let one = format!("({})", vec!["?"; COLUMNS.split(", ").count()].join(","));
         format!(
-            "INSERT INTO usage_ledger ({COLUMNS}) SELECT {} FROM json_each(?1) WHERE true \
-             ON CONFLICT (id) DO NOTHING",
-            values.join(", ")
+            "INSERT INTO usage_ledger ({COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING",
+            vec![one; padded].join(",")
         )
-    })
+    });
+    (sql, padded)
+}
+
+/// Binds one row's columns in `COLUMNS` order.
+fn bind_row<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    r: &'q UsageRow,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(r.id.as_str())
+        .bind(r.request_id.as_str())
+        .bind(r.ts_ms)
+        .bind(r.tenant.as_str())
+        .bind(r.key_id.as_str())
+        .bind(r.model.as_str())
+        .bind(r.backend.as_deref())
+        .bind(r.size.as_str())
+        .bind(r.quality.as_deref())
+        .bind(i64::from(r.n_requested))
+        .bind(i64::from(r.n_delivered))
+        .bind(r.reserved_micro_usd as i64)
+        .bind(r.cost_micro_usd as i64)
+        .bind(r.upstream_cost_micro_usd as i64)
+        .bind(r.input_tokens)
+        .bind(r.output_tokens)
+        .bind(i64::from(r.status))
+        .bind(r.latency_ms as i64)
+        .bind(r.idempotency_key.as_deref())
 }
 
 fn postgres_insert() -> &'static str {
@@ -363,15 +395,35 @@ async fn write_batch(
         return Ok(());
     }
     let mut tx = db.pool.begin().await?;
-    // Every row of the batch in one statement with one parameter (a JSON array): one
-    // prepared statement whatever the batch size, no per-row round trips to the database.
+    // Every row of the batch in one statement: no per-row round trips to the database.
     let rows: Vec<&UsageRow> = batch.iter().map(|s| &s.row).collect();
-    let json = serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let insert = match db.kind {
-        crate::store::Kind::Sqlite => sqlite_insert(),
-        crate::store::Kind::Postgres => postgres_insert(),
-    };
-    sqlx::query(insert).bind(json).execute(&mut *tx).await?;
+    match db.kind {
+        crate::store::Kind::Sqlite => {
+            for chunk in rows.chunks(MAX_BATCH) {
+                let (sql, padded) = sqlite_insert(chunk.len());
+                let last = chunk[chunk.len() - 1];
+                let mut q = sqlx::query(sql);
+                for r in chunk
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(last))
+                    .take(padded)
+                {
+                    q = bind_row(q, r);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        crate::store::Kind::Postgres => {
+            // One parameter (a JSON array): one prepared statement whatever the batch size.
+            let json =
+                serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            sqlx::query(postgres_insert())
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     // One statement per budget row touched by the batch.
     // Holds in the database (PostgreSQL without Redis) are given back by deleting their rows
     // (a hold whose lease already ran out was given back by the sweep, and is not again);

@@ -64,7 +64,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = {
             let state = state.clone();
-            service_fn(move |req| handlers::handle(state.clone(), req))
+            // Boxed: the request's future is ~8 KiB, and hyper would otherwise copy it
+            // whole into its dispatcher.
+            service_fn(move |req| Box::pin(handlers::handle(state.clone(), req)))
         };
         match state.tls.load_full() {
             None => {
