@@ -24,7 +24,8 @@ const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
 
 enum Flavor {
     OpenAi {
-        endpoint: String,
+        /// Parsed once: reqwest would parse (and IDNA-map) a string on every request.
+        endpoint: Result<reqwest::Url, String>,
     },
     Azure {
         base: String,
@@ -80,7 +81,10 @@ impl OpenAiBackend {
         OpenAiBackend {
             http,
             flavor: Flavor::OpenAi {
-                endpoint: format!("{}/images/generations", c.base_url.trim_end_matches('/')),
+                endpoint: {
+                    let url = format!("{}/images/generations", c.base_url.trim_end_matches('/'));
+                    reqwest::Url::parse(&url).map_err(|_| url)
+                },
             },
             headers,
             timeout: c.timeout,
@@ -124,13 +128,18 @@ impl OpenAiBackend {
         body
     }
 
-    /// The endpoint for this call; sets `model` in the body where the upstream wants it.
-    fn url(&self, call: &UpstreamCall<'_>, body: &mut Value) -> String {
+    /// A POST to the endpoint of this call; sets `model` in the body where the upstream wants
+    /// it.
+    fn post(&self, call: &UpstreamCall<'_>, body: &mut Value) -> reqwest::RequestBuilder {
         let model = &call.request.model;
         match &self.flavor {
             Flavor::OpenAi { endpoint } => {
                 body["model"] = call.upstream_model.unwrap_or(model).into();
-                endpoint.clone()
+                match endpoint {
+                    Ok(url) => self.http.post(url.clone()),
+                    // Validated at load; reqwest reports it if it ever is not a URL.
+                    Err(text) => self.http.post(text),
+                }
             }
             Flavor::Azure {
                 base,
@@ -143,25 +152,24 @@ impl OpenAiBackend {
                     .upstream_model
                     .or(default_deployment.as_deref())
                     .unwrap_or(model);
-                format!(
+                self.http.post(format!(
                     "{base}/openai/deployments/{}/images/generations?api-version={}",
                     url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),
                     url::form_urlencoded::byte_serialize(api_version.as_bytes())
                         .collect::<String>()
-                )
+                ))
             }
         }
     }
 
     /// One upstream call: the raw answer on success.
     async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
-        let url = self.url(call, &mut body);
         let timeout = self.timeout.min(call.remaining());
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
         let resp = call
-            .headers(self.http.post(url).headers(self.headers.clone()))
+            .headers(self.post(call, &mut body).headers(self.headers.clone()))
             .json(&body)
             .timeout(timeout)
             .send()
@@ -476,13 +484,12 @@ impl Backend for OpenAiBackend {
             return super::whole_as_events(self, call).await;
         };
         let mut body = translate::gpt_body(call.request, g);
-        let url = self.url(&call, &mut body);
         let timeout = call.remaining();
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
         let resp = call
-            .headers(self.http.post(url).headers(self.headers.clone()))
+            .headers(self.post(&call, &mut body).headers(self.headers.clone()))
             .header(http::header::ACCEPT, "text/event-stream")
             .json(&body)
             .timeout(timeout)

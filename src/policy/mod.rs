@@ -93,16 +93,25 @@ impl RateHeaders {
     }
 
     /// `(name, value)` pairs, OpenAI's names and duration format (`6m0s`, `1s`, `250ms`).
-    pub fn pairs(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for (kind, s) in [("requests", self.requests), ("images", self.images)] {
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        const NAMES: [[&str; 3]; 2] = [
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-images",
+                "x-ratelimit-remaining-images",
+                "x-ratelimit-reset-images",
+            ],
+        ];
+        let mut out = Vec::with_capacity(6);
+        for ([limit, remaining, reset], s) in NAMES.into_iter().zip([self.requests, self.images]) {
             if let Some(s) = s {
-                out.push((format!("x-ratelimit-limit-{kind}"), s.limit.to_string()));
-                out.push((
-                    format!("x-ratelimit-remaining-{kind}"),
-                    s.remaining.to_string(),
-                ));
-                out.push((format!("x-ratelimit-reset-{kind}"), go_duration(s.reset)));
+                out.push((limit, s.limit.to_string()));
+                out.push((remaining, s.remaining.to_string()));
+                out.push((reset, go_duration(s.reset)));
             }
         }
         out
@@ -428,6 +437,6 @@ mod tests {
         let pairs = h.pairs();
         assert!(pairs
             .iter()
-            .any(|(k, v)| k == "x-ratelimit-remaining-requests" && v == "0"));
+            .any(|(k, v)| *k == "x-ratelimit-remaining-requests" && v == "0"));
     }
 }

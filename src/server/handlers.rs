@@ -95,11 +95,8 @@ pub async fn handle(
         headers.insert("x-imagegate-attempts", HeaderValue::from(log.attempts));
     }
     for (name, value) in log.rate.pairs() {
-        if let (Ok(n), Ok(v)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            headers.insert(n, v);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(http::HeaderName::from_static(name), v);
         }
     }
 
