@@ -280,8 +280,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Gives the heap's free memory back to the OS every two seconds (glibc keeps it otherwise:
-/// RSS would stay at the peak of the last burst of large answers).
+/// Gives glibc's free memory back to the OS every two seconds. Rust code allocates from
+/// mimalloc, which does this itself; what still comes from glibc's heap is C code's (SQLite's
+/// page cache and statements), which glibc would keep at its peak.
 async fn trim_allocator() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
