@@ -835,3 +835,78 @@ impl Report {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settlement(i: u64) -> Settlement {
+        Settlement {
+            row: UsageRow {
+                id: format!("row-{i:04}"),
+                request_id: format!("req-{i}"),
+                ts_ms: 1_700_000_000_000 + i as i64,
+                tenant: "t".into(),
+                key_id: "k".into(),
+                model: "dall-e-2".into(),
+                backend: (i % 2 == 0).then(|| "b".into()),
+                size: "256x256".into(),
+                n_requested: 2,
+                n_delivered: 1,
+                cost_micro_usd: 10 + i,
+                input_tokens: (i % 3 == 0).then_some(i as i64),
+                status: 200,
+                ..UsageRow::default()
+            },
+            holds: vec![Hold {
+                scope: "tenant:t".into(),
+                period: "total".into(),
+                amount: 10 + i,
+                in_redis: false,
+            }],
+            idem: None,
+        }
+    }
+
+    /// Batches padded to a power of two (and one past MAX_BATCH) keep every row once, with
+    /// its own values, and the budget adds each row's cost once.
+    #[tokio::test]
+    async fn sqlite_batches_of_any_size_write_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::sqlite(dir.path()).await.unwrap();
+        let all: Vec<Settlement> = (0..600).map(settlement).collect();
+        let mut start = 0;
+        for n in [5, 1, 594] {
+            let batch: Vec<&Settlement> = all[start..start + n].iter().collect();
+            write_batch(&db, BudgetBook::Local, &batch).await.unwrap();
+            start += n;
+        }
+        let (rows, distinct, sum): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT id), SUM(cost_micro_usd) FROM usage_ledger",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let expected: i64 = (0..600).map(|i| 10 + i).sum();
+        assert_eq!((rows, distinct, sum), (600, 600, expected));
+        let spent: i64 = sqlx::query_scalar(
+            "SELECT spent FROM budget_usage WHERE scope = 'tenant:t' AND period = 'total'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(spent, expected);
+        let (request_id, backend, tokens, n): (String, Option<String>, Option<i64>, i64) =
+            sqlx::query_as(
+                "SELECT request_id, backend, input_tokens, n_requested FROM usage_ledger \
+                 WHERE id = 'row-0003'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            (request_id.as_str(), backend, tokens, n),
+            ("req-3", None, Some(3), 2)
+        );
+    }
+}
