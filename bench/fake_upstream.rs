@@ -8,24 +8,15 @@
 //!   --b64-bytes 0 (default) answers with URLs; N > 0 answers with N raw bytes per image,
 //!   base64-encoded (about 4N/3 bytes of JSON each).
 
-use std::convert::Infallible;
+#[path = "common.rs"]
+mod common;
+
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::arg;
+use hyper::Request;
 
 fn image_b64(len: usize) -> Bytes {
     let mut raw = Vec::with_capacity(len);
@@ -46,66 +37,42 @@ async fn main() {
     let b64_bytes = arg("--b64-bytes", 0) as usize;
     let delay = Duration::from_millis(arg("--delay-ms", 0));
     let image = (b64_bytes > 0).then(|| image_b64(b64_bytes));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind");
     eprintln!("fake upstream on 127.0.0.1:{port} (b64 bytes {b64_bytes}, delay {delay:?})");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    common::serve(port, move |req: Request<hyper::body::Incoming>| {
         let image = image.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let image = image.clone();
-                async move {
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes())
-                        .unwrap_or_default();
-                    let n = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["n"].as_u64())
-                        .unwrap_or(1)
-                        .clamp(1, 10) as usize;
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let json = match &image {
-                        None => {
-                            let items = vec![
-                                r#"{"url":"https://images.example/x.png","revised_prompt":"p"}"#;
-                                n
-                            ];
-                            Bytes::from(format!(r#"{{"created":1,"data":[{}]}}"#, items.join(",")))
-                        }
-                        Some(img) => {
-                            let mut out = Vec::with_capacity(n * (img.len() + 20) + 32);
-                            out.extend_from_slice(br#"{"created":1,"data":["#);
-                            for i in 0..n {
-                                if i > 0 {
-                                    out.push(b',');
-                                }
-                                out.extend_from_slice(br#"{"b64_json":""#);
-                                out.extend_from_slice(img);
-                                out.extend_from_slice(br#""}"#);
-                            }
-                            out.extend_from_slice(b"]}");
-                            Bytes::from(out)
-                        }
-                    };
-                    let mut resp = Response::new(Full::new(json));
-                    resp.headers_mut()
-                        .insert("content-type", "application/json".parse().unwrap());
-                    Ok::<_, Infallible>(resp)
+        async move {
+            let body = common::body(req).await;
+            let n = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["n"].as_u64())
+                .unwrap_or(1)
+                .clamp(1, 10) as usize;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let json = match &image {
+                None => {
+                    let items =
+                        vec![r#"{"url":"https://images.example/x.png","revised_prompt":"p"}"#; n];
+                    Bytes::from(format!(r#"{{"created":1,"data":[{}]}}"#, items.join(",")))
                 }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+                Some(img) => {
+                    let mut out = Vec::with_capacity(n * (img.len() + 20) + 32);
+                    out.extend_from_slice(br#"{"created":1,"data":["#);
+                    for i in 0..n {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        out.extend_from_slice(br#"{"b64_json":""#);
+                        out.extend_from_slice(img);
+                        out.extend_from_slice(br#""}"#);
+                    }
+                    out.extend_from_slice(b"]}");
+                    Bytes::from(out)
+                }
+            };
+            common::json(json)
+        }
+    })
+    .await;
 }
