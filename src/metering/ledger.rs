@@ -1,5 +1,5 @@
 //! The usage ledger: one row per relayed request, written by one task in batches (group
-//! commit: one multi-row INSERT and one UPDATE per budget touched, per transaction). The row,
+//! commit: multi-row INSERTs and one UPDATE per budget touched, per transaction). The row,
 //! the settlement of its budget holds and the idempotency record go into one transaction.
 //!
 //! Durability before the answer is sent, two ways:
@@ -331,7 +331,7 @@ const COLUMNS: &str = "id, request_id, ts_ms, tenant, key_id, model, backend, si
      n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
      input_tokens, output_tokens, status, latency_ms, idempotency_key";
 
-/// SQLite: one multi-row `VALUES` with anonymous `?` parameters. (Named `$N` parameters make
+/// SQLite: multi-row `VALUES` statements with anonymous `?` parameters. (Named `$N` parameters make
 /// SQLite compare each with all the earlier ones while preparing, and pulling columns out of a
 /// bound JSON array re-parses the row's text once per column: together they took a fifth of
 /// the gateway's core at 10k requests/s.) A batch goes in chunks of `SQLITE_CHUNK` rows; the
@@ -398,7 +398,8 @@ async fn write_batch(
         return Ok(());
     }
     let mut tx = db.pool.begin().await?;
-    // Every row of the batch in one statement: no per-row round trips to the database.
+    // A statement per 64 rows (SQLite) or one for the batch (PostgreSQL): no per-row round
+    // trips to the database.
     let rows: Vec<&UsageRow> = batch.iter().map(|s| &s.row).collect();
     match db.kind {
         crate::store::Kind::Sqlite => {
