@@ -101,9 +101,25 @@ async fn wait_healthy(base: &str) {
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
+    drains_on_sigterm("").await;
+}
+
+/// `server.worker_threads: 1` runs the single-threaded scheduler (what one CPU gets by
+/// default): requests in flight at once all complete, and the drain works the same.
+#[tokio::test]
+async fn a_single_threaded_gateway_serves_concurrent_requests_and_drains() {
+    drains_on_sigterm("worker_threads: 1").await;
+}
+
+async fn drains_on_sigterm(server: &str) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = write_config(dir.path(), port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "server: {shutdown_timeout: 20s}",
+        &format!("server: {{shutdown_timeout: 20s, {server}}}"),
+    );
+    std::fs::write(&config, text).unwrap();
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
@@ -115,15 +131,20 @@ async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&base).await;
 
-    let url = format!("{base}/v1/images/generations");
-    let slow = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .bearer_auth("sk-lifecycle-key")
-            .json(&serde_json::json!({"prompt": "slow", "size": "256x256", "response_format": "b64_json"}))
-            .send()
-            .await
-    });
+    // Eight requests at once, each held 1.5 s by the backend.
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let url = format!("{base}/v1/images/generations");
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth("sk-lifecycle-key")
+                    .json(&serde_json::json!({"prompt": "slow", "size": "256x256", "response_format": "b64_json"}))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
     // Let the request reach the backend, then ask the gateway to stop.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let pid = child.id().unwrap().to_string();
@@ -133,13 +154,15 @@ async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
         .unwrap()
         .success());
 
-    let resp = slow
-        .await
-        .unwrap()
-        .expect("the request in flight must complete");
-    assert_eq!(resp.status(), 200);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    assert!(body["data"][0]["b64_json"].is_string());
+    for slow in requests {
+        let resp = slow
+            .await
+            .unwrap()
+            .expect("every request in flight must complete");
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(body["data"][0]["b64_json"].is_string());
+    }
 
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
