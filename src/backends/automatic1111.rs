@@ -10,8 +10,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::local::{self, CancelOnDrop};
-use super::openai::{read_capped, transport_error};
 use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
 use crate::config::{A1111Config, LocalGeneration, Secret};
 
@@ -160,7 +160,7 @@ impl Backend for A1111Backend {
                 }
             };
             let status = resp.status().as_u16();
-            let body = read_capped(resp).await?;
+            let body = read_capped(resp, MAX_ANSWER_BYTES).await?;
             if !(200..300).contains(&status) {
                 cancel.disarm();
                 return Err(map_status(status, &body));

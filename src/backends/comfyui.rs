@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
+use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::local::{self, CancelOnDrop};
-use super::openai::{read_capped, transport_error};
 use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
 use crate::config::{ComfyConfig, LocalGeneration};
 
@@ -149,7 +149,7 @@ impl ComfyBackend {
         }
         let resp = rb.timeout(timeout).send().await.map_err(transport_error)?;
         let status = resp.status().as_u16();
-        let body = read_capped(resp).await?;
+        let body = read_capped(resp, MAX_ANSWER_BYTES).await?;
         let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         Ok((status, value))
     }
@@ -318,7 +318,7 @@ impl Backend for ComfyBackend {
                         .await
                         .map_err(transport_error)?;
                     let status = resp.status().as_u16();
-                    let bytes = read_capped(resp).await?;
+                    let bytes = read_capped(resp, MAX_ANSWER_BYTES).await?;
                     if !(200..300).contains(&status) {
                         return Err(BackendError::Status {
                             status,

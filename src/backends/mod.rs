@@ -2,6 +2,7 @@
 //! directory and the config enum, nothing else.
 
 mod automatic1111;
+pub mod client;
 pub mod comfyui;
 mod local;
 mod openai;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use crate::api::{ApiError, ErrorKind, ImageRequest};
 use crate::config::{BackendConfig, Dialect};
 
+pub use client::HttpClient;
 use translate::Translation;
 
 pub use automatic1111::A1111Backend;
@@ -51,6 +53,21 @@ impl UpstreamCall<'_> {
     }
 
     /// Adds this call's request id and trace context to an upstream request.
+    pub fn add_headers(&self, headers: &mut http::HeaderMap) {
+        if let Ok(v) = http::HeaderValue::from_str(self.request_id) {
+            headers.insert("x-request-id", v);
+        }
+        for (k, v) in self.trace_headers {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                headers.insert(k, v);
+            }
+        }
+    }
+
+    /// The same, on a reqwest request.
     pub fn headers(&self, mut rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb = rb.header("x-request-id", self.request_id);
         for (k, v) in self.trace_headers {
@@ -257,24 +274,18 @@ impl From<BackendError> for ApiError {
 }
 
 /// Builds the backend a config entry describes. `http` is shared by all remote backends.
-pub fn build(config: &BackendConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
+pub fn build(config: &BackendConfig, http: &HttpClient) -> Arc<dyn Backend> {
     match config {
         BackendConfig::Openai(c) => Arc::new(OpenAiBackend::openai(c, http.clone())),
         BackendConfig::Azure(c) => Arc::new(OpenAiBackend::azure(c, http.clone())),
         BackendConfig::Sandbox(c) => Arc::new(SandboxBackend::new(c)),
-        BackendConfig::Automatic1111(c) => Arc::new(A1111Backend::new(c, http.clone())),
-        BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(c, http.clone())),
+        BackendConfig::Automatic1111(c) => Arc::new(A1111Backend::new(c, http.reqwest().clone())),
+        BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(c, http.reqwest().clone())),
     }
 }
 
-/// The reqwest client every remote backend shares: pooled, no redirects (an API call that
-/// redirects is a misconfiguration, and following it could leak credentials).
-pub fn http_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
-        .build()
+/// The client every remote backend shares: pooled, no redirects (an API call that redirects
+/// is a misconfiguration, and following it could leak credentials).
+pub fn http_client() -> reqwest::Result<HttpClient> {
+    HttpClient::new()
 }

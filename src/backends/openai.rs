@@ -5,11 +5,12 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::client::{read_capped, transport_error, Endpoint, HttpClient, MAX_ANSWER_BYTES};
 use super::translate;
 use super::{
     AnswerMeta, Backend, BackendError, EventStream, GeneratedImage, Generation, ImagePayload,
@@ -19,13 +20,10 @@ use crate::api::ImageRequest;
 use crate::config::{AzureConfig, Dialect, OpenAiConfig, Secret};
 use base64::Engine;
 
-/// Largest upstream answer we read (ten large base64 PNGs fit comfortably).
-const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
-
 enum Flavor {
     OpenAi {
-        /// Parsed once: reqwest would parse (and IDNA-map) a string on every request.
-        endpoint: Result<reqwest::Url, String>,
+        /// Parsed once: a string would be parsed (and IDNA-mapped) on every request.
+        endpoint: Result<Endpoint, String>,
     },
     Azure {
         base: String,
@@ -35,7 +33,7 @@ enum Flavor {
 }
 
 pub struct OpenAiBackend {
-    http: reqwest::Client,
+    http: HttpClient,
     flavor: Flavor,
     headers: HeaderMap,
     timeout: Duration,
@@ -63,7 +61,7 @@ fn sensitive(value: &str) -> Option<HeaderValue> {
 }
 
 impl OpenAiBackend {
-    pub fn openai(c: &OpenAiConfig, http: reqwest::Client) -> Self {
+    pub fn openai(c: &OpenAiConfig, http: HttpClient) -> Self {
         let mut headers = header_map(&c.headers);
         if let Some(v) = c
             .api_key
@@ -83,7 +81,7 @@ impl OpenAiBackend {
             flavor: Flavor::OpenAi {
                 endpoint: {
                     let url = format!("{}/images/generations", c.base_url.trim_end_matches('/'));
-                    reqwest::Url::parse(&url).map_err(|_| url)
+                    Endpoint::parse(&url).map_err(|_| url)
                 },
             },
             headers,
@@ -91,7 +89,7 @@ impl OpenAiBackend {
         }
     }
 
-    pub fn azure(c: &AzureConfig, http: reqwest::Client) -> Self {
+    pub fn azure(c: &AzureConfig, http: HttpClient) -> Self {
         let mut headers = header_map(&c.headers);
         if let Some(v) = sensitive(c.api_key.expose()) {
             headers.insert("api-key", v);
@@ -128,18 +126,14 @@ impl OpenAiBackend {
         body
     }
 
-    /// A POST to the endpoint of this call; sets `model` in the body where the upstream wants
-    /// it.
-    fn post(&self, call: &UpstreamCall<'_>, body: &mut Value) -> reqwest::RequestBuilder {
+    /// The endpoint of this call; sets `model` in the body where the upstream wants it.
+    fn endpoint(&self, call: &UpstreamCall<'_>, body: &mut Value) -> Result<Endpoint, String> {
         let model = &call.request.model;
         match &self.flavor {
             Flavor::OpenAi { endpoint } => {
                 body["model"] = call.upstream_model.unwrap_or(model).into();
-                match endpoint {
-                    Ok(url) => self.http.post(url.clone()),
-                    // Validated at load; reqwest reports it if it ever is not a URL.
-                    Err(text) => self.http.post(text),
-                }
+                // Validated at load.
+                endpoint.clone()
             }
             Flavor::Azure {
                 base,
@@ -152,7 +146,7 @@ impl OpenAiBackend {
                     .upstream_model
                     .or(default_deployment.as_deref())
                     .unwrap_or(model);
-                self.http.post(format!(
+                Endpoint::parse(&format!(
                     "{base}/openai/deployments/{}/images/generations?api-version={}",
                     url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),
                     url::form_urlencoded::byte_serialize(api_version.as_bytes())
@@ -162,26 +156,39 @@ impl OpenAiBackend {
         }
     }
 
+    /// The headers of an upstream request: the backend's own (credentials), then this call's
+    /// request id and trace context.
+    fn request_headers(&self, call: &UpstreamCall<'_>) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        call.add_headers(&mut headers);
+        headers
+    }
+
     /// One upstream call: the raw answer on success.
     async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
         let timeout = self.timeout.min(call.remaining());
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let resp = call
-            .headers(self.post(call, &mut body).headers(self.headers.clone()))
-            .json(&body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let answer = read_capped(resp).await?;
-        if (200..300).contains(&status) {
-            Ok(answer)
+        let endpoint = self
+            .endpoint(call, &mut body)
+            .map_err(BackendError::Connect)?;
+        let json = serde_json::to_vec(&body)
+            .map_err(|e| BackendError::BadResponse(format!("request not serializable: {e}")))?;
+        let reply = self
+            .http
+            .post_json(
+                &endpoint,
+                self.request_headers(call),
+                Bytes::from(json),
+                timeout,
+                MAX_ANSWER_BYTES,
+            )
+            .await?;
+        if (200..300).contains(&reply.status) {
+            Ok(reply.body)
         } else {
-            Err(map_error(status, &headers, &answer))
+            Err(map_error(reply.status, &reply.headers, &reply.body))
         }
     }
 
@@ -381,37 +388,6 @@ fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> 
     }
 }
 
-pub(crate) async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, BackendError> {
-    // Size the buffer once from Content-Length, so a 20 MB answer is not regrown and copied.
-    let expected = resp
-        .content_length()
-        .unwrap_or(0)
-        .min(MAX_ANSWER_BYTES as u64) as usize;
-    let mut buf = BytesMut::with_capacity(expected);
-    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
-        if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(BackendError::BadResponse(format!(
-                "answer larger than {MAX_ANSWER_BYTES} bytes"
-            )));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-pub(crate) fn transport_error(e: reqwest::Error) -> BackendError {
-    if e.is_timeout() {
-        BackendError::Timeout
-    } else if e.is_connect() {
-        BackendError::Connect(e.without_url().to_string())
-    } else {
-        BackendError::Status {
-            status: 0,
-            message: e.without_url().to_string(),
-        }
-    }
-}
-
 fn parse_answer(body: &Bytes) -> Result<Generation, BackendError> {
     let answer: Answer<'_> = serde_json::from_slice(body)
         .map_err(|e| BackendError::BadResponse(format!("invalid JSON ({e})")))?;
@@ -488,8 +464,14 @@ impl Backend for OpenAiBackend {
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let resp = call
-            .headers(self.post(&call, &mut body).headers(self.headers.clone()))
+        let endpoint = self
+            .endpoint(&call, &mut body)
+            .map_err(BackendError::Connect)?;
+        let resp = self
+            .http
+            .reqwest()
+            .post(endpoint.url().clone())
+            .headers(self.request_headers(&call))
             .header(http::header::ACCEPT, "text/event-stream")
             .json(&body)
             .timeout(timeout)
@@ -499,7 +481,7 @@ impl Backend for OpenAiBackend {
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let headers = resp.headers().clone();
-            let answer = read_capped(resp).await?;
+            let answer = read_capped(resp, MAX_ANSWER_BYTES).await?;
             return Err(map_error(status, &headers, &answer));
         }
         let relay = futures_util::StreamExt::scan(resp.bytes_stream(), false, |failed, chunk| {

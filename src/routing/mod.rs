@@ -392,7 +392,7 @@ impl Router {
     /// and every model's rules resolve.
     pub fn from_config(
         config: &Config,
-        http: &reqwest::Client,
+        http: &crate::backends::HttpClient,
         previous: Option<&Router>,
     ) -> Result<Self, String> {
         // A backend whose config did not change keeps its client, health and capacity state

@@ -35,7 +35,7 @@ impl Runtime {
     /// Compiles a config; `previous` lends the state of backends whose config is unchanged.
     pub fn build(
         config: Config,
-        http: &reqwest::Client,
+        http: &crate::backends::HttpClient,
         previous: Option<&Runtime>,
         db_keys: Option<Arc<DbKeyStore>>,
         policy: Arc<Policy>,
@@ -66,7 +66,7 @@ impl Runtime {
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub images: ImageService,
-    pub http: reqwest::Client,
+    pub http: crate::backends::HttpClient,
     /// Set on SIGTERM: `/readyz` turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
     /// Where the config came from, for reloads (`None`: built in memory, no reload).
