@@ -31,49 +31,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-key=sk-bench-key-0001
-cat > "$tmp/gw.yaml" <<YAML
-listen: 127.0.0.1:$gw_port
-public_url: http://127.0.0.1:$gw_port
-admin: {listen: null}
-data_dir: $tmp/data
-state: {store: sqlite}
-log: {level: error}
-backends:
-  small: {kind: openai, base_url: "http://127.0.0.1:$small_port/v1", api_key: sk-up}
-  large: {kind: openai, base_url: "http://127.0.0.1:$large_port/v1", api_key: sk-up, max_image_bytes: 4000000}
-models:
-  small: {rules: {sizes: [1024x1024], max_n: 10}, price: {default_micro_usd: 1000}, route: {targets: [{backend: small}]}}
-  large: {rules: {sizes: [1024x1024], max_n: 10}, price: {default_micro_usd: 1000}, route: {targets: [{backend: large}]}}
-tenants:
-  bench:
-    models: ["*"]
-    limits:
-      requests_per_minute: 100000000
-      images_per_minute: 100000000
-      concurrent_requests: 100000
-      budget: {micro_usd: 9000000000000000, period: monthly}
-keys:
-  - {id: bench, tenant: bench, secret_sha256: $(printf %s "$key" | target/release/imagegate hash-key)}
-YAML
-
-lua() { # file model response_format
-  cat > "$tmp/$1.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"$2","prompt":"a fox in the snow","size":"1024x1024","response_format":"$3"}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $key"
-local n = 0
-local limit = tonumber(os.getenv("STOP_AFTER") or "0")
-function response(status)
-  if status ~= 200 then
-    io.stderr:write("status " .. status .. "\n")
-  end
-  n = n + 1
-  if limit > 0 and n >= limit then wrk.thread:stop() end
-end
-LUA
-}
+. bench/lib.sh
+write_config
 lua small small url
 lua large large b64_json
 lua convert large url
