@@ -179,11 +179,11 @@ impl Ledger {
 
     /// Makes a settlement durable: journaled (returns at once) when there is a journal and
     /// `wait` is false, else committed (waits). False if it could not be made durable.
-    pub async fn commit(&self, s: Settlement, wait: bool) -> bool {
+    pub async fn commit(&self, s: Box<Settlement>, wait: bool) -> bool {
         if let (Some(j), false) = (&self.journal, wait) {
             return match j.append(&s) {
                 Ok(()) => {
-                    let _ = self.tx.send(Msg::Settle(Box::new(s), None));
+                    let _ = self.tx.send(Msg::Settle(s, None));
                     true
                 }
                 Err(e) => {
@@ -195,9 +195,9 @@ impl Ledger {
         self.commit_now(s).await
     }
 
-    async fn commit_now(&self, s: Settlement) -> bool {
+    async fn commit_now(&self, s: Box<Settlement>) -> bool {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Settle(Box::new(s), Some(done))).is_err() {
+        if self.tx.send(Msg::Settle(s, Some(done))).is_err() {
             return false;
         }
         wait.await.unwrap_or(false)

@@ -249,7 +249,7 @@ impl Meter {
     async fn seed(&self, scope: &str, period: &str) -> Result<(), crate::store::StoreError> {
         if let Some(db) = &self.db {
             if !self.budgets.has(scope, period) {
-                let (spent, _) = budget::sql_spent(db, scope, period).await?;
+                let (spent, _) = Box::pin(budget::sql_spent(db, scope, period)).await?;
                 self.budgets.seed(scope, period, spent);
             }
         }
@@ -267,9 +267,17 @@ impl Meter {
         retention: Duration,
     ) -> Result<idempotency::Claim, ApiError> {
         match &self.db {
-            Some(db) => idempotency::sql_claim(db, tenant, key, fp, lock_for, retention, now_ms())
-                .await
-                .map_err(store_unavailable),
+            Some(db) => Box::pin(idempotency::sql_claim(
+                db,
+                tenant,
+                key,
+                fp,
+                lock_for,
+                retention,
+                now_ms(),
+            ))
+            .await
+            .map_err(store_unavailable),
             None => Ok(self
                 .idem
                 .claim(tenant, key, fp, lock_for, retention, now_ms() as u64)),
@@ -315,7 +323,8 @@ impl Meter {
     /// exhausted.
     async fn hold_one(&self, ask: &HoldAsk<'_>) -> Result<Result<bool, u64>, ApiError> {
         if let Some(rb) = &self.redis {
-            return match self.redis_reserve(rb, ask).await {
+            // Remote steps are boxed: the request's future stays small on the in-process path.
+            return match Box::pin(self.redis_reserve(rb, ask)).await {
                 Ok(None) => Ok(Ok(true)),
                 Ok(Some(left)) => Ok(Err(left)),
                 Err(why) => {
@@ -330,7 +339,10 @@ impl Meter {
         let outcome = match self.shared_book() {
             Some(db) => {
                 let expires = now_ms() + ask.lease.as_millis() as i64;
-                budget::sql_reserve(db, scope, period, cost, limit, ask.member, expires).await
+                Box::pin(budget::sql_reserve(
+                    db, scope, period, cost, limit, ask.member, expires,
+                ))
+                .await
             }
             None => self
                 .seed(scope, period)
@@ -386,7 +398,7 @@ impl Meter {
                     in_redis,
                 }),
                 Ok(Err(left)) => {
-                    self.release_holds(&holds, member).await;
+                    Box::pin(self.release_holds(&holds, member)).await;
                     crate::telemetry::metrics().over_budget(&principal.tenant, kind);
                     return Err(exhausted(
                         &budget::Exhausted {
@@ -399,7 +411,7 @@ impl Meter {
                     ));
                 }
                 Err(e) => {
-                    self.release_holds(&holds, member).await;
+                    Box::pin(self.release_holds(&holds, member)).await;
                     return Err(e);
                 }
             }
@@ -431,7 +443,8 @@ impl Meter {
 
     /// Ends a relayed request: ledger row, holds settled at its cost, idempotency record kept
     /// or dropped, in one commit that the answer waits for. False if it could not be written.
-    pub async fn settle(&self, s: ledger::Settlement) -> bool {
+    /// Boxed: the settlement is moved through several futures on its way to the ledger.
+    pub async fn settle(&self, s: Box<ledger::Settlement>) -> bool {
         match &self.ledger {
             Some(l) => {
                 if self.book == ledger::BudgetBook::Local {
@@ -443,7 +456,7 @@ impl Meter {
                 l.commit(s, wait).await
             }
             None => {
-                self.settle_in_memory(s);
+                self.settle_in_memory(*s);
                 true
             }
         }
@@ -501,7 +514,7 @@ impl Meter {
 
     /// Gives back holds and an idempotency claim of a request that was never relayed.
     pub async fn abandon(&self, holds: Vec<Hold>, member: &str, idem: Option<(String, String)>) {
-        self.release_holds(&holds, member).await;
+        Box::pin(self.release_holds(&holds, member)).await;
         if let Some((tenant, key)) = idem {
             match &self.db {
                 Some(db) => {
@@ -636,7 +649,7 @@ impl Charge {
             holds: std::mem::take(&mut self.holds),
             idem,
         };
-        self.meter.settle(settlement).await
+        self.meter.settle(Box::new(settlement)).await
     }
 }
 

@@ -204,7 +204,9 @@ impl Policy {
         headers: &mut RateHeaders,
     ) -> Result<Permits, ApiError> {
         if let Some(r) = &self.redis {
-            match r.check(principal, n, member, lease, headers).await {
+            // Boxed, like every remote step on the hot path: the request's future stays small
+            // for the in-process path (it is moved whole into its task).
+            match Box::pin(r.check(principal, n, member, lease, headers)).await {
                 redis::Outcome::Admitted(keys) => {
                     return Ok(Permits {
                         local: Vec::new(),
