@@ -8,6 +8,7 @@
 # overstated.
 #
 #   bash bench/instructions.sh [seconds of load, default 10]
+# CG_OUT=DIR keeps the callgrind files there (callgrind_annotate --inclusive=yes FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -49,6 +50,7 @@ count() {
   kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
   local total
   total=$(cat "$tmp"/cg."$name".*.[0-9]* 2>/dev/null | awk '/^summary:/ {s += $2} END {print s + 0}')
+  [ -n "${CG_OUT:-}" ] && mkdir -p "$CG_OUT" && cp "$tmp"/cg."$name".* "$CG_OUT"/
   local errors; errors=$(grep -c status "$tmp/wrk.err" || true)
   awk -v n="$n" -v t="$total" -v name="$name" -v e="$errors" 'BEGIN {
     printf "%-8s %8.0f instructions per request (%d requests%s)\n", name, t / n, n, (e > 0 ? ", " e " non-200!" : "") }'

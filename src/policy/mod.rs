@@ -92,29 +92,32 @@ impl RateHeaders {
         }
     }
 
-    /// `(name, value)` pairs, OpenAI's names and duration format (`6m0s`, `1s`, `250ms`).
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
-        const NAMES: [[&str; 3]; 2] = [
+    /// Sets the headers on an answer: OpenAI's names and duration format (`6m0s`, `1s`,
+    /// `250ms`). The names are built at compile time; the numbers are written without
+    /// `format!`.
+    pub fn insert_into(&self, headers: &mut http::HeaderMap) {
+        use http::{HeaderName, HeaderValue};
+        const NAMES: [[HeaderName; 3]; 2] = [
             [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
             ],
             [
-                "x-ratelimit-limit-images",
-                "x-ratelimit-remaining-images",
-                "x-ratelimit-reset-images",
+                HeaderName::from_static("x-ratelimit-limit-images"),
+                HeaderName::from_static("x-ratelimit-remaining-images"),
+                HeaderName::from_static("x-ratelimit-reset-images"),
             ],
         ];
-        let mut out = Vec::with_capacity(6);
         for ([limit, remaining, reset], s) in NAMES.into_iter().zip([self.requests, self.images]) {
             if let Some(s) = s {
-                out.push((limit, s.limit.to_string()));
-                out.push((remaining, s.remaining.to_string()));
-                out.push((reset, go_duration(s.reset)));
+                headers.insert(limit, HeaderValue::from(s.limit));
+                headers.insert(remaining, HeaderValue::from(s.remaining));
+                if let Ok(v) = HeaderValue::try_from(go_duration(s.reset)) {
+                    headers.insert(reset, v);
+                }
             }
         }
-        out
     }
 }
 
@@ -436,9 +439,10 @@ mod tests {
         let mut h = RateHeaders::default();
         assert!(policy.admit(&principal, 1, &mut h).is_err());
         assert_eq!(h.requests.unwrap().remaining, 0);
-        let pairs = h.pairs();
-        assert!(pairs
-            .iter()
-            .any(|(k, v)| *k == "x-ratelimit-remaining-requests" && v == "0"));
+        let mut headers = http::HeaderMap::new();
+        h.insert_into(&mut headers);
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+        assert!(headers.contains_key("x-ratelimit-reset-requests"));
     }
 }

@@ -94,11 +94,7 @@ pub async fn handle(
     if log.attempts > 0 {
         headers.insert("x-imagegate-attempts", HeaderValue::from(log.attempts));
     }
-    for (name, value) in log.rate.pairs() {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(http::HeaderName::from_static(name), v);
-        }
-    }
+    log.rate.insert_into(headers);
 
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
