@@ -682,16 +682,38 @@ impl Drop for Charge {
 /// A ledger row id: milliseconds since the epoch then 64 random bits, both in hex (sorts by
 /// time, so the primary key grows at its end).
 pub fn new_id() -> String {
-    format!(
-        "{:012x}{}",
-        now_ms(),
-        hex::encode(rand::random::<[u8; 8]>())
-    )
+    // 12 hex digits of milliseconds (the low 48 bits: until the year 10889), then 16 random.
+    let mut raw = [0u8; 14];
+    raw[..6].copy_from_slice(&(now_ms() as u64).to_be_bytes()[2..]);
+    raw[6..].copy_from_slice(&rand::random::<[u8; 8]>());
+    let mut hex = [0u8; 28];
+    // Cannot fail: the buffer is exactly twice the input.
+    let _ = hex::encode_to_slice(raw, &mut hex);
+    std::str::from_utf8(&hex).unwrap_or_default().to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_28_hex_digits_that_start_with_the_time() {
+        let before = format!("{:012x}", now_ms());
+        let ids: Vec<String> = (0..100).map(|_| new_id()).collect();
+        let after = format!("{:012x}", now_ms());
+        for id in &ids {
+            assert_eq!(id.len(), 28, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            assert!(
+                before.as_str() <= &id[..12] && &id[..12] <= after.as_str(),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
 
     #[test]
     fn every_dalle_size_and_quality_has_openais_price() {

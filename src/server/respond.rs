@@ -105,6 +105,9 @@ pub fn with_type(
 ) -> Response<Body> {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
+    // Room for what the handler adds (request id, rate limits, routing): one allocation
+    // instead of growing and rehashing twice.
+    *resp.headers_mut() = HeaderMap::with_capacity(16);
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
@@ -142,12 +145,32 @@ pub fn request_id(headers: &HeaderMap) -> String {
         }
     }
     let id: [u8; 16] = rand::random();
-    format!("req_{}", hex::encode(id))
+    let mut hex = [0u8; 32];
+    // Cannot fail: the buffer is exactly twice the input.
+    let _ = hex::encode_to_slice(id, &mut hex);
+    let mut out = String::with_capacity(36);
+    out.push_str("req_");
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_request_ids_are_req_and_32_hex_digits() {
+        let a = request_id(&HeaderMap::new());
+        let b = request_id(&HeaderMap::new());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let hex = id.strip_prefix("req_").expect("req_ prefix");
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(hex
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        }
+    }
 
     #[test]
     fn request_ids_are_kept_when_sane() {

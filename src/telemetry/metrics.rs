@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: String,
-    status: String,
+    status: &'static str,
     tenant: String,
 }
 
@@ -213,7 +213,13 @@ impl Metrics {
     pub fn request(&self, model: &str, status: u16, tenant: &str) {
         let labels = RequestLabels {
             model: model.to_string(),
-            status: format!("{}xx", status / 100),
+            status: match status / 100 {
+                1 => "1xx",
+                2 => "2xx",
+                3 => "3xx",
+                4 => "4xx",
+                _ => "5xx",
+            },
             tenant: self.tenant(tenant),
         };
         self.requests.get_or_create(&labels).inc();
