@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::client::{read_capped, transport_error, Endpoint, HttpClient, MAX_ANSWER_BYTES};
@@ -106,35 +106,21 @@ impl OpenAiBackend {
         }
     }
 
-    /// The body of the contract's own dialect.
-    fn dalle_body(r: &ImageRequest) -> Value {
-        let mut body = json!({
-            "prompt": r.prompt,
-            "n": r.n,
-            "size": r.size.to_string(),
-            "response_format": r.response_format.as_str(),
-        });
-        if let Some(q) = r.quality {
-            body["quality"] = q.as_str().into();
+    /// The model named in the body: the target's upstream model, else the public name; none
+    /// for Azure (the deployment in the URL names it).
+    fn body_model<'a>(&self, call: &UpstreamCall<'a>) -> Option<&'a str> {
+        match self.flavor {
+            Flavor::OpenAi { .. } => Some(call.upstream_model.unwrap_or(&call.request.model)),
+            Flavor::Azure { .. } => None,
         }
-        if let Some(s) = r.style {
-            body["style"] = s.as_str().into();
-        }
-        if let Some(u) = &r.user {
-            body["user"] = u.as_str().into();
-        }
-        body
     }
 
-    /// The endpoint of this call; sets `model` in the body where the upstream wants it.
-    fn endpoint(&self, call: &UpstreamCall<'_>, body: &mut Value) -> Result<Endpoint, String> {
+    /// The endpoint of this call.
+    fn endpoint(&self, call: &UpstreamCall<'_>) -> Result<Endpoint, String> {
         let model = &call.request.model;
         match &self.flavor {
-            Flavor::OpenAi { endpoint } => {
-                body["model"] = call.upstream_model.unwrap_or(model).into();
-                // Validated at load.
-                endpoint.clone()
-            }
+            // Validated at load.
+            Flavor::OpenAi { endpoint } => endpoint.clone(),
             Flavor::Azure {
                 base,
                 api_version,
@@ -164,16 +150,27 @@ impl OpenAiBackend {
         headers
     }
 
-    /// One upstream call: the raw answer on success.
+    /// One upstream call with a body built as JSON values; sets `model` where the upstream
+    /// wants it.
     async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
+        if let Some(model) = self.body_model(call) {
+            body["model"] = model.into();
+        }
+        self.send_json(call, &body).await
+    }
+
+    /// One upstream call: the raw answer on success.
+    async fn send_json(
+        &self,
+        call: &UpstreamCall<'_>,
+        body: &impl Serialize,
+    ) -> Result<Bytes, BackendError> {
         let timeout = self.timeout.min(call.remaining());
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let endpoint = self
-            .endpoint(call, &mut body)
-            .map_err(BackendError::Connect)?;
-        let json = serde_json::to_vec(&body)
+        let endpoint = self.endpoint(call).map_err(BackendError::Connect)?;
+        let json = serde_json::to_vec(body)
             .map_err(|e| BackendError::BadResponse(format!("request not serializable: {e}")))?;
         let reply = self
             .http
@@ -253,6 +250,43 @@ impl OpenAiBackend {
         }
         Ok(generation)
     }
+}
+
+/// The body of the contract's own dialect, written straight to JSON (no map of values).
+#[derive(Serialize)]
+struct DalleBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    prompt: &'a str,
+    n: u32,
+    #[serde(serialize_with = "as_text")]
+    size: crate::api::Size,
+    response_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quality: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    style: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+impl<'a> DalleBody<'a> {
+    fn new(r: &'a ImageRequest, model: Option<&'a str>) -> Self {
+        DalleBody {
+            model,
+            prompt: &r.prompt,
+            n: r.n,
+            size: r.size,
+            response_format: r.response_format.as_str(),
+            quality: r.quality.map(|q| q.as_str()),
+            style: r.style.map(|s| s.as_str()),
+            user: r.user.as_deref(),
+        }
+    }
+}
+
+fn as_text<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -441,7 +475,10 @@ impl Backend for OpenAiBackend {
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         let req = call.request;
         match (call.dialect, &req.gpt) {
-            (Dialect::DallE, None) => parse_answer(&self.send(&call, Self::dalle_body(req)).await?),
+            (Dialect::DallE, None) => {
+                let body = DalleBody::new(req, self.body_model(&call));
+                parse_answer(&self.send_json(&call, &body).await?)
+            }
             (Dialect::DallE, Some(_)) => {
                 let body = translate::dalle_body_from_gpt(req)?;
                 parse_answer(&self.send(&call, body).await?)
@@ -464,9 +501,10 @@ impl Backend for OpenAiBackend {
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        let endpoint = self
-            .endpoint(&call, &mut body)
-            .map_err(BackendError::Connect)?;
+        if let Some(model) = self.body_model(&call) {
+            body["model"] = model.into();
+        }
+        let endpoint = self.endpoint(&call).map_err(BackendError::Connect)?;
         let resp = self
             .http
             .reqwest()
@@ -507,6 +545,36 @@ impl Backend for OpenAiBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dalle_body_carries_exactly_the_requests_fields() {
+        let parse = |preset: &str, body: &str| {
+            crate::api::parse_request(body.as_bytes())
+                .unwrap()
+                .validate(&crate::api::ModelRules::preset(preset).unwrap())
+                .unwrap()
+        };
+        let hd = parse(
+            "dall-e-3",
+            r#"{"model":"dall-e-3","prompt":"a \"quoted\" fox\n","size":"1792x1024","quality":"hd","style":"natural","user":"u-1"}"#,
+        );
+        let json = |b: &DalleBody<'_>| serde_json::to_value(b).unwrap();
+        assert_eq!(
+            json(&DalleBody::new(&hd, Some("dall-e-3-up"))),
+            json!({"model": "dall-e-3-up", "prompt": "a \"quoted\" fox\n", "n": 1,
+                   "size": "1792x1024", "response_format": "url", "quality": "hd",
+                   "style": "natural", "user": "u-1"})
+        );
+        let plain = parse(
+            "dall-e-2",
+            r#"{"model":"dall-e-2","prompt":"p","n":3,"response_format":"b64_json"}"#,
+        );
+        // Azure: no model in the body; absent options are left out, not null.
+        assert_eq!(
+            json(&DalleBody::new(&plain, None)),
+            json!({"prompt": "p", "n": 3, "size": "1024x1024", "response_format": "b64_json"})
+        );
+    }
 
     #[test]
     fn azure_content_filter_becomes_openai_code() {
