@@ -15,7 +15,8 @@ pub const DEFAULT_MODEL: &str = "dall-e-2";
 
 /// A body that is well-formed JSON with the right field types, not yet checked against a
 /// model's rules (which needs the model resolved first: unknown model is a 404, not a 400).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -157,6 +158,16 @@ fn take_int(obj: &mut Map<String, Value>, field: &str) -> Result<Option<i64>, Ap
 /// Parses a JSON body into a [`RawRequest`]: malformed JSON, a non-object body, unknown
 /// fields and wrong types are 400s naming the field. `null` means "not given".
 pub fn parse_request(body: &[u8]) -> Result<RawRequest, ApiError> {
+    // A well-formed body goes straight into its fields (no map of values, no key strings).
+    // Anything else (bad JSON, an unknown field, a wrong type, a repeated field) is parsed
+    // again through values, which explains the problem exactly and lets a repeat win.
+    match serde_json::from_slice::<RawRequest>(body) {
+        Ok(raw) => Ok(raw),
+        Err(_) => parse_request_values(body),
+    }
+}
+
+fn parse_request_values(body: &[u8]) -> Result<RawRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             super::ErrorKind::InvalidRequest,
@@ -525,6 +536,42 @@ impl RawRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direct_parse_and_the_value_parse_agree() {
+        let bodies: &[&str] = &[
+            r#"{"model":"dall-e-3","prompt":"a \"fox\"\u00e9\n","n":1,"size":"1024x1024"}"#,
+            r#"{"model":"gpt-image-1.5","prompt":"p","background":"transparent","output_format":"webp","output_compression":80,"moderation":"low","safety_identifier":"s","stream":true,"partial_images":2,"complexity":"high","quality":"high","user":null}"#,
+            r#"{"prompt":"p","model":"m","prompt":"second wins"}"#,
+            r#"{"model":"m","prompt":"p","n":1.0}"#,
+            r#"{"model":"m","prompt":"p","n":18446744073709551615}"#,
+            r#"{"model":"m","prompt":"p","n":-3}"#,
+            r#"{"model":"m","prompt":7}"#,
+            r#"{"model":"m","prompt":"p","stream":"yes"}"#,
+            r#"{"model":"m","zeta":1,"alpha":2}"#,
+            r#"{"model":"m"} trailing"#,
+            r#"["model"]"#,
+            r#"null"#,
+            r#"{}"#,
+            r#"{"model":"m","prompt":"p","size":{"w":1}}"#,
+        ];
+        let seen =
+            |r: Result<RawRequest, ApiError>| r.map_err(|e| (e.kind, e.message, e.param, e.code));
+        for body in bodies {
+            assert_eq!(
+                seen(parse_request(body.as_bytes())),
+                seen(parse_request_values(body.as_bytes())),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            parse_request(br#"{"prompt":"p","model":"m","prompt":"q"}"#)
+                .unwrap()
+                .prompt
+                .as_deref(),
+            Some("q")
+        );
+    }
     use crate::api::{GptQuality, OutputFormat};
 
     fn validate(json: &str, rules: ModelRules) -> Result<ImageRequest, ApiError> {
