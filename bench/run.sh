@@ -4,7 +4,7 @@
 # Builds in release mode, starts two fake OpenAI upstreams (small URL answers, and 1.5 MB
 # base64 PNG answers), the gateway (API key auth, a tenant rate limit, a concurrency limit, a
 # budget and the usage ledger in SQLite, all on) and, when nginx is installed, nginx as a plain
-# reverse proxy, and bench/bare_proxy.rs (hyper server + reqwest and nothing else: the floor of
+# reverse proxy, and bench/bare_proxy.rs (hyper server + hyper-util client, nothing else: the floor of
 # the stack the gateway is built on); drives load with wrk; prints one table. The gateway,
 # nginx and the bare proxy are pinned to core 0 (so the gateway, its worker_threads left at
 # auto, runs tokio's single-threaded scheduler), the upstreams and wrk to core 1.
@@ -39,7 +39,7 @@ lua convert large url
 
 taskset -c 1 target/release/examples/fake_upstream --port $small_port 2>/dev/null & pids+=($!)
 taskset -c 1 target/release/examples/fake_upstream --port $large_port --b64-bytes 1500000 2>/dev/null & pids+=($!)
-# The floor of the stack the gateway is built on (hyper server + reqwest, nothing else).
+# The floor of the stack the gateway is built on (hyper server + hyper-util client, nothing else).
 taskset -c 0 target/release/examples/bare_proxy --port $bare_port --upstream-port $small_port 2>/dev/null & pids+=($!)
 taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
 
@@ -134,7 +134,7 @@ for c in 1; do
     printf "   nginx p50 +%s us, p99 +%s us" $((n50 - d50)) $((n99 - d99))
   fi
   b50=$(us "${P50[bare $c]}"); b99=$(us "${P99[bare $c]}")
-  printf "   bare hyper+reqwest p50 +%s us, p99 +%s us" $((b50 - d50)) $((b99 - d99))
+  printf "   bare hyper relay p50 +%s us, p99 +%s us" $((b50 - d50)) $((b99 - d99))
   echo
 done
 echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers in flight)"
