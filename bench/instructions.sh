@@ -8,7 +8,8 @@
 # overstated.
 #
 #   bash bench/instructions.sh [seconds of load, default 10]
-# CG_OUT=DIR keeps the callgrind files there (callgrind_annotate --inclusive=yes FILE).
+# CG_OUT=DIR keeps the callgrind files there (callgrind_annotate --inclusive=yes FILE);
+# GW_BIN=PATH counts another gateway binary (an A/B against an older build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -57,5 +58,5 @@ count() {
 }
 
 echo "instructions per request, callgrind, c=16, ${secs}s, small answers ($(date -u +%F))"
-count gateway $gw_port target/release/imagegate serve --config "$tmp/gw.yaml"
+count gateway $gw_port "${GW_BIN:-target/release/imagegate}" serve --config "$tmp/gw.yaml"
 count bare $bare_port target/release/examples/bare_proxy --port $bare_port --upstream-port $small_port
