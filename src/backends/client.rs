@@ -323,6 +323,9 @@ mod tests {
                         if s.write_all(b).await.is_err() {
                             return;
                         }
+                        if answer.windows(17).any(|w| w == b"connection: close") {
+                            return;
+                        }
                     }
                 });
             }
@@ -381,6 +384,29 @@ mod tests {
                     assert!(req.contains(line), "{name}: {line:?} missing in {req}");
                 }
                 assert!(req.ends_with("{\"prompt\":\"x\"}"), "{name}: {req}");
+            }
+        }
+    }
+
+    /// A chunked answer, and a server that closes the connection after each one (as many
+    /// Python and Go servers do): every request gets a fresh connection and the whole body.
+    #[tokio::test]
+    async fn both_engines_read_chunked_answers_and_reconnect_after_close() {
+        const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\n{\"dat\r\n6\r\na\":[]}\r\n0\r\n\r\n";
+        for (name, client) in engines() {
+            let (url, mut seen) = server(CHUNKED, Duration::ZERO).await;
+            let ep = Endpoint::parse(&url).unwrap();
+            for _ in 0..3 {
+                let r = client
+                    .post_json(&ep, headers(), Bytes::new(), Duration::from_secs(5), 1024)
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                assert_eq!(
+                    (r.status, &r.body[..]),
+                    (200, &b"{\"data\":[]}"[..]),
+                    "{name}"
+                );
+                seen.recv().await.unwrap();
             }
         }
     }
