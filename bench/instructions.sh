@@ -21,12 +21,8 @@ for tool in wrk valgrind; do
 done
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
 
-tmp=$(mktemp -d)
-small_port=19201; large_port=19202; gw_port=19280; bare_port=19270
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
-trap cleanup EXIT
 . bench/lib.sh
+small_port=19201; large_port=19202; gw_port=19280; bare_port=19270
 write_config
 lua small small url
 

@@ -1,5 +1,12 @@
-# What bench/run.sh and bench/instructions.sh share: the gateway's production-like config and
-# wrk's request scripts. Source it with $tmp, $gw_port, $small_port and $large_port set.
+# What bench/run.sh and bench/instructions.sh share: a scratch directory ($tmp) and the
+# processes to stop on exit ($pids, removed and killed by an EXIT trap), the gateway's
+# production-like config and wrk's request scripts. Set $gw_port, $small_port and $large_port
+# before write_config.
+
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
 
 key=sk-bench-key-0001
 

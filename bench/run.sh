@@ -25,13 +25,8 @@ fi
 NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
 
-tmp=$(mktemp -d)
-small_port=19101; large_port=19102; gw_port=19180; bare_port=19170; ng_small=19190; ng_large=19191
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
-trap cleanup EXIT
-
 . bench/lib.sh
+small_port=19101; large_port=19102; gw_port=19180; bare_port=19170; ng_small=19190; ng_large=19191
 write_config
 lua small small url
 lua large large b64_json
