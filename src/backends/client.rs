@@ -344,6 +344,18 @@ mod tests {
         ]
     }
 
+    /// An empty POST to `ep` with the test headers.
+    async fn post(
+        client: &HttpClient,
+        ep: &Endpoint,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Reply, BackendError> {
+        client
+            .post_json(ep, headers(), Bytes::new(), timeout, cap)
+            .await
+    }
+
     fn headers() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer sk-up"));
@@ -397,8 +409,7 @@ mod tests {
             let (url, mut seen) = server(CHUNKED, Duration::ZERO).await;
             let ep = Endpoint::parse(&url).unwrap();
             for _ in 0..3 {
-                let r = client
-                    .post_json(&ep, headers(), Bytes::new(), Duration::from_secs(5), 1024)
+                let r = post(&client, &ep, Duration::from_secs(5), 1024)
                     .await
                     .unwrap_or_else(|e| panic!("{name}: {e:?}"));
                 assert_eq!(
@@ -417,8 +428,7 @@ mod tests {
             // An error status is an answer, with its headers.
             let (url, _seen) = server(LIMITED, Duration::ZERO).await;
             let ep = Endpoint::parse(&url).unwrap();
-            let r = client
-                .post_json(&ep, headers(), Bytes::new(), Duration::from_secs(5), 1024)
+            let r = post(&client, &ep, Duration::from_secs(5), 1024)
                 .await
                 .unwrap();
             assert_eq!(r.status, 429, "{name}");
@@ -427,14 +437,7 @@ mod tests {
             // Too slow: a timeout, whole exchange included.
             let (url, _seen) = server(OK, Duration::from_secs(5)).await;
             let ep = Endpoint::parse(&url).unwrap();
-            let e = client
-                .post_json(
-                    &ep,
-                    headers(),
-                    Bytes::new(),
-                    Duration::from_millis(200),
-                    1024,
-                )
+            let e = post(&client, &ep, Duration::from_millis(200), 1024)
                 .await
                 .unwrap_err();
             assert!(matches!(e, BackendError::Timeout), "{name}: {e:?}");
@@ -442,8 +445,7 @@ mod tests {
             // Too big.
             let (url, _seen) = server(OK, Duration::ZERO).await;
             let ep = Endpoint::parse(&url).unwrap();
-            let e = client
-                .post_json(&ep, headers(), Bytes::new(), Duration::from_secs(5), 5)
+            let e = post(&client, &ep, Duration::from_secs(5), 5)
                 .await
                 .unwrap_err();
             assert!(matches!(e, BackendError::BadResponse(_)), "{name}: {e:?}");
@@ -454,8 +456,7 @@ mod tests {
                 l.local_addr().unwrap().port()
             };
             let ep = Endpoint::parse(&format!("http://127.0.0.1:{port}/v1")).unwrap();
-            let e = client
-                .post_json(&ep, headers(), Bytes::new(), Duration::from_secs(5), 1024)
+            let e = post(&client, &ep, Duration::from_secs(5), 1024)
                 .await
                 .unwrap_err();
             assert!(matches!(e, BackendError::Connect(_)), "{name}: {e:?}");

@@ -68,12 +68,10 @@ impl UpstreamCall<'_> {
     }
 
     /// The same, on a reqwest request.
-    pub fn headers(&self, mut rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        rb = rb.header("x-request-id", self.request_id);
-        for (k, v) in self.trace_headers {
-            rb = rb.header(k.as_str(), v.as_str());
-        }
-        rb
+    pub fn headers(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let mut headers = http::HeaderMap::new();
+        self.add_headers(&mut headers);
+        rb.headers(headers)
     }
 }
 

@@ -115,12 +115,15 @@ impl OpenAiBackend {
         }
     }
 
-    /// The endpoint of this call.
-    fn endpoint(&self, call: &UpstreamCall<'_>) -> Result<Endpoint, String> {
+    /// The endpoint of this call: the backend's own, borrowed (OpenAI), or built for the
+    /// call's deployment (Azure).
+    fn endpoint(&self, call: &UpstreamCall<'_>) -> Result<Cow<'_, Endpoint>, String> {
         let model = &call.request.model;
         match &self.flavor {
             // Validated at load.
-            Flavor::OpenAi { endpoint } => endpoint.clone(),
+            Flavor::OpenAi { endpoint } => {
+                endpoint.as_ref().map(Cow::Borrowed).map_err(Clone::clone)
+            }
             Flavor::Azure {
                 base,
                 api_version,
@@ -138,6 +141,7 @@ impl OpenAiBackend {
                     url::form_urlencoded::byte_serialize(api_version.as_bytes())
                         .collect::<String>()
                 ))
+                .map(Cow::Owned)
             }
         }
     }

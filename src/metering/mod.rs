@@ -398,7 +398,7 @@ impl Meter {
                     in_redis,
                 }),
                 Ok(Err(left)) => {
-                    Box::pin(self.release_holds(&holds, member)).await;
+                    self.release_holds(&holds, member).await;
                     crate::telemetry::metrics().over_budget(&principal.tenant, kind);
                     return Err(exhausted(
                         &budget::Exhausted {
@@ -411,7 +411,7 @@ impl Meter {
                     ));
                 }
                 Err(e) => {
-                    Box::pin(self.release_holds(&holds, member)).await;
+                    self.release_holds(&holds, member).await;
                     return Err(e);
                 }
             }
@@ -423,7 +423,8 @@ impl Meter {
         for h in holds {
             if h.in_redis {
                 if let Some(rb) = &self.redis {
-                    if let Err(e) = rb.settle(h, member, 0).await {
+                    // Boxed, like every remote step: the request's future stays small.
+                    if let Err(e) = Box::pin(rb.settle(h, member, 0)).await {
                         // Its lease runs out by itself.
                         tracing::warn!(error = %e, scope = %h.scope, "budget release in Redis failed");
                     }
@@ -432,7 +433,7 @@ impl Meter {
             }
             match self.shared_book() {
                 Some(db) => {
-                    if let Err(e) = budget::sql_release(db, h, member).await {
+                    if let Err(e) = Box::pin(budget::sql_release(db, h, member)).await {
                         tracing::error!(error = %e, scope = %h.scope, "budget release failed");
                     }
                 }
@@ -514,7 +515,7 @@ impl Meter {
 
     /// Gives back holds and an idempotency claim of a request that was never relayed.
     pub async fn abandon(&self, holds: Vec<Hold>, member: &str, idem: Option<(String, String)>) {
-        Box::pin(self.release_holds(&holds, member)).await;
+        self.release_holds(&holds, member).await;
         if let Some((tenant, key)) = idem {
             match &self.db {
                 Some(db) => {
