@@ -85,11 +85,37 @@ enum Msg {
 }
 
 /// The append-only file that makes a settlement durable before it is committed.
+///
+/// Appends are grouped: the first request to journal in a scheduler tick becomes the group's
+/// leader, yields once so that every other request finishing in the same tick adds its line,
+/// then writes them all with one `write` and tells each whether it is durable. One system call
+/// per tick instead of one per request (measured: the per-request `write` was 3.5% of the
+/// gateway's core at 10k requests/s).
 pub struct Journal {
     file: Mutex<std::fs::File>,
     path: PathBuf,
     /// Settlements appended and not yet committed.
     pending: AtomicUsize,
+    /// Lines waiting for their group's write.
+    group: Mutex<Group>,
+}
+
+#[derive(Default)]
+struct Group {
+    lines: Vec<u8>,
+    waiters: Vec<oneshot::Sender<bool>>,
+    /// A leader is gathering this group.
+    led: bool,
+}
+
+/// Writes the group it leads when dropped, so a leader whose request is abandoned while it
+/// yields (the client went away) still writes its followers' lines.
+struct Leader<'a>(&'a Journal);
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.0.write_group();
+    }
 }
 
 impl Journal {
@@ -102,17 +128,72 @@ impl Journal {
             file: Mutex::new(file),
             path: path.to_path_buf(),
             pending: AtomicUsize::new(0),
+            group: Mutex::new(Group::default()),
         })
     }
 
-    fn append(&self, s: &Settlement) -> std::io::Result<()> {
+    fn line(s: &Settlement) -> std::io::Result<Vec<u8>> {
         // Sized for a typical line (~600 bytes), so it is not regrown four times.
         let mut line = Vec::with_capacity(1024);
         serde_json::to_writer(&mut line, s).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        Ok(line)
+    }
+
+    /// Appends now, alone (a settlement queued from synchronous code).
+    fn append(&self, s: &Settlement) -> std::io::Result<()> {
+        self.write_lines(&Self::line(s)?, 1)
+    }
+
+    /// Appends with whatever else is journaled in this scheduler tick; true once it is in the
+    /// file.
+    async fn append_grouped(&self, s: &Settlement) -> bool {
+        let line = match Self::line(s) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a ledger journal line");
+                return false;
+            }
+        };
+        let (done, wait) = oneshot::channel();
+        let lead = {
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            g.lines.extend_from_slice(&line);
+            g.waiters.push(done);
+            !std::mem::replace(&mut g.led, true)
+        };
+        if lead {
+            let leader = Leader(self);
+            tokio::task::yield_now().await;
+            drop(leader);
+        }
+        wait.await.unwrap_or(false)
+    }
+
+    fn write_group(&self) {
+        let (lines, waiters) = {
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            g.led = false;
+            (std::mem::take(&mut g.lines), std::mem::take(&mut g.waiters))
+        };
+        let ok = match self.write_lines(&lines, waiters.len()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, lines = waiters.len(), "ledger journal write failed");
+                false
+            }
+        };
+        for w in waiters {
+            let _ = w.send(ok);
+        }
+    }
+
+    fn write_lines(&self, lines: &[u8], n: usize) -> std::io::Result<()> {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        f.write_all(&line)?;
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        f.write_all(lines)?;
+        // Counted under the file's lock: `committed` must not empty the file between this
+        // write and the count.
+        self.pending.fetch_add(n, Ordering::AcqRel);
         Ok(())
     }
 
@@ -183,16 +264,11 @@ impl Ledger {
     /// `wait` is false, else committed (waits). False if it could not be made durable.
     pub async fn commit(&self, s: Box<Settlement>, wait: bool) -> bool {
         if let (Some(j), false) = (&self.journal, wait) {
-            return match j.append(&s) {
-                Ok(()) => {
-                    let _ = self.tx.send(Msg::Settle(s, None));
-                    true
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "ledger journal write failed; committing instead");
-                    self.commit_now(s).await
-                }
-            };
+            if j.append_grouped(&s).await {
+                let _ = self.tx.send(Msg::Settle(s, None));
+                return true;
+            }
+            tracing::error!("ledger journal write failed; committing instead");
         }
         self.commit_now(s).await
     }
@@ -914,5 +990,50 @@ mod tests {
             (request_id.as_str(), backend, tokens, n),
             ("req-3", None, Some(3), 2)
         );
+    }
+
+    fn journal_ids(path: &Path) -> Vec<String> {
+        let mut ids: Vec<String> = Journal::read(path).into_iter().map(|s| s.row.id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Requests journaling in the same tick share one write; each line lands once and whole.
+    #[tokio::test(flavor = "current_thread")]
+    async fn grouped_appends_land_every_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.journal");
+        let j = Journal::open(&path).unwrap();
+        let all: Vec<Settlement> = (0..50).map(settlement).collect();
+        let oks = futures_util::future::join_all(all.iter().map(|s| j.append_grouped(s))).await;
+        assert!(oks.iter().all(|ok| *ok));
+        assert_eq!(j.pending.load(Ordering::Acquire), 50);
+        let want: Vec<String> = all.iter().map(|s| s.row.id.clone()).collect();
+        assert_eq!(journal_ids(&path), want);
+        // A later tick starts a new group.
+        assert!(j.append_grouped(&settlement(50)).await);
+        assert_eq!(journal_ids(&path).len(), 51);
+    }
+
+    /// A leader abandoned while it gathers its group (its client went away) still writes the
+    /// lines of the requests that joined it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_abandoned_leader_still_writes_its_group() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.journal");
+        let j = Journal::open(&path).unwrap();
+        let (a, b) = (settlement(1), settlement(2));
+        let mut leader = Box::pin(j.append_grouped(&a));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        let mut follower = Box::pin(j.append_grouped(&b));
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+        assert!(journal_ids(&path).is_empty());
+        drop(leader);
+        let written = tokio::time::timeout(Duration::from_secs(5), follower).await;
+        assert_eq!(written, Ok(true), "the follower was left waiting");
+        assert_eq!(journal_ids(&path), vec!["row-0001", "row-0002"]);
     }
 }
