@@ -135,7 +135,7 @@ impl Journal {
     fn line(s: &Settlement) -> std::io::Result<Vec<u8>> {
         // Sized for a typical line (~600 bytes), so it is not regrown four times.
         let mut line = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut line, s).map_err(std::io::Error::other)?;
+        encode_line(s, &mut line)?;
         line.push(b'\n');
         Ok(line)
     }
@@ -222,6 +222,110 @@ impl Journal {
             .map_while(Result::ok)
             .filter_map(|l| serde_json::from_str(&l).ok())
             .collect()
+    }
+}
+
+/// Writes a settlement as JSON, byte for byte what `serde_json::to_writer` writes (the replay
+/// reads it back with serde), without serde's per-field work: keys are literals, numbers go
+/// through `itoa`, and a string with nothing to escape is copied as it is. Under callgrind
+/// serde_json took ~7.8k instructions a request for this line.
+fn encode_line(s: &Settlement, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let r = &s.row;
+    out.extend_from_slice(br#"{"row":{"id":"#);
+    json_str(out, &r.id)?;
+    out.extend_from_slice(br#","request_id":"#);
+    json_str(out, &r.request_id)?;
+    out.extend_from_slice(br#","ts_ms":"#);
+    json_int(out, r.ts_ms);
+    out.extend_from_slice(br#","tenant":"#);
+    json_str(out, &r.tenant)?;
+    out.extend_from_slice(br#","key_id":"#);
+    json_str(out, &r.key_id)?;
+    out.extend_from_slice(br#","model":"#);
+    json_str(out, &r.model)?;
+    out.extend_from_slice(br#","backend":"#);
+    json_opt_str(out, r.backend.as_deref())?;
+    out.extend_from_slice(br#","size":"#);
+    json_str(out, &r.size)?;
+    out.extend_from_slice(br#","quality":"#);
+    json_opt_str(out, r.quality.as_deref())?;
+    out.extend_from_slice(br#","n_requested":"#);
+    json_int(out, r.n_requested);
+    out.extend_from_slice(br#","n_delivered":"#);
+    json_int(out, r.n_delivered);
+    out.extend_from_slice(br#","reserved_micro_usd":"#);
+    json_int(out, r.reserved_micro_usd);
+    out.extend_from_slice(br#","cost_micro_usd":"#);
+    json_int(out, r.cost_micro_usd);
+    out.extend_from_slice(br#","upstream_cost_micro_usd":"#);
+    json_int(out, r.upstream_cost_micro_usd);
+    out.extend_from_slice(br#","input_tokens":"#);
+    json_opt_int(out, r.input_tokens);
+    out.extend_from_slice(br#","output_tokens":"#);
+    json_opt_int(out, r.output_tokens);
+    out.extend_from_slice(br#","status":"#);
+    json_int(out, r.status);
+    out.extend_from_slice(br#","latency_ms":"#);
+    json_int(out, r.latency_ms);
+    out.extend_from_slice(br#","idempotency_key":"#);
+    json_opt_str(out, r.idempotency_key.as_deref())?;
+    out.extend_from_slice(br#"},"holds":["#);
+    for (i, h) in s.holds.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"scope":"#);
+        json_str(out, &h.scope)?;
+        out.extend_from_slice(br#","period":"#);
+        json_str(out, &h.period)?;
+        out.extend_from_slice(br#","amount":"#);
+        json_int(out, h.amount);
+        out.extend_from_slice(if h.in_redis {
+            br#","in_redis":true}"#
+        } else {
+            br#","in_redis":false}"#
+        });
+    }
+    out.extend_from_slice(br#"],"idem":"#);
+    match &s.idem {
+        // Rare on this path (requests with an Idempotency-Key commit instead): serde's.
+        Some(idem) => serde_json::to_writer(&mut *out, idem).map_err(std::io::Error::other)?,
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn json_str(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
+    // serde_json escapes exactly these: control characters, '"' and '\\'.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(&mut *out, s).map_err(std::io::Error::other)
+    }
+}
+
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
+    match s {
+        Some(s) => json_str(out, s),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+fn json_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn json_opt_int(out: &mut Vec<u8>, n: Option<i64>) {
+    match n {
+        Some(n) => json_int(out, n),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -1035,5 +1139,78 @@ mod tests {
         let written = tokio::time::timeout(Duration::from_secs(5), follower).await;
         assert_eq!(written, Ok(true), "the follower was left waiting");
         assert_eq!(journal_ids(&path), vec!["row-0001", "row-0002"]);
+    }
+
+    /// The hand-written journal line is exactly serde_json's, so the replay (serde) reads it,
+    /// whatever the strings hold and whichever fields are empty.
+    #[test]
+    fn journal_line_is_serde_json_byte_for_byte() {
+        let odd = [
+            "",
+            "plain",
+            "quote \" in",
+            "back\\slash",
+            "tab\tnew\nline\u{1}",
+            "caf\u{e9} \u{1F98A}",
+            "\u{7f}del",
+        ];
+        let mut cases = Vec::new();
+        for (i, text) in odd.iter().enumerate() {
+            let mut s = settlement(i as u64);
+            s.row.id = text.to_string();
+            s.row.request_id = format!("{text}-req");
+            s.row.tenant = text.to_string();
+            s.row.key_id = text.to_string();
+            s.row.model = text.to_string();
+            s.row.backend = (i % 2 == 1).then(|| text.to_string());
+            s.row.size = text.to_string();
+            s.row.quality = (i % 3 != 0).then(|| text.to_string());
+            s.row.idempotency_key = (i % 2 == 0).then(|| text.to_string());
+            s.row.ts_ms = if i == 3 {
+                i64::MIN
+            } else {
+                i64::MAX - i as i64
+            };
+            s.row.reserved_micro_usd = u64::MAX;
+            s.row.upstream_cost_micro_usd = i as u64;
+            s.row.output_tokens = (i % 2 == 0).then_some(-(i as i64));
+            s.row.status = 599;
+            s.row.latency_ms = 12_345;
+            s.holds = (0..i % 3)
+                .map(|h| Hold {
+                    scope: format!("tenant:{text}"),
+                    period: text.to_string(),
+                    amount: h as u64 * 1_000_000,
+                    in_redis: h % 2 == 1,
+                })
+                .collect();
+            s.idem = match i % 3 {
+                0 => None,
+                1 => Some(IdemOutcome::Complete {
+                    tenant: text.to_string(),
+                    key: "k\"1".into(),
+                    response: format!("{{\"data\":[\"{text}\"]}}"),
+                }),
+                _ => Some(IdemOutcome::Release {
+                    tenant: "t".into(),
+                    key: text.to_string(),
+                }),
+            };
+            cases.push(s);
+        }
+        cases.push(Settlement {
+            row: UsageRow::default(),
+            holds: Vec::new(),
+            idem: None,
+        });
+        for s in &cases {
+            let mut ours = Vec::new();
+            encode_line(s, &mut ours).unwrap();
+            let theirs = serde_json::to_vec(s).unwrap();
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                String::from_utf8(theirs).unwrap()
+            );
+        }
     }
 }
