@@ -407,8 +407,9 @@ impl Ledger {
         Ok(Ledger { tx, journal })
     }
 
-    /// Makes a settlement durable: journaled (returns at once) when there is a journal and
-    /// `wait` is false, else committed (waits). False if it could not be made durable.
+    /// Makes a settlement durable: journaled (returns within the scheduler tick, see
+    /// [`Journal`]) when there is a journal and `wait` is false, else committed (waits for the
+    /// transaction). False if it could not be made durable.
     pub async fn commit(&self, s: Box<Settlement>, wait: bool) -> bool {
         if let (Some(j), false) = (&self.journal, wait) {
             // This request counts itself among those in flight.
