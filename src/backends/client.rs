@@ -7,7 +7,8 @@
 //! platform's roots and proxy support. reqwest wraps the same hyper-util client, but per
 //! request it clones its client and connector, converts its `Url` back into a `Uri` and runs a
 //! retry layer: on one core that was ~13 µs of a ~40 µs relay (bench/README.md), a third of
-//! what the gateway's hot path may spend. Both engines: no redirects, a 5 s connect timeout,
+//! what the gateway's hot path may spend. Both engines: no redirects (an API call that
+//! redirects is a misconfiguration, and following it could leak credentials), a 5 s connect timeout,
 //! idle connections kept 60 s, TCP_NODELAY, our User-Agent, one deadline over the whole
 //! exchange, and a cap on the answer's size.
 
@@ -170,10 +171,7 @@ async fn post_plain(
         if e.is_connect() {
             BackendError::Connect(error_chain(&e))
         } else {
-            BackendError::Status {
-                status: 0,
-                message: error_chain(&e),
-            }
+            broken(&e)
         }
     })?;
     let (parts, mut incoming) = resp.into_parts();
@@ -184,10 +182,7 @@ async fn post_plain(
     // A small answer arrives as one chunk: kept as it is, not copied.
     let (mut whole, mut buf, mut len) = (None::<Bytes>, None::<BytesMut>, 0usize);
     while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| BackendError::Status {
-            status: 0,
-            message: error_chain(&e),
-        })?;
+        let frame = frame.map_err(|e| broken(&e))?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
@@ -224,6 +219,14 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
+}
+
+/// The exchange broke after the connection was made.
+fn broken(e: &(dyn std::error::Error + 'static)) -> BackendError {
+    BackendError::Status {
+        status: 0,
+        message: error_chain(e),
+    }
 }
 
 fn too_large(cap: usize) -> BackendError {

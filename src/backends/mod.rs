@@ -281,9 +281,3 @@ pub fn build(config: &BackendConfig, http: &HttpClient) -> Arc<dyn Backend> {
         BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(c, http.reqwest().clone())),
     }
 }
-
-/// The client every remote backend shares: pooled, no redirects (an API call that redirects
-/// is a misconfiguration, and following it could leak credentials).
-pub fn http_client() -> reqwest::Result<HttpClient> {
-    HttpClient::new()
-}

@@ -157,10 +157,14 @@ impl OpenAiBackend {
     /// One upstream call with a body built as JSON values; sets `model` where the upstream
     /// wants it.
     async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
+        self.set_model(call, &mut body);
+        self.send_json(call, &body).await
+    }
+
+    fn set_model(&self, call: &UpstreamCall<'_>, body: &mut Value) {
         if let Some(model) = self.body_model(call) {
             body["model"] = model.into();
         }
-        self.send_json(call, &body).await
     }
 
     /// One upstream call: the raw answer on success.
@@ -505,9 +509,7 @@ impl Backend for OpenAiBackend {
         if timeout.is_zero() {
             return Err(BackendError::Timeout);
         }
-        if let Some(model) = self.body_model(&call) {
-            body["model"] = model.into();
-        }
+        self.set_model(&call, &mut body);
         let endpoint = self.endpoint(&call).map_err(BackendError::Connect)?;
         let resp = self
             .http

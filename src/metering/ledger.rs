@@ -267,42 +267,24 @@ fn encode_line(s: &Settlement, out: &mut Vec<u8>) -> std::io::Result<()> {
     let r = &s.row;
     out.extend_from_slice(br#"{"row":{"id":"#);
     json_str(out, &r.id)?;
-    out.extend_from_slice(br#","request_id":"#);
-    json_str(out, &r.request_id)?;
-    out.extend_from_slice(br#","ts_ms":"#);
-    json_int(out, r.ts_ms);
-    out.extend_from_slice(br#","tenant":"#);
-    json_str(out, &r.tenant)?;
-    out.extend_from_slice(br#","key_id":"#);
-    json_str(out, &r.key_id)?;
-    out.extend_from_slice(br#","model":"#);
-    json_str(out, &r.model)?;
-    out.extend_from_slice(br#","backend":"#);
-    json_opt_str(out, r.backend.as_deref())?;
-    out.extend_from_slice(br#","size":"#);
-    json_str(out, &r.size)?;
-    out.extend_from_slice(br#","quality":"#);
-    json_opt_str(out, r.quality.as_deref())?;
-    out.extend_from_slice(br#","n_requested":"#);
-    json_int(out, r.n_requested);
-    out.extend_from_slice(br#","n_delivered":"#);
-    json_int(out, r.n_delivered);
-    out.extend_from_slice(br#","reserved_micro_usd":"#);
-    json_int(out, r.reserved_micro_usd);
-    out.extend_from_slice(br#","cost_micro_usd":"#);
-    json_int(out, r.cost_micro_usd);
-    out.extend_from_slice(br#","upstream_cost_micro_usd":"#);
-    json_int(out, r.upstream_cost_micro_usd);
-    out.extend_from_slice(br#","input_tokens":"#);
-    json_opt_int(out, r.input_tokens);
-    out.extend_from_slice(br#","output_tokens":"#);
-    json_opt_int(out, r.output_tokens);
-    out.extend_from_slice(br#","status":"#);
-    json_int(out, r.status);
-    out.extend_from_slice(br#","latency_ms":"#);
-    json_int(out, r.latency_ms);
-    out.extend_from_slice(br#","idempotency_key":"#);
-    json_opt_str(out, r.idempotency_key.as_deref())?;
+    str_field(out, "request_id", &r.request_id)?;
+    int_field(out, "ts_ms", r.ts_ms);
+    str_field(out, "tenant", &r.tenant)?;
+    str_field(out, "key_id", &r.key_id)?;
+    str_field(out, "model", &r.model)?;
+    opt_str_field(out, "backend", r.backend.as_deref())?;
+    str_field(out, "size", &r.size)?;
+    opt_str_field(out, "quality", r.quality.as_deref())?;
+    int_field(out, "n_requested", r.n_requested);
+    int_field(out, "n_delivered", r.n_delivered);
+    int_field(out, "reserved_micro_usd", r.reserved_micro_usd);
+    int_field(out, "cost_micro_usd", r.cost_micro_usd);
+    int_field(out, "upstream_cost_micro_usd", r.upstream_cost_micro_usd);
+    opt_int_field(out, "input_tokens", r.input_tokens);
+    opt_int_field(out, "output_tokens", r.output_tokens);
+    int_field(out, "status", r.status);
+    int_field(out, "latency_ms", r.latency_ms);
+    opt_str_field(out, "idempotency_key", r.idempotency_key.as_deref())?;
     out.extend_from_slice(br#"},"holds":["#);
     for (i, h) in s.holds.iter().enumerate() {
         if i > 0 {
@@ -310,10 +292,8 @@ fn encode_line(s: &Settlement, out: &mut Vec<u8>) -> std::io::Result<()> {
         }
         out.extend_from_slice(br#"{"scope":"#);
         json_str(out, &h.scope)?;
-        out.extend_from_slice(br#","period":"#);
-        json_str(out, &h.period)?;
-        out.extend_from_slice(br#","amount":"#);
-        json_int(out, h.amount);
+        str_field(out, "period", &h.period)?;
+        int_field(out, "amount", h.amount);
         out.extend_from_slice(if h.in_redis {
             br#","in_redis":true}"#
         } else {
@@ -330,6 +310,44 @@ fn encode_line(s: &Settlement, out: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `,"name":` (the names are plain identifiers: nothing to escape).
+fn key(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn str_field(out: &mut Vec<u8>, name: &str, s: &str) -> std::io::Result<()> {
+    key(out, name);
+    json_str(out, s)
+}
+
+fn opt_str_field(out: &mut Vec<u8>, name: &str, s: Option<&str>) -> std::io::Result<()> {
+    match s {
+        Some(s) => str_field(out, name, s),
+        None => {
+            key(out, name);
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+fn int_field(out: &mut Vec<u8>, name: &str, n: impl itoa::Integer) {
+    key(out, name);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn opt_int_field(out: &mut Vec<u8>, name: &str, n: Option<i64>) {
+    match n {
+        Some(n) => int_field(out, name, n),
+        None => {
+            key(out, name);
+            out.extend_from_slice(b"null");
+        }
+    }
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
     // serde_json escapes exactly these: control characters, '"' and '\\'.
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
@@ -339,27 +357,6 @@ fn json_str(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
         Ok(())
     } else {
         serde_json::to_writer(&mut *out, s).map_err(std::io::Error::other)
-    }
-}
-
-fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
-    match s {
-        Some(s) => json_str(out, s),
-        None => {
-            out.extend_from_slice(b"null");
-            Ok(())
-        }
-    }
-}
-
-fn json_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-}
-
-fn json_opt_int(out: &mut Vec<u8>, n: Option<i64>) {
-    match n {
-        Some(n) => json_int(out, n),
-        None => out.extend_from_slice(b"null"),
     }
 }
 

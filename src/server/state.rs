@@ -92,7 +92,7 @@ impl AppState {
         config: Config,
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Arc<Self>> {
-        let http = crate::backends::http_client()?;
+        let http = crate::backends::HttpClient::new()?;
         let signer = UrlSigner::load_or_create(
             config.images.signing_key.as_ref().map(|k| k.expose()),
             &config.data_dir,
