@@ -1,6 +1,8 @@
 //! The usage ledger: one row per relayed request, written by one task in batches (group
 //! commit: multi-row INSERTs and one UPDATE per budget touched, per transaction). The row,
 //! the settlement of its budget holds and the idempotency record go into one transaction.
+//! PostgreSQL's batches go through the pool; SQLite's through the ledger's own connection on
+//! a blocking thread (`sqlite_ledger`).
 //!
 //! Durability before the answer is sent, two ways:
 //! - **commit** (PostgreSQL, and any request carrying an `Idempotency-Key`): the answer waits
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::budget::Hold;
+use super::sqlite_ledger::SqliteLedger;
 use crate::store::{Database, StoreError};
 
 /// One request, as the ledger keeps it.
@@ -377,8 +380,6 @@ pub struct Ledger {
 }
 
 const MAX_BATCH: usize = 512;
-/// Rows per SQLite INSERT statement (a power of two; 19 parameters each).
-const SQLITE_CHUNK: usize = 64;
 /// How long journaled settlements wait for company before they are committed.
 const LINGER: Duration = Duration::from_millis(20);
 
@@ -390,9 +391,10 @@ impl Ledger {
         book: BudgetBook,
         journal: Option<&Path>,
     ) -> Result<Self, StoreError> {
+        let sink = Sink::open(db, book)?;
         let journal = match journal {
             Some(path) => {
-                replay(&db, book, path).await?;
+                replay(&sink, path).await?;
                 Some(Arc::new(Journal::open(path).map_err(|e| {
                     StoreError::Invalid(format!("ledger journal {}: {e}", path.display()))
                 })?))
@@ -400,7 +402,7 @@ impl Ledger {
             None => None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(db, book, rx, journal.clone()));
+        tokio::spawn(run(sink, rx, journal.clone()));
         Ok(Ledger { tx, journal })
     }
 
@@ -437,12 +439,7 @@ impl Ledger {
 
 type Batch = Vec<(Box<Settlement>, Option<oneshot::Sender<bool>>)>;
 
-async fn run(
-    db: Database,
-    book: BudgetBook,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    journal: Option<Arc<Journal>>,
-) {
+async fn run(sink: Sink, mut rx: mpsc::UnboundedReceiver<Msg>, journal: Option<Arc<Journal>>) {
     let mut batch: Batch = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -472,8 +469,8 @@ async fn run(
             }
         }
         if !batch.is_empty() {
-            let settlements: Vec<&Settlement> = batch.iter().map(|(s, _)| &**s).collect();
-            let ok = write_with_retry(&db, book, &settlements).await;
+            let ok;
+            (batch, ok) = write_with_retry(&sink, std::mem::take(&mut batch)).await;
             crate::telemetry::metrics().ledger_batch(batch.len(), ok);
             let mut journaled = 0;
             for (_, done) in batch.drain(..) {
@@ -496,7 +493,7 @@ async fn run(
 }
 
 /// Applies what a previous process journaled, skipping rows already committed.
-async fn replay(db: &Database, book: BudgetBook, path: &Path) -> Result<(), StoreError> {
+async fn replay(sink: &Sink, path: &Path) -> Result<(), StoreError> {
     let entries = Journal::read(path);
     if entries.is_empty() {
         return Ok(());
@@ -505,13 +502,13 @@ async fn replay(db: &Database, book: BudgetBook, path: &Path) -> Result<(), Stor
     for s in &entries {
         let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM usage_ledger WHERE id = $1")
             .bind(&s.row.id)
-            .fetch_optional(&db.pool)
+            .fetch_optional(&sink.db().pool)
             .await?;
         if exists.is_none() {
             fresh.push(s);
         }
     }
-    write_batch(db, book, &fresh).await?;
+    sink.write(&fresh).await?;
     tracing::warn!(
         journaled = entries.len(),
         replayed = fresh.len(),
@@ -525,72 +522,109 @@ async fn replay(db: &Database, book: BudgetBook, path: &Path) -> Result<(), Stor
     Ok(())
 }
 
-async fn write_with_retry(db: &Database, book: BudgetBook, batch: &[&Settlement]) -> bool {
+async fn write_with_retry(sink: &Sink, mut batch: Batch) -> (Batch, bool) {
     let mut wait = Duration::from_millis(50);
     for attempt in 0..5 {
-        match write_batch(db, book, batch).await {
-            Ok(()) => return true,
+        let result;
+        (batch, result) = sink.write_owned(batch).await;
+        match result {
+            Ok(()) => return (batch, true),
             Err(e) => {
                 tracing::error!(error = %e, attempt, rows = batch.len(), "usage ledger write failed");
+                if batch.is_empty() {
+                    // The write panicked and took the batch with it: its journaled rows stay
+                    // in the journal for the next start; its waiters were told "not durable".
+                    return (batch, false);
+                }
                 tokio::time::sleep(wait).await;
                 wait *= 3;
             }
         }
     }
-    false
+    (batch, false)
 }
 
-const COLUMNS: &str = "id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
+/// Where batches are written.
+enum Sink {
+    /// SQLite: the ledger's own connection ([`SqliteLedger`]), written on a blocking thread.
+    /// (The pool stays for the journal's replay check.)
+    Sqlite(Arc<SqliteLedger>, Database),
+    /// PostgreSQL, through the pool.
+    Pool(Database, BudgetBook),
+}
+
+impl Sink {
+    fn open(db: Database, book: BudgetBook) -> Result<Self, StoreError> {
+        match (&db.kind, &db.sqlite_file) {
+            (crate::store::Kind::Sqlite, Some(file)) => {
+                Ok(Sink::Sqlite(Arc::new(SqliteLedger::open(file)?), db))
+            }
+            (crate::store::Kind::Sqlite, None) => Err(StoreError::Invalid(
+                "the usage ledger needs a SQLite database file".into(),
+            )),
+            (crate::store::Kind::Postgres, _) => Ok(Sink::Pool(db, book)),
+        }
+    }
+
+    fn db(&self) -> &Database {
+        match self {
+            Sink::Sqlite(_, db) | Sink::Pool(db, _) => db,
+        }
+    }
+
+    /// Writes a batch where it stands (replay at start, tests).
+    async fn write(&self, batch: &[&Settlement]) -> Result<(), StoreError> {
+        match self {
+            Sink::Sqlite(w, _) => w.write(batch),
+            Sink::Pool(db, book) => write_batch(db, *book, batch).await,
+        }
+    }
+
+    /// Writes the writer task's batch, off the scheduler's thread for SQLite, and gives it
+    /// back (empty if the write panicked).
+    async fn write_owned(&self, batch: Batch) -> (Batch, Result<(), StoreError>) {
+        match self {
+            Sink::Sqlite(w, _) => {
+                let w = w.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = w.write(&settlements(&batch));
+                    (batch, result)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    (
+                        Vec::new(),
+                        Err(StoreError::Invalid(format!("usage ledger writer: {e}"))),
+                    )
+                })
+            }
+            Sink::Pool(db, book) => {
+                let result = write_batch(db, *book, &settlements(&batch)).await;
+                (batch, result)
+            }
+        }
+    }
+}
+
+fn settlements(batch: &Batch) -> Vec<&Settlement> {
+    batch.iter().map(|(s, _)| &**s).collect()
+}
+
+/// What each budget touched by a batch spent: one UPDATE per budget, not per row.
+pub(super) fn budget_spent<'a>(batch: &[&'a Settlement]) -> HashMap<(&'a str, &'a str), i64> {
+    let mut spent: HashMap<(&str, &str), i64> = HashMap::new();
+    for s in batch {
+        for h in &s.holds {
+            *spent.entry((&h.scope, &h.period)).or_default() += s.row.cost_micro_usd as i64;
+        }
+    }
+    spent
+}
+
+pub(super) const COLUMNS: &str =
+    "id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
      n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
      input_tokens, output_tokens, status, latency_ms, idempotency_key";
-
-/// SQLite: multi-row `VALUES` statements with anonymous `?` parameters. (Named `$N` parameters make
-/// SQLite compare each with all the earlier ones while preparing, and pulling columns out of a
-/// bound JSON array re-parses the row's text once per column: together they took a fifth of
-/// the gateway's core at 10k requests/s.) A batch goes in chunks of `SQLITE_CHUNK` rows; the
-/// last is padded to the next power of two with copies of its last row, which `ON CONFLICT DO
-/// NOTHING` skips, so at most seven statements are ever prepared, each stays in the
-/// connection's statement cache, and padding never costs more than a chunk.
-fn sqlite_insert(rows: usize) -> (&'static str, usize) {
-    const SIZES: usize = SQLITE_CHUNK.trailing_zeros() as usize + 1;
-    static SQL: [std::sync::OnceLock<String>; SIZES] =
-        [const { std::sync::OnceLock::new() }; SIZES];
-    let padded = rows.clamp(1, SQLITE_CHUNK).next_power_of_two();
-    let sql = SQL[padded.trailing_zeros() as usize].get_or_init(|| {
-        let one = format!("({})", vec!["?"; COLUMNS.split(", ").count()].join(","));
-        format!(
-            "INSERT INTO usage_ledger ({COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING",
-            vec![one; padded].join(",")
-        )
-    });
-    (sql, padded)
-}
-
-/// Binds one row's columns in `COLUMNS` order.
-fn bind_row<'q>(
-    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    r: &'q UsageRow,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    q.bind(r.id.as_str())
-        .bind(r.request_id.as_str())
-        .bind(r.ts_ms)
-        .bind(r.tenant.as_str())
-        .bind(r.key_id.as_str())
-        .bind(r.model.as_str())
-        .bind(r.backend.as_deref())
-        .bind(r.size.as_str())
-        .bind(r.quality.as_deref())
-        .bind(i64::from(r.n_requested))
-        .bind(i64::from(r.n_delivered))
-        .bind(r.reserved_micro_usd as i64)
-        .bind(r.cost_micro_usd as i64)
-        .bind(r.upstream_cost_micro_usd as i64)
-        .bind(r.input_tokens)
-        .bind(r.output_tokens)
-        .bind(i64::from(r.status))
-        .bind(r.latency_ms as i64)
-        .bind(r.idempotency_key.as_deref())
-}
 
 fn postgres_insert() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -602,6 +636,7 @@ fn postgres_insert() -> &'static str {
     })
 }
 
+/// PostgreSQL's batch, in one transaction (SQLite's: [`SqliteLedger::write`]).
 async fn write_batch(
     db: &Database,
     book: BudgetBook,
@@ -611,36 +646,14 @@ async fn write_batch(
         return Ok(());
     }
     let mut tx = db.pool.begin().await?;
-    // A statement per 64 rows (SQLite) or one for the batch (PostgreSQL): no per-row round
-    // trips to the database.
+    // One statement for the batch: no per-row round trips to the database.
     let rows: Vec<&UsageRow> = batch.iter().map(|s| &s.row).collect();
-    match db.kind {
-        crate::store::Kind::Sqlite => {
-            for chunk in rows.chunks(SQLITE_CHUNK) {
-                let (sql, padded) = sqlite_insert(chunk.len());
-                let last = chunk[chunk.len() - 1];
-                let mut q = sqlx::query(sql);
-                for r in chunk
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat(last))
-                    .take(padded)
-                {
-                    q = bind_row(q, r);
-                }
-                q.execute(&mut *tx).await?;
-            }
-        }
-        crate::store::Kind::Postgres => {
-            // One parameter (a JSON array): one prepared statement whatever the batch size.
-            let json =
-                serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            sqlx::query(postgres_insert())
-                .bind(json)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
+    // One parameter (a JSON array): one prepared statement whatever the batch size.
+    let json = serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    sqlx::query(postgres_insert())
+        .bind(json)
+        .execute(&mut *tx)
+        .await?;
     // One statement per budget row touched by the batch.
     // Holds in the database (PostgreSQL without Redis) are given back by deleting their rows
     // (a hold whose lease already ran out was given back by the sweep, and is not again);
@@ -662,13 +675,7 @@ async fn write_batch(
             .await?;
         }
     }
-    let mut spent: HashMap<(&str, &str), i64> = HashMap::new();
-    for s in batch {
-        for h in &s.holds {
-            *spent.entry((&h.scope, &h.period)).or_default() += s.row.cost_micro_usd as i64;
-        }
-    }
-    for ((scope, period), cost) in spent {
+    for ((scope, period), cost) in budget_spent(batch) {
         sqlx::query(
             "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
              ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
@@ -1091,11 +1098,12 @@ mod tests {
     async fn sqlite_batches_of_any_size_write_every_row_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::sqlite(dir.path()).await.unwrap();
+        let sink = Sink::open(db.clone(), BudgetBook::Local).unwrap();
         let all: Vec<Settlement> = (0..600).map(settlement).collect();
         let mut start = 0;
         for n in [5, 1, 594] {
             let batch: Vec<&Settlement> = all[start..start + n].iter().collect();
-            write_batch(&db, BudgetBook::Local, &batch).await.unwrap();
+            sink.write(&batch).await.unwrap();
             start += n;
         }
         let (rows, distinct, sum): (i64, i64, i64) = sqlx::query_as(

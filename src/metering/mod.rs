@@ -7,6 +7,7 @@ pub mod budget;
 pub mod idempotency;
 pub mod ledger;
 pub mod redis_budget;
+mod sqlite_ledger;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 
 pub mod keys;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
@@ -19,6 +19,8 @@ pub enum Kind {
 pub struct Database {
     pub pool: AnyPool,
     pub kind: Kind,
+    /// The SQLite file (the usage ledger opens its own connection to it).
+    pub sqlite_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +43,11 @@ impl Database {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Invalid(format!("cannot create {}: {e}", data_dir.display()))
         })?;
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            data_dir.join("imagegate.db").display()
-        );
-        Self::connect(&url).await
+        let file = data_dir.join("imagegate.db");
+        let url = format!("sqlite://{}?mode=rwc", file.display());
+        let mut db = Self::connect(&url).await?;
+        db.sqlite_file = Some(file);
+        Ok(db)
     }
 
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -81,7 +83,11 @@ impl Database {
             })
             .connect(url)
             .await?;
-        let db = Database { pool, kind };
+        let db = Database {
+            pool,
+            kind,
+            sqlite_file: None,
+        };
         db.migrate().await?;
         Ok(db)
     }
