@@ -19,7 +19,10 @@ impl Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}", self.width, self.height)
+        // itoa: this runs for every request's ledger row.
+        f.write_str(itoa::Buffer::new().format(self.width))?;
+        f.write_str("x")?;
+        f.write_str(itoa::Buffer::new().format(self.height))
     }
 }
 

@@ -64,19 +64,35 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// `2026-11-25` or `2026-11` (every request with a budget names its period: no formatter).
+fn date_label(y: i64, m: u32, d: Option<u32>) -> String {
+    if !(0..=9999).contains(&y) {
+        return match d {
+            Some(d) => format!("{y:04}-{m:02}-{d:02}"),
+            None => format!("{y:04}-{m:02}"),
+        };
+    }
+    let digit = |n: u32| char::from(b'0' + (n % 10) as u8);
+    let y = y as u32;
+    let mut out = String::with_capacity(10);
+    out.extend([digit(y / 1000), digit(y / 100), digit(y / 10), digit(y)]);
+    out.extend(['-', digit(m / 10), digit(m)]);
+    if let Some(d) = d {
+        out.extend(['-', digit(d / 10), digit(d)]);
+    }
+    out
+}
+
 /// The period a moment falls in (`2026-11-25`, `2026-11`, `total`) and when it ends.
 pub fn period_of(period: BudgetPeriod, unix: u64) -> (String, Option<u64>) {
     let days = (unix / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
     match period {
-        BudgetPeriod::Daily => (
-            format!("{y:04}-{m:02}-{d:02}"),
-            Some((days as u64 + 1) * 86_400),
-        ),
+        BudgetPeriod::Daily => (date_label(y, m, Some(d)), Some((days as u64 + 1) * 86_400)),
         BudgetPeriod::Monthly => {
             let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
             (
-                format!("{y:04}-{m:02}"),
+                date_label(y, m, None),
                 Some(days_from_civil(ny, nm, 1) as u64 * 86_400),
             )
         }

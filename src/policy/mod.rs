@@ -113,7 +113,8 @@ impl RateHeaders {
             if let Some(s) = s {
                 headers.insert(limit, HeaderValue::from(s.limit));
                 headers.insert(remaining, HeaderValue::from(s.remaining));
-                if let Ok(v) = HeaderValue::try_from(go_duration(s.reset)) {
+                let mut buf = DurationText::default();
+                if let Ok(v) = HeaderValue::from_bytes(buf.go(s.reset)) {
                     headers.insert(reset, v);
                 }
             }
@@ -121,16 +122,40 @@ impl RateHeaders {
     }
 }
 
-/// `6m0s`, `1s`, `250ms`, as OpenAI writes its reset times.
-pub fn go_duration(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        return format!("{}ms", d.as_millis());
+/// A reset time as OpenAI writes it (`6m0s`, `1s`, `250ms`), on the stack: the rate headers
+/// of every answer.
+#[derive(Default)]
+struct DurationText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl DurationText {
+    fn push(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(self.buf.len());
+        self.buf[self.len..end].copy_from_slice(&bytes[..end - self.len]);
+        self.len = end;
     }
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    if secs < 60 {
-        format!("{secs}s")
-    } else {
-        format!("{}m{}s", secs / 60, secs % 60)
+
+    fn number(&mut self, n: impl itoa::Integer) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn go(&mut self, d: Duration) -> &[u8] {
+        self.len = 0;
+        if d < Duration::from_secs(1) {
+            self.number(d.as_millis());
+            self.push(b"ms");
+        } else {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if secs >= 60 {
+                self.number(secs / 60);
+                self.push(b"m");
+            }
+            self.number(secs % 60);
+            self.push(b"s");
+        }
+        &self.buf[..self.len]
     }
 }
 
@@ -156,8 +181,10 @@ impl TenantLimits {
 pub struct Policy {
     tenants: DashMap<Arc<str>, Arc<TenantLimits>>,
     keys: DashMap<Arc<str>, Arc<TenantLimits>>,
-    /// Requests in flight per `t:<tenant>` / `k:<key>`.
-    in_flight: DashMap<String, Arc<AtomicU32>>,
+    /// Requests in flight per tenant and per key (looked up by the principal's own `Arc<str>`:
+    /// no key string is built per request).
+    tenants_in_flight: DashMap<Arc<str>, Arc<AtomicU32>>,
+    keys_in_flight: DashMap<Arc<str>, Arc<AtomicU32>>,
     clock: DefaultClock,
     redis: Option<Arc<RedisLimiter>>,
 }
@@ -165,13 +192,14 @@ pub struct Policy {
 /// Concurrency slots a request holds until it ends (dropped: given back).
 #[derive(Default)]
 pub struct Permits {
-    local: Vec<Arc<AtomicU32>>,
+    /// The tenant's and the key's slots (when they limit concurrency).
+    local: [Option<Arc<AtomicU32>>; 2],
     redis: Option<(Arc<RedisLimiter>, Vec<String>, String)>,
 }
 
 impl Drop for Permits {
     fn drop(&mut self) {
-        for c in &self.local {
+        for c in self.local.iter().flatten() {
             c.fetch_sub(1, Ordering::AcqRel);
         }
         if let Some((r, keys, member)) = self.redis.take() {
@@ -212,7 +240,7 @@ impl Policy {
             match Box::pin(r.check(principal, n, member, lease, headers)).await {
                 redis::Outcome::Admitted(keys) => {
                     return Ok(Permits {
-                        local: Vec::new(),
+                        local: [None, None],
                         redis: Some((r.clone(), keys, member.to_string())),
                     })
                 }
@@ -234,33 +262,37 @@ impl Policy {
     fn occupy(&self, principal: &Principal) -> Result<Permits, ApiError> {
         let mut permits = Permits::default();
         let scopes = [
-            ("t", "", &principal.tenant, Some(&principal.limits)),
             (
-                "k",
+                &self.tenants_in_flight,
+                "",
+                &principal.tenant,
+                Some(&principal.limits),
+            ),
+            (
+                &self.keys_in_flight,
                 "key ",
                 &principal.key_id,
                 principal.key_limits.as_ref(),
             ),
         ];
-        for (scope, label, id, limits) in scopes {
+        for (slot, (map, label, id, limits)) in permits.local.iter_mut().zip(scopes) {
             let Some(max) = limits
                 .and_then(|l| l.concurrent_requests)
                 .filter(|m| *m > 0)
             else {
                 continue;
             };
-            let counter = self
-                .in_flight
-                .entry(format!("{scope}:{id}"))
-                .or_default()
-                .clone();
+            let counter = match map.get(&**id) {
+                Some(c) => c.clone(),
+                None => map.entry(id.clone()).or_default().clone(),
+            };
             if counter.fetch_add(1, Ordering::AcqRel) >= max {
                 counter.fetch_sub(1, Ordering::AcqRel);
                 let what = format!("{label}concurrent requests");
                 crate::telemetry::metrics().rate_limited(&principal.tenant, &what);
                 return Err(concurrency_refused(&what, max));
             }
-            permits.local.push(counter);
+            *slot = Some(counter);
         }
         Ok(permits)
     }
@@ -396,6 +428,7 @@ mod tests {
 
     #[test]
     fn reset_times_are_written_like_openai() {
+        let go_duration = |d| String::from_utf8(DurationText::default().go(d).to_vec()).unwrap();
         assert_eq!(go_duration(Duration::from_millis(250)), "250ms");
         assert_eq!(go_duration(Duration::from_millis(1500)), "2s");
         assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");

@@ -80,6 +80,8 @@ pub async fn handle(
         Err(err) => respond::error(&err),
     };
     let headers = resp.headers_mut();
+    // request id, backend, attempts and six rate-limit headers: one growth, not several.
+    headers.reserve(9);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID, v);
     }

@@ -6,6 +6,7 @@
 mod metrics;
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
@@ -21,6 +22,11 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::{LogConfig, LogFormat};
 
 pub use metrics::{metrics, Metrics};
+
+/// Spans are exported (some `init` had `log.otlp_endpoint`). Without an exporter no span
+/// carries an OpenTelemetry context, so the per-request trace work below is skipped. Never
+/// reset: tests start several gateways in one process and the first subscriber stays.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
 pub struct Telemetry {
@@ -64,6 +70,9 @@ pub fn init(config: &LogConfig) -> Telemetry {
         .otlp_endpoint
         .is_some()
         .then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer("imagegate")));
+    if otel.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()
@@ -97,6 +106,9 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Makes `span` a child of the client's W3C trace context, if it sent one.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return;
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(parent);
@@ -105,6 +117,9 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 /// The trace id of `span` (32 hex digits), when tracing is on.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
@@ -121,6 +136,9 @@ impl Injector for Collect {
 
 /// `traceparent` (and `tracestate`) headers for an upstream call made inside `span`.
 pub fn trace_headers(span: &tracing::Span) -> Vec<(String, String)> {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
     let mut out = Collect::default();
     let cx = span.context();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut out));
