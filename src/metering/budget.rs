@@ -103,51 +103,67 @@ pub fn period_of(period: BudgetPeriod, unix: u64) -> (String, Option<u64>) {
 /// Budgets kept in this process only (`state.store: none`).
 #[derive(Default)]
 pub struct MemoryBudgets {
-    /// (scope, period) -> (spent, held)
-    rows: DashMap<(String, String), (u64, u64)>,
+    /// `scope` `\n` `period` (see [`with_key`]) -> (spent, held)
+    rows: DashMap<String, (u64, u64)>,
+}
+
+/// Calls `f` with the map key of a budget, built on the stack when it is short: a request looks
+/// its budgets up three times, and a `(String, String)` key made two allocations each time.
+/// A period never holds a newline, so the key splits one way only.
+fn with_key<R>(scope: &str, period: &str, f: impl FnOnce(&str) -> R) -> R {
+    const ROOM: usize = 128;
+    let len = scope.len() + 1 + period.len();
+    if len > ROOM {
+        return f(&format!("{scope}\n{period}"));
+    }
+    let mut buf = [0u8; ROOM];
+    buf[..scope.len()].copy_from_slice(scope.as_bytes());
+    buf[scope.len()] = b'\n';
+    buf[scope.len() + 1..len].copy_from_slice(period.as_bytes());
+    // Two strs joined by an ASCII byte: valid UTF-8.
+    f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
 }
 
 impl MemoryBudgets {
     pub fn reserve(&self, scope: &str, period: &str, amount: u64, limit: u64) -> Result<(), u64> {
-        let mut row = self
-            .rows
-            .entry((scope.to_string(), period.to_string()))
-            .or_default();
-        let (spent, held) = *row;
-        if spent + held + amount > limit {
-            return Err(limit.saturating_sub(spent + held));
-        }
-        row.1 += amount;
-        Ok(())
+        with_key(scope, period, |key| {
+            let mut row = match self.rows.get_mut(key) {
+                Some(row) => row,
+                None => self.rows.entry(key.to_string()).or_default(),
+            };
+            let (spent, held) = *row;
+            if spent + held + amount > limit {
+                return Err(limit.saturating_sub(spent + held));
+            }
+            row.1 += amount;
+            Ok(())
+        })
     }
 
     pub fn has(&self, scope: &str, period: &str) -> bool {
-        self.rows
-            .contains_key(&(scope.to_string(), period.to_string()))
+        with_key(scope, period, |key| self.rows.contains_key(key))
     }
 
     /// Starts a row at what the database says is spent (first use in this process).
     pub fn seed(&self, scope: &str, period: &str, spent: u64) {
-        self.rows
-            .entry((scope.to_string(), period.to_string()))
-            .or_insert((spent, 0));
+        with_key(scope, period, |key| {
+            self.rows.entry(key.to_string()).or_insert((spent, 0));
+        })
     }
 
     pub fn settle(&self, hold: &Hold, actual: u64) {
-        if let Some(mut row) = self
-            .rows
-            .get_mut(&(hold.scope.clone(), hold.period.clone()))
-        {
-            row.1 = row.1.saturating_sub(hold.amount);
-            row.0 += actual;
-        }
+        with_key(&hold.scope, &hold.period, |key| {
+            if let Some(mut row) = self.rows.get_mut(key) {
+                row.1 = row.1.saturating_sub(hold.amount);
+                row.0 += actual;
+            }
+        })
     }
 
     pub fn spent(&self, scope: &str, period: &str) -> (u64, u64) {
-        self.rows
-            .get(&(scope.to_string(), period.to_string()))
-            .map(|r| *r)
-            .unwrap_or_default()
+        with_key(scope, period, |key| {
+            self.rows.get(key).map(|r| *r).unwrap_or_default()
+        })
     }
 }
 
@@ -241,6 +257,33 @@ pub async fn sql_release(db: &Database, hold: &Hold, member: &str) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Short keys (built on the stack) and long ones (on the heap) find the same rows, and two
+    /// scopes with one period, or one scope with two periods, never share a row.
+    #[test]
+    fn memory_budgets_keep_each_scope_and_period_apart() {
+        let b = MemoryBudgets::default();
+        let long = format!("tenant:{}", "x".repeat(200));
+        for scope in ["tenant:a", "tenant:ab", long.as_str()] {
+            assert!(!b.has(scope, "2026-12"));
+            b.reserve(scope, "2026-12", 30, 100).unwrap();
+            assert_eq!(b.reserve(scope, "2026-12", 80, 100), Err(70), "{scope}");
+            assert!(b.has(scope, "2026-12"));
+        }
+        b.seed("tenant:a", "2026-12-01", 40);
+        b.seed("tenant:a", "2026-12-01", 99);
+        assert_eq!(b.spent("tenant:a", "2026-12-01"), (40, 0), "seeded once");
+        let hold = Hold {
+            scope: long.clone(),
+            period: "2026-12".into(),
+            amount: 30,
+            in_redis: false,
+        };
+        b.settle(&hold, 20);
+        assert_eq!(b.spent(&long, "2026-12"), (20, 0));
+        assert_eq!(b.spent("tenant:a", "2026-12"), (0, 30));
+        assert_eq!(b.spent("tenant:ab", "2026-12"), (0, 30));
+    }
 
     #[test]
     fn periods_are_utc_days_and_months() {

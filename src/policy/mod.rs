@@ -111,8 +111,8 @@ impl RateHeaders {
         ];
         for ([limit, remaining, reset], s) in NAMES.into_iter().zip([self.requests, self.images]) {
             if let Some(s) = s {
-                headers.insert(limit, HeaderValue::from(s.limit));
-                headers.insert(remaining, HeaderValue::from(s.remaining));
+                headers.insert(limit, number_header(s.limit));
+                headers.insert(remaining, number_header(s.remaining));
                 let mut buf = DurationText::default();
                 if let Ok(v) = HeaderValue::from_bytes(buf.go(s.reset)) {
                     headers.insert(reset, v);
@@ -120,6 +120,13 @@ impl RateHeaders {
             }
         }
     }
+}
+
+/// A number as a header value, in one allocation (`HeaderValue::from(u32)` takes two: a
+/// `BytesMut` and then the `Bytes` it is frozen into).
+pub fn number_header(n: impl itoa::Integer) -> http::HeaderValue {
+    let mut buf = itoa::Buffer::new();
+    http::HeaderValue::from_str(buf.format(n)).unwrap_or(http::HeaderValue::from_static("0"))
 }
 
 /// A reset time as OpenAI writes it (`6m0s`, `1s`, `250ms`), on the stack: the rate headers

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -41,6 +41,9 @@ struct AccessLog {
     /// Micro-dollars charged (price table x images delivered).
     cost: Option<u64>,
 }
+
+const BACKEND: HeaderName = HeaderName::from_static("x-imagegate-backend");
+const ATTEMPTS: HeaderName = HeaderName::from_static("x-imagegate-attempts");
 
 /// Counts a request in flight for as long as it lives.
 struct InFlight;
@@ -91,10 +94,10 @@ pub async fn handle(
         .as_deref()
         .and_then(|b| HeaderValue::from_str(b).ok())
     {
-        headers.insert("x-imagegate-backend", backend);
+        headers.insert(BACKEND, backend);
     }
     if log.attempts > 0 {
-        headers.insert("x-imagegate-attempts", HeaderValue::from(log.attempts));
+        headers.insert(ATTEMPTS, crate::policy::number_header(log.attempts));
     }
     log.rate.insert_into(headers);
 

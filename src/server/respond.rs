@@ -87,7 +87,9 @@ impl http_body::Body for Body {
     }
 }
 
-pub const REQUEST_ID: &str = "x-request-id";
+/// A `HeaderName` constant: inserting it allocates nothing (a `&str` name is copied into a
+/// new `HeaderName` on every insert).
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
