@@ -532,8 +532,9 @@ async fn write_with_retry(sink: &Sink, mut batch: Batch) -> (Batch, bool) {
             Err(e) => {
                 tracing::error!(error = %e, attempt, rows = batch.len(), "usage ledger write failed");
                 if batch.is_empty() {
-                    // The write panicked and took the batch with it: its journaled rows stay
-                    // in the journal for the next start; its waiters were told "not durable".
+                    // The blocking write panicked (or was cancelled at shutdown) and took the
+                    // batch with it: its journaled rows stay in the journal for the next
+                    // start; its waiters were told "not durable".
                     return (batch, false);
                 }
                 tokio::time::sleep(wait).await;
@@ -581,7 +582,7 @@ impl Sink {
     }
 
     /// Writes the writer task's batch, off the scheduler's thread for SQLite, and gives it
-    /// back (empty if the write panicked).
+    /// back (empty if the blocking write panicked or was cancelled).
     async fn write_owned(&self, batch: Batch) -> (Batch, Result<(), StoreError>) {
         match self {
             Sink::Sqlite(w, _) => {

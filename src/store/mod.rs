@@ -43,11 +43,11 @@ impl Database {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Invalid(format!("cannot create {}: {e}", data_dir.display()))
         })?;
-        let file = data_dir.join("imagegate.db");
-        let url = format!("sqlite://{}?mode=rwc", file.display());
-        let mut db = Self::connect(&url).await?;
-        db.sqlite_file = Some(file);
-        Ok(db)
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("imagegate.db").display()
+        );
+        Self::connect(&url).await
     }
 
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -86,7 +86,7 @@ impl Database {
         let db = Database {
             pool,
             kind,
-            sqlite_file: None,
+            sqlite_file: (kind == Kind::Sqlite).then(|| sqlite_file(url)).flatten(),
         };
         db.migrate().await?;
         Ok(db)
@@ -104,5 +104,33 @@ impl Database {
             .fetch_one(&self.pool)
             .await?;
         Ok(n)
+    }
+}
+
+/// The file of a `sqlite://PATH?options` (or `sqlite:PATH`) URL; none for an in-memory one.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or("");
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        use super::sqlite_file;
+        use std::path::PathBuf;
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/ig/imagegate.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/ig/imagegate.db"))
+        );
+        assert_eq!(
+            sqlite_file("sqlite:data/imagegate.db"),
+            Some(PathBuf::from("data/imagegate.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://u@h/db"), None);
     }
 }
