@@ -2,17 +2,17 @@
 //! the answer. `n` above the node's `max_batch` is split into several calls; a request past its
 //! deadline (or abandoned by its client) interrupts the node's job.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::local::{self, CancelOnDrop};
-use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
+use super::{
+    Backend, BackendError, GeneratedImage, Generation, ImagePayload, RawBase64, UpstreamCall,
+};
 use crate::config::{A1111Config, LocalGeneration, Secret};
 
 pub struct A1111Backend {
@@ -29,7 +29,7 @@ pub struct A1111Backend {
 #[derive(Deserialize)]
 struct Answer<'a> {
     #[serde(borrow, default)]
-    images: Vec<Cow<'a, str>>,
+    images: Vec<RawBase64<'a>>,
     /// A JSON document inside a string (or "" on compatible servers).
     #[serde(default)]
     info: Option<String>,
@@ -175,13 +175,10 @@ impl Backend for A1111Backend {
                 .index_of_first_image;
             let got: Vec<_> = answer
                 .images
-                .iter()
+                .into_iter()
                 .skip(first)
                 .take(batch as usize)
-                .map(|b64| match b64 {
-                    Cow::Borrowed(s) => body.slice_ref(s.as_bytes()),
-                    Cow::Owned(s) => Bytes::from(s.clone()),
-                })
+                .map(|b64| b64.into_bytes(&body))
                 .collect();
             if got.len() < batch as usize {
                 cancel.disarm();

@@ -134,6 +134,24 @@ pub struct GeneratedImage {
     pub revised_prompt: Option<String>,
 }
 
+/// Base64 text in an upstream's JSON answer, borrowed from the answer's buffer: no copy of the
+/// megabytes and no UTF-8 pass over them (`images::` checks the base64 alphabet, which is
+/// ASCII, before the text is used). A newtype because serde's `borrow` reaches a `Cow` only as
+/// a field's own type: an `Option<Cow<str>>` or `Vec<Cow<str>>` is always copied.
+#[derive(serde::Deserialize)]
+pub(crate) struct RawBase64<'a>(#[serde(borrow)] std::borrow::Cow<'a, [u8]>);
+
+impl RawBase64<'_> {
+    /// The text as `Bytes`: a slice of `body` (the buffer it was parsed from) when borrowed,
+    /// a copy only when the upstream escaped something in it.
+    pub(crate) fn into_bytes(self, body: &Bytes) -> Bytes {
+        match self.0 {
+            std::borrow::Cow::Borrowed(b) => body.slice_ref(b),
+            std::borrow::Cow::Owned(v) => Bytes::from(v),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum ImagePayload {
     /// Decoded image bytes (a binary answer, or rendered locally).

@@ -14,7 +14,7 @@ use super::client::{read_capped, transport_error, Endpoint, HttpClient, MAX_ANSW
 use super::translate;
 use super::{
     AnswerMeta, Backend, BackendError, EventStream, GeneratedImage, Generation, ImagePayload,
-    UpstreamCall,
+    RawBase64, UpstreamCall,
 };
 use crate::api::ImageRequest;
 use crate::config::{AzureConfig, Dialect, OpenAiConfig, Secret};
@@ -319,9 +319,8 @@ struct Answer<'a> {
 struct AnswerImage<'a> {
     #[serde(default)]
     url: Option<String>,
-    /// Borrowed from the answer's buffer when it has no escapes (base64 never needs any).
     #[serde(default, borrow)]
-    b64_json: Option<Cow<'a, str>>,
+    b64_json: Option<RawBase64<'a>>,
     #[serde(default)]
     revised_prompt: Option<String>,
 }
@@ -441,10 +440,7 @@ fn parse_answer(body: &Bytes) -> Result<Generation, BackendError> {
         .into_iter()
         .map(|img| {
             let payload = match (img.b64_json, img.url) {
-                (Some(Cow::Borrowed(b64)), _) => {
-                    ImagePayload::Base64(body.slice_ref(b64.as_bytes()))
-                }
-                (Some(Cow::Owned(b64)), _) => ImagePayload::Base64(Bytes::from(b64)),
+                (Some(b64), _) => ImagePayload::Base64(b64.into_bytes(body)),
                 (None, Some(url)) => ImagePayload::Url(url),
                 (None, None) => {
                     return Err(BackendError::BadResponse(
@@ -551,6 +547,36 @@ impl Backend for OpenAiBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Base64 answers are sliced out of the answer's buffer, not copied; an escaped one (some
+    /// encoders write `\/`) is decoded into a copy.
+    #[test]
+    fn base64_answers_are_borrowed_from_the_body() {
+        let body = Bytes::from_static(
+            br#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo=","revised_prompt":"r"},{"b64_json":"ab\/cd=="}]}"#,
+        );
+        let generation = parse_answer(&body).unwrap();
+        let payloads: Vec<&Bytes> = generation
+            .images
+            .iter()
+            .map(|i| match &i.payload {
+                ImagePayload::Base64(b) => b,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(payloads[0].as_ref(), b"iVBORw0KGgo=");
+        let range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+        assert!(
+            range.contains(&(payloads[0].as_ptr() as usize)),
+            "a slice of the body"
+        );
+        assert_eq!(payloads[1].as_ref(), b"ab/cd==");
+        assert!(
+            !range.contains(&(payloads[1].as_ptr() as usize)),
+            "decoded: a copy"
+        );
+        assert_eq!(generation.images[0].revised_prompt.as_deref(), Some("r"));
+    }
 
     #[test]
     fn dalle_body_carries_exactly_the_requests_fields() {
