@@ -50,8 +50,19 @@ async fn counters_follow_a_scripted_mix_of_requests() {
     let pool =
         json!({"model": "pool", "prompt": "x", "size": "256x256", "response_format": "b64_json"});
     assert_eq!(gw.generate(pool).await.status(), 200);
+    // A model no route has: a 404, labelled `-` (clients cannot mint label values).
+    let unknown = json!({"model": "no-such-model-7", "prompt": "x"});
+    assert_eq!(gw.generate(unknown).await.status(), 404);
 
     let text = gw.metrics().await;
+    assert!(!text.contains("no-such-model-7"), "{text}");
+    assert_eq!(
+        line_value(
+            &text,
+            r#"imagegate_requests_total{model="-",status="4xx",tenant="demo"}"#
+        ),
+        Some(1.0)
+    );
     let v = |prefix: &str| {
         line_value(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
     };

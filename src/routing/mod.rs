@@ -36,6 +36,8 @@ pub struct Target {
 }
 
 pub struct ModelRoute {
+    /// The model's name (its metrics label).
+    pub name: Arc<str>,
     pub rules: ModelRules,
     pub prices: crate::metering::PriceTable,
     /// What an image costs us upstream (for the ledger's margin).
@@ -480,6 +482,7 @@ impl Router {
             models.insert(
                 name.clone(),
                 ModelRoute {
+                    name: Arc::from(name.as_str()),
                     rules,
                     prices,
                     upstream_prices,

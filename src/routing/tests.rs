@@ -31,6 +31,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
         .collect();
     targets.sort_by_key(|t| t.priority);
     ModelRoute {
+        name: Arc::from("dall-e-2"),
         rules: ModelRules::dalle2(),
         prices: crate::metering::PriceTable::default(),
         upstream_prices: crate::metering::PriceTable::default(),

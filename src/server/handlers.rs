@@ -32,6 +32,9 @@ struct AccessLog {
     key_id: Option<Arc<str>>,
     tenant: Option<Arc<str>>,
     model: Option<String>,
+    /// The route that took the request (its model name is the metrics label; a name no route
+    /// has is never one).
+    route: Option<Arc<str>>,
     backend: Option<Arc<str>>,
     attempts: u32,
     /// Token usage the upstream reported (GPT image), for the log line until metering.
@@ -106,11 +109,7 @@ pub async fn handle(
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if path.starts_with("/v1/") {
         let m = crate::telemetry::metrics();
-        m.request(
-            log.model.as_deref().unwrap_or("-"),
-            status,
-            log.tenant.as_deref().unwrap_or("-"),
-        );
+        m.request(log.route.as_ref(), status, log.tenant.as_ref());
         if log.attempts > 0 {
             m.overhead(elapsed.saturating_sub(log.upstream_time));
         }
@@ -258,6 +257,7 @@ async fn generations(
         .router
         .model(&model_name)
         .ok_or_else(|| ApiError::model_not_found(&model_name))?;
+    log.route = Some(route.name.clone());
     let request = raw.validate(&route.rules)?;
     // How long a request may hold a concurrency slot or an idempotency key before another
     // replica may assume it died.
@@ -355,8 +355,8 @@ async fn generations(
     if let Some(u) = &usage {
         log.usage = Some(u.to_string());
     }
-    crate::telemetry::metrics().images(&request.model, delivered as usize);
-    crate::telemetry::metrics().spend(&principal.tenant, &request.model, cost);
+    crate::telemetry::metrics().images(&route.name, delivered as usize);
+    crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
     if !charge.finish(200, stored).await {
         tracing::error!(
             request_id,

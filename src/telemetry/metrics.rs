@@ -2,7 +2,7 @@
 //! backend, tenant (can be switched off), status class, outcome — never a key or a prompt.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,39 +12,42 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+// Label values the request path already holds are `Arc<str>` (the route's model name, the
+// principal's tenant, the target's backend name): a label set costs reference counts, not a
+// `String` per label per request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    model: String,
+    model: Arc<str>,
     status: &'static str,
-    tenant: String,
+    tenant: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabel {
-    backend: String,
+    backend: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
-    backend: String,
-    outcome: String,
+    backend: Arc<str>,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
-    model: String,
+    model: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
-    tenant: String,
+    tenant: Arc<str>,
     limit: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantModel {
-    tenant: String,
-    model: String,
+    tenant: Arc<str>,
+    model: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -202,17 +205,19 @@ impl Metrics {
         self.tenant_label.store(on, Ordering::Relaxed);
     }
 
-    fn tenant(&self, tenant: &str) -> String {
-        if self.tenant_label.load(Ordering::Relaxed) {
-            tenant.to_string()
-        } else {
-            "-".to_string()
+    /// The tenant label: the tenant, or `-` when tenant labels are off or there is none.
+    fn tenant(&self, tenant: Option<&Arc<str>>) -> Arc<str> {
+        match tenant {
+            Some(t) if self.tenant_label.load(Ordering::Relaxed) => t.clone(),
+            _ => dash(),
         }
     }
 
-    pub fn request(&self, model: &str, status: u16, tenant: &str) {
+    /// A request's end. `model` is the route that served it: `None` (labelled `-`) when the
+    /// request named no model this gateway routes, so clients cannot mint label values.
+    pub fn request(&self, model: Option<&Arc<str>>, status: u16, tenant: Option<&Arc<str>>) {
         let labels = RequestLabels {
-            model: model.to_string(),
+            model: model.cloned().unwrap_or_else(dash),
             status: match status / 100 {
                 1 => "1xx",
                 2 => "2xx",
@@ -229,16 +234,16 @@ impl Metrics {
         self.overhead.observe(d.as_secs_f64());
     }
 
-    pub fn attempt(&self, backend: &str, outcome: &str, latency: Duration) {
+    pub fn attempt(&self, backend: &Arc<str>, outcome: &'static str, latency: Duration) {
         let b = BackendLabel {
-            backend: backend.to_string(),
+            backend: backend.clone(),
         };
         self.upstream_latency
             .get_or_create(&b)
             .observe(latency.as_secs_f64());
         let labels = AttemptLabels {
-            backend: backend.to_string(),
-            outcome: outcome.to_string(),
+            backend: backend.clone(),
+            outcome,
         };
         self.attempts.get_or_create(&labels).inc();
     }
@@ -246,7 +251,7 @@ impl Metrics {
     pub fn failover(&self, model: &str) {
         self.failovers
             .get_or_create(&ModelLabel {
-                model: model.to_string(),
+                model: model.into(),
             })
             .inc();
     }
@@ -254,7 +259,7 @@ impl Metrics {
     pub fn ejection(&self, backend: &str) {
         self.ejections
             .get_or_create(&BackendLabel {
-                backend: backend.to_string(),
+                backend: backend.into(),
             })
             .inc();
     }
@@ -262,7 +267,7 @@ impl Metrics {
     pub fn queue_depth(&self, backend: &str, depth: u32) {
         self.queue_depth
             .get_or_create(&BackendLabel {
-                backend: backend.to_string(),
+                backend: backend.into(),
             })
             .set(i64::from(depth));
     }
@@ -270,7 +275,7 @@ impl Metrics {
     pub fn queue_wait(&self, backend: &str, d: Duration) {
         self.queue_wait
             .get_or_create(&BackendLabel {
-                backend: backend.to_string(),
+                backend: backend.into(),
             })
             .observe(d.as_secs_f64());
     }
@@ -279,26 +284,26 @@ impl Metrics {
         &self.in_flight
     }
 
-    pub fn rate_limited(&self, tenant: &str, limit: &str) {
+    pub fn rate_limited(&self, tenant: &Arc<str>, limit: &str) {
         let labels = LimitLabels {
-            tenant: self.tenant(tenant),
+            tenant: self.tenant(Some(tenant)),
             limit: limit.to_string(),
         };
         self.rate_limited.get_or_create(&labels).inc();
     }
 
-    pub fn over_budget(&self, tenant: &str, scope: &str) {
+    pub fn over_budget(&self, tenant: &Arc<str>, scope: &str) {
         let labels = LimitLabels {
-            tenant: self.tenant(tenant),
+            tenant: self.tenant(Some(tenant)),
             limit: scope.to_string(),
         };
         self.over_budget.get_or_create(&labels).inc();
     }
 
-    pub fn images(&self, model: &str, n: usize) {
+    pub fn images(&self, model: &Arc<str>, n: usize) {
         self.images
             .get_or_create(&ModelLabel {
-                model: model.to_string(),
+                model: model.clone(),
             })
             .inc_by(n as u64);
     }
@@ -316,10 +321,10 @@ impl Metrics {
         self.redis_failures.inc();
     }
 
-    pub fn spend(&self, tenant: &str, model: &str, micro_dollars: u64) {
+    pub fn spend(&self, tenant: &Arc<str>, model: &Arc<str>, micro_dollars: u64) {
         let labels = TenantModel {
-            tenant: self.tenant(tenant),
-            model: model.to_string(),
+            tenant: self.tenant(Some(tenant)),
+            model: model.clone(),
         };
         self.spend.get_or_create(&labels).inc_by(micro_dollars);
     }
@@ -342,6 +347,12 @@ impl Metrics {
 }
 
 /// The process's metrics.
+/// `-`, the label of an absent value (made once).
+fn dash() -> Arc<str> {
+    static DASH: OnceLock<Arc<str>> = OnceLock::new();
+    DASH.get_or_init(|| Arc::from("-")).clone()
+}
+
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
