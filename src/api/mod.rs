@@ -8,6 +8,10 @@ mod response;
 mod rules;
 
 pub use error::{ApiError, ErrorKind};
+
+/// `x-request-id`, on answers and on upstream calls. A `HeaderName` constant: inserting it
+/// allocates nothing (a `&str` name is copied into a new `HeaderName` on every insert).
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 pub use request::GptParams;
 pub use request::{parse_request, ImageRequest, RawRequest};
 pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};

@@ -54,9 +54,8 @@ impl UpstreamCall<'_> {
 
     /// Adds this call's request id and trace context to an upstream request.
     pub fn add_headers(&self, headers: &mut http::HeaderMap) {
-        const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
         if let Ok(v) = http::HeaderValue::from_str(self.request_id) {
-            headers.insert(REQUEST_ID, v);
+            headers.insert(crate::api::REQUEST_ID, v);
         }
         for (k, v) in self.trace_headers {
             if let (Ok(k), Ok(v)) = (

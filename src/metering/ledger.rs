@@ -611,6 +611,31 @@ fn settlements(batch: &Batch) -> Vec<&Settlement> {
     batch.iter().map(|(s, _)| &**s).collect()
 }
 
+// The statements both databases' batches run. Parameters are `$N` in order of first appearance:
+// sqlx binds `$N` by number, rusqlite by position (SQLite numbers `$N` names as they appear).
+pub(super) const ADD_SPENT: &str = "INSERT INTO budget_usage (scope, period, spent, held) \
+     VALUES ($1, $2, $3, 0) ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3";
+const IDEM_COMPLETE: &str =
+    "UPDATE idempotency SET state = 'done', response = $1 WHERE tenant = $2 AND idem_key = $3";
+const IDEM_RELEASE: &str = "DELETE FROM idempotency WHERE tenant = $1 AND idem_key = $2";
+
+/// How each idempotency record of a batch ends: a statement and its parameters.
+pub(super) fn idem_endings<'a>(
+    batch: &'a [&'a Settlement],
+) -> impl Iterator<Item = (&'static str, Vec<&'a str>)> + 'a {
+    batch.iter().filter_map(|s| match &s.idem {
+        Some(IdemOutcome::Complete {
+            tenant,
+            key,
+            response,
+        }) => Some((IDEM_COMPLETE, vec![response.as_str(), tenant, key])),
+        Some(IdemOutcome::Release { tenant, key }) => {
+            Some((IDEM_RELEASE, vec![tenant.as_str(), key]))
+        }
+        None => None,
+    })
+}
+
 /// What each budget touched by a batch spent: one UPDATE per budget, not per row.
 pub(super) fn budget_spent<'a>(batch: &[&'a Settlement]) -> HashMap<(&'a str, &'a str), i64> {
     let mut spent: HashMap<(&str, &str), i64> = HashMap::new();
@@ -677,42 +702,19 @@ async fn write_batch(
         }
     }
     for ((scope, period), cost) in budget_spent(batch) {
-        sqlx::query(
-            "INSERT INTO budget_usage (scope, period, spent, held) VALUES ($1, $2, $3, 0) \
-             ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + $3",
-        )
-        .bind(scope)
-        .bind(period)
-        .bind(cost)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(ADD_SPENT)
+            .bind(scope)
+            .bind(period)
+            .bind(cost)
+            .execute(&mut *tx)
+            .await?;
     }
-    for s in batch {
-        match &s.idem {
-            Some(IdemOutcome::Complete {
-                tenant,
-                key,
-                response,
-            }) => {
-                sqlx::query(
-                    "UPDATE idempotency SET state = 'done', response = $3 \
-                     WHERE tenant = $1 AND idem_key = $2",
-                )
-                .bind(tenant)
-                .bind(key)
-                .bind(response)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(IdemOutcome::Release { tenant, key }) => {
-                sqlx::query("DELETE FROM idempotency WHERE tenant = $1 AND idem_key = $2")
-                    .bind(tenant)
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            None => {}
+    for (sql, params) in idem_endings(batch) {
+        let mut q = sqlx::query(sql);
+        for p in params {
+            q = q.bind(p);
         }
+        q.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())

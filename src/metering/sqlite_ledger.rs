@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ToSql, TransactionBehavior};
 
-use super::ledger::{budget_spent, IdemOutcome, Settlement, UsageRow, COLUMNS};
+use super::ledger::{budget_spent, idem_endings, Settlement, UsageRow, ADD_SPENT, COLUMNS};
 use crate::store::StoreError;
 
 /// Rows per INSERT statement, at most: SQLite's per-statement work (opening a cursor on the
@@ -37,14 +37,6 @@ fn insert_sql(rows: usize) -> &'static str {
         )
     })
 }
-
-const ADD_SPENT: &str = "INSERT INTO budget_usage (scope, period, spent, held) \
-     VALUES (?1, ?2, ?3, 0) ON CONFLICT (scope, period) DO UPDATE SET spent = budget_usage.spent + ?3";
-
-// rusqlite binds by position and numbers `$N` names in order of appearance, so `?N` here.
-const IDEM_COMPLETE: &str =
-    "UPDATE idempotency SET state = 'done', response = ?3 WHERE tenant = ?1 AND idem_key = ?2";
-const IDEM_RELEASE: &str = "DELETE FROM idempotency WHERE tenant = ?1 AND idem_key = ?2";
 
 pub struct SqliteLedger {
     conn: Mutex<Connection>,
@@ -129,21 +121,10 @@ impl SqliteLedger {
                 add.execute(params![scope, period, cost])
                     .map_err(db_error)?;
             }
-            for s in batch {
-                match &s.idem {
-                    Some(IdemOutcome::Complete {
-                        tenant,
-                        key,
-                        response,
-                    }) => tx
-                        .prepare_cached(IDEM_COMPLETE)
-                        .and_then(|mut q| q.execute(params![tenant, key, response])),
-                    Some(IdemOutcome::Release { tenant, key }) => tx
-                        .prepare_cached(IDEM_RELEASE)
-                        .and_then(|mut q| q.execute(params![tenant, key])),
-                    None => continue,
-                }
-                .map_err(db_error)?;
+            for (sql, values) in idem_endings(batch) {
+                tx.prepare_cached(sql)
+                    .and_then(|mut q| q.execute(rusqlite::params_from_iter(values)))
+                    .map_err(db_error)?;
             }
         }
         tx.commit().map_err(db_error)

@@ -87,9 +87,7 @@ impl http_body::Body for Body {
     }
 }
 
-/// A `HeaderName` constant: inserting it allocates nothing (a `&str` name is copied into a
-/// new `HeaderName` on every insert).
-pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub use crate::api::REQUEST_ID;
 
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
