@@ -1,8 +1,8 @@
 //! The HTTP client every remote backend shares.
 //!
 //! Two engines behind one call ([`HttpClient::post_json`]): plain `http://` upstreams (local
-//! GPU nodes, OpenAI-compatible servers on the LAN, the benchmark's fake) go through
-//! hyper-util's pooled client directly; `https://` upstreams (OpenAI, Azure) and any upstream
+//! GPU nodes, OpenAI-compatible servers on the LAN, the benchmark's fake) go through hyper's
+//! HTTP/1.1 connections directly, kept alive in our own pool ([`super::pool`]); `https://` upstreams (OpenAI, Azure) and any upstream
 //! while a proxy is configured in the environment go through reqwest, which brings TLS, the
 //! platform's roots and proxy support. reqwest wraps the same hyper-util client, but per
 //! request it clones its client and connector, converts its `Url` back into a `Uri` and runs a
@@ -17,10 +17,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::pool::{Failure, Origin, Pool};
 use super::BackendError;
 
 /// Largest upstream answer we read (ten large base64 PNGs fit comfortably).
@@ -28,9 +26,7 @@ pub(crate) const MAX_ANSWER_BYTES: usize = 96 * 1024 * 1024;
 
 const USER_AGENT: &str = concat!("imagegate/", env!("CARGO_PKG_VERSION"));
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const POOL_IDLE: Duration = Duration::from_secs(60);
-
-type Plain = Client<HttpConnector, Full<Bytes>>;
+const POOL_IDLE: Duration = super::pool::IDLE;
 
 /// Shared by all remote backends; cheap to clone (both engines are handles to one pool).
 #[derive(Clone)]
@@ -38,7 +34,7 @@ pub struct HttpClient {
     reqwest: reqwest::Client,
     /// `None` while the environment names a proxy (`HTTP_PROXY`, `ALL_PROXY`): only reqwest
     /// honours those.
-    plain: Option<Plain>,
+    plain: Option<Pool>,
 }
 
 /// An upstream URL, parsed once when the config is loaded.
@@ -46,15 +42,50 @@ pub struct HttpClient {
 pub struct Endpoint {
     url: reqwest::Url,
     /// The same URL for hyper, when it is plain `http://`.
-    plain: Option<http::Uri>,
+    plain: Option<PlainTarget>,
+}
+
+/// A plain `http://` URL as the direct engine sends to it.
+#[derive(Debug, Clone)]
+struct PlainTarget {
+    origin: Origin,
+    /// Path and query (origin-form), as the request line carries them.
+    path: http::Uri,
+    /// The `Host` header: the URL's host, and its port when it names one.
+    host: HeaderValue,
+}
+
+impl PlainTarget {
+    fn of(url: &reqwest::Url) -> Option<Self> {
+        if url.scheme() != "http" {
+            return None;
+        }
+        let connect_to = match url.host()? {
+            url::Host::Domain(d) => d.to_string(),
+            url::Host::Ipv4(a) => a.to_string(),
+            url::Host::Ipv6(a) => a.to_string(),
+        };
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str()?),
+            None => url.host_str()?.to_string(),
+        };
+        Some(PlainTarget {
+            origin: Origin {
+                host: connect_to.into(),
+                port: url.port_or_known_default()?,
+            },
+            path: url[url::Position::BeforePath..url::Position::AfterQuery]
+                .parse()
+                .ok()?,
+            host: HeaderValue::from_str(&host).ok()?,
+        })
+    }
 }
 
 impl Endpoint {
     pub fn parse(url: &str) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-        let plain = (parsed.scheme() == "http")
-            .then(|| parsed.as_str().parse::<http::Uri>().ok())
-            .flatten();
+        let plain = PlainTarget::of(&parsed);
         Ok(Endpoint { url: parsed, plain })
     }
 
@@ -88,15 +119,7 @@ impl HttpClient {
             .tcp_nodelay(true)
             .user_agent(USER_AGENT)
             .build()?;
-        let plain = plain.then(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .pool_timer(TokioTimer::new())
-                .build(connector)
-        });
+        let plain = plain.then(|| Pool::new(CONNECT_TIMEOUT));
         Ok(HttpClient { reqwest, plain })
     }
 
@@ -116,8 +139,8 @@ impl HttpClient {
         cap: usize,
     ) -> Result<Reply, BackendError> {
         match (&self.plain, &endpoint.plain) {
-            (Some(client), Some(uri)) => {
-                tokio::time::timeout(timeout, post_plain(client, uri, headers, body, cap))
+            (Some(pool), Some(target)) => {
+                tokio::time::timeout(timeout, post_plain(pool, target, headers, body, cap))
                     .await
                     .map_err(|_| BackendError::Timeout)?
             }
@@ -146,17 +169,18 @@ impl HttpClient {
 }
 
 async fn post_plain(
-    client: &Plain,
-    uri: &http::Uri,
+    pool: &Pool,
+    target: &PlainTarget,
     headers: HeaderMap,
     body: Bytes,
     cap: usize,
 ) -> Result<Reply, BackendError> {
-    let mut req = Request::post(uri.clone())
+    let mut req = Request::post(target.path.clone())
         .body(Full::new(body))
         .map_err(|e| BackendError::Connect(e.to_string()))?;
     *req.headers_mut() = headers;
     let h = req.headers_mut();
+    h.insert(http::header::HOST, target.host.clone());
     h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -167,12 +191,9 @@ async fn post_plain(
             HeaderValue::from_static(USER_AGENT),
         );
     }
-    let resp = client.request(req).await.map_err(|e| {
-        if e.is_connect() {
-            BackendError::Connect(error_chain(&e))
-        } else {
-            broken(&e)
-        }
+    let (resp, conn) = pool.send(&target.origin, req).await.map_err(|e| match e {
+        Failure::Connect(why) => BackendError::Connect(why),
+        Failure::Broken(e) => broken(&e),
     })?;
     let (parts, mut incoming) = resp.into_parts();
     let expected = http_body::Body::size_hint(&incoming)
@@ -202,6 +223,8 @@ async fn post_plain(
             }
         }
     }
+    // Read whole: the connection can take the next request.
+    pool.put(&target.origin, conn);
     Ok(Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
@@ -481,5 +504,28 @@ mod tests {
                 .is_none()
         );
         assert!(Endpoint::parse("not a url").is_err());
+        // What the direct engine connects to, puts in the request line and in `Host`.
+        for (url, host, port, path, host_header) in [
+            (
+                "http://10.0.0.7:7860/v1/images/generations",
+                "10.0.0.7",
+                7860,
+                "/v1/images/generations",
+                "10.0.0.7:7860",
+            ),
+            (
+                "http://gpu-node/v1?a=b",
+                "gpu-node",
+                80,
+                "/v1?a=b",
+                "gpu-node",
+            ),
+            ("http://[::1]:9/x", "::1", 9, "/x", "[::1]:9"),
+        ] {
+            let t = Endpoint::parse(url).unwrap().plain.unwrap();
+            assert_eq!((&*t.origin.host, t.origin.port), (host, port), "{url}");
+            assert_eq!(t.path.to_string(), path, "{url}");
+            assert_eq!(t.host, host_header, "{url}");
+        }
     }
 }

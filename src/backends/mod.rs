@@ -6,6 +6,7 @@ pub mod client;
 pub mod comfyui;
 mod local;
 mod openai;
+mod pool;
 mod sandbox;
 pub mod translate;
 
