@@ -26,6 +26,17 @@ impl fmt::Display for Size {
     }
 }
 
+impl Size {
+    /// `WIDTHxHEIGHT`, as `to_string` gives it without the formatter (every ledger row).
+    pub fn text(&self) -> String {
+        let mut s = String::with_capacity(11);
+        s.push_str(itoa::Buffer::new().format(self.width));
+        s.push('x');
+        s.push_str(itoa::Buffer::new().format(self.height));
+        s
+    }
+}
+
 impl FromStr for Size {
     type Err = String;
 
@@ -338,7 +349,12 @@ mod tests {
             "3840x2160",
             "816x816",
         ] {
-            assert!(f.check(ok.parse().unwrap()).is_ok(), "{ok}");
+            let size: Size = ok.parse().unwrap();
+            assert!(f.check(size).is_ok(), "{ok}");
+            assert_eq!(
+                (size.text(), size.to_string()),
+                (ok.to_string(), ok.to_string())
+            );
         }
         for bad in [
             "1000x1000",

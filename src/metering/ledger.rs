@@ -96,7 +96,8 @@ enum Msg {
 /// before its request is answered). One system call per tick instead of one per request
 /// (measured: the per-request `write` was 3.5% of the gateway's core at 10k requests/s).
 pub struct Journal {
-    file: Mutex<std::fs::File>,
+    /// The file, and a buffer a lone line is encoded into (kept, so its memory is reused).
+    file: Mutex<(std::fs::File, Vec<u8>)>,
     path: PathBuf,
     /// Settlements appended and not yet committed.
     pending: AtomicUsize,
@@ -135,24 +136,26 @@ impl Journal {
             .append(true)
             .open(path)?;
         Ok(Journal {
-            file: Mutex::new(file),
+            file: Mutex::new((file, Vec::with_capacity(1024))),
             path: path.to_path_buf(),
             pending: AtomicUsize::new(0),
             group: Mutex::new(Group::default()),
         })
     }
 
-    fn line(s: &Settlement) -> std::io::Result<Vec<u8>> {
-        // Sized for a typical line (~600 bytes), so it is not regrown four times.
-        let mut line = Vec::with_capacity(1024);
-        encode_line(s, &mut line)?;
-        line.push(b'\n');
-        Ok(line)
-    }
-
-    /// Appends now, alone (a settlement queued from synchronous code).
+    /// Appends now, alone: a settlement queued from synchronous code, or one with no other
+    /// request in flight to group with.
     fn append(&self, s: &Settlement) -> std::io::Result<()> {
-        self.write_lines(&Self::line(s)?, 1)
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, line) = &mut *f;
+        line.clear();
+        encode_line(s, line)?;
+        line.push(b'\n');
+        file.write_all(line)?;
+        // Counted under the file's lock: `committed` must not empty the file between this
+        // write and the count.
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Journals `s` with whatever else is journaled in this scheduler tick and hands it to
@@ -168,15 +171,8 @@ impl Journal {
         tx: &mpsc::UnboundedSender<Msg>,
         company: bool,
     ) -> bool {
-        let line = match Self::line(&s) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode a ledger journal line; committing instead");
-                return commit_through(tx, s).await;
-            }
-        };
         if !company {
-            return match self.write_lines(&line, 1) {
+            return match self.append(&s) {
                 Ok(()) => {
                     let _ = tx.send(Msg::Settle(s, None));
                     true
@@ -190,9 +186,26 @@ impl Journal {
         let (done, wait) = oneshot::channel();
         let lead = {
             let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
-            g.lines.extend_from_slice(&line);
-            g.members.push((s, done));
-            !std::mem::replace(&mut g.led, true)
+            // Encoded straight into the group's buffer.
+            let at = g.lines.len();
+            match encode_line(&s, &mut g.lines) {
+                Ok(()) => {
+                    g.lines.push(b'\n');
+                    g.members.push((s, done));
+                    Ok(!std::mem::replace(&mut g.led, true))
+                }
+                Err(e) => {
+                    g.lines.truncate(at);
+                    Err((e, s))
+                }
+            }
+        };
+        let lead = match lead {
+            Ok(lead) => lead,
+            Err((e, s)) => {
+                tracing::error!(error = %e, "cannot encode a ledger journal line; committing instead");
+                return commit_through(tx, s).await;
+            }
         };
         if lead {
             let leader = Leader { journal: self, tx };
@@ -203,12 +216,21 @@ impl Journal {
     }
 
     fn write_group(&self, tx: &mpsc::UnboundedSender<Msg>) {
-        let (lines, members) = {
+        let (mut lines, members) = {
             let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
             g.led = false;
             (std::mem::take(&mut g.lines), std::mem::take(&mut g.members))
         };
-        match self.write_lines(&lines, members.len()) {
+        let written = self.write_lines(&lines, members.len());
+        // The buffer goes back for the next group, unless one has started meanwhile.
+        lines.clear();
+        {
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            if g.lines.capacity() == 0 {
+                g.lines = lines;
+            }
+        }
+        match written {
             Ok(()) => {
                 for (s, done) in members {
                     let _ = tx.send(Msg::Settle(s, None));
@@ -227,7 +249,7 @@ impl Journal {
 
     fn write_lines(&self, lines: &[u8], n: usize) -> std::io::Result<()> {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        f.write_all(lines)?;
+        f.0.write_all(lines)?;
         // Counted under the file's lock: `committed` must not empty the file between this
         // write and the count.
         self.pending.fetch_add(n, Ordering::AcqRel);
@@ -242,7 +264,7 @@ impl Journal {
         if self.pending.fetch_sub(n, Ordering::AcqRel) == n {
             let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
             if self.pending.load(Ordering::Acquire) == 0 {
-                if let Err(e) = f.set_len(0) {
+                if let Err(e) = f.0.set_len(0) {
                     tracing::warn!(error = %e, path = %self.path.display(), "cannot empty the ledger journal");
                 }
             }

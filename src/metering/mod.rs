@@ -684,9 +684,14 @@ impl Drop for Charge {
 /// A ledger row id: milliseconds since the epoch then 64 random bits, both in hex (sorts by
 /// time, so the primary key grows at its end).
 pub fn new_id() -> String {
+    new_id_at(now_ms())
+}
+
+/// [`new_id`] for a row stamped `ms` (one clock read for the row's time and its id).
+pub fn new_id_at(ms: i64) -> String {
     // 12 hex digits of milliseconds (the low 48 bits: until the year 10889), then 16 random.
     let mut raw = [0u8; 14];
-    raw[..6].copy_from_slice(&(now_ms() as u64).to_be_bytes()[2..]);
+    raw[..6].copy_from_slice(&(ms as u64).to_be_bytes()[2..]);
     raw[6..].copy_from_slice(&rand::random::<[u8; 8]>());
     let mut hex = [0u8; 28];
     // Cannot fail: the buffer is exactly twice the input.

@@ -37,8 +37,9 @@ struct AccessLog {
     route: Option<Arc<str>>,
     backend: Option<Arc<str>>,
     attempts: u32,
-    /// Token usage the upstream reported (GPT image), for the log line until metering.
-    usage: Option<String>,
+    /// Token usage the upstream reported (GPT image), for the log line until metering;
+    /// written out only when the line is.
+    usage: Option<serde_json::Value>,
     upstream_time: std::time::Duration,
     rate: crate::policy::RateHeaders,
     /// Micro-dollars charged (price table x images delivered).
@@ -78,7 +79,7 @@ pub async fn handle(
     crate::telemetry::continue_trace(&span, req.headers());
     let trace_id = crate::telemetry::trace_id(&span);
 
-    let mut resp = match route(&state, req, &request_id, &mut log)
+    let mut resp = match route(&state, req, &path, &request_id, &mut log)
         .instrument(span)
         .await
     {
@@ -127,7 +128,7 @@ pub async fn handle(
         model = %dash(log.model.as_deref()),
         backend = %dash(log.backend.as_deref()),
         attempts = log.attempts,
-        usage = %dash(log.usage.as_deref()),
+        usage = %log.usage.as_ref().map_or_else(|| "-".to_string(), |u| u.to_string()),
         trace_id = %dash(trace_id.as_deref()),
         cost_micro_usd = log.cost.unwrap_or(0),
         "request"
@@ -135,14 +136,15 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// `path` is the request's own, read once by [`handle`].
 async fn route(
     state: &Arc<AppState>,
     req: Request<Incoming>,
+    path: &str,
     request_id: &str,
     log: &mut AccessLog,
 ) -> Result<Response<Body>, ApiError> {
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
+    match (req.method(), path) {
         (&Method::POST, "/v1/images/generations") => generations(state, req, request_id, log).await,
         (&Method::GET, "/v1/models") => models(state, &req, log).await,
         (&Method::GET, p) if p.starts_with("/v1/models/") => {
@@ -295,14 +297,15 @@ async fn generations(
             }
         }
     }
+    let ts_ms = unix_ms();
     let row = UsageRow {
-        id: crate::metering::new_id(),
+        id: crate::metering::new_id_at(ts_ms),
         request_id: request_id.to_string(),
-        ts_ms: unix_ms(),
+        ts_ms,
         tenant: principal.tenant.to_string(),
         key_id: principal.key_id.to_string(),
         model: request.model.clone(),
-        size: request.size.to_string(),
+        size: request.size.text(),
         quality: request.quality.map(|q| q.as_str().to_string()),
         n_requested: request.n,
         idempotency_key: idem.as_ref().map(|(_, k): &(String, String)| k.clone()),
@@ -352,9 +355,7 @@ async fn generations(
         (row.input_tokens, row.output_tokens) = tokens;
     }
     log.cost = Some(cost);
-    if let Some(u) = &usage {
-        log.usage = Some(u.to_string());
-    }
+    log.usage = usage;
     crate::telemetry::metrics().images(&route.name, delivered as usize);
     crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
     if !charge.finish(200, stored).await {
