@@ -4,8 +4,9 @@
 //! the table separates what the HTTP stack costs from what imagegate's own work costs.
 //!
 //! Usage: bare_proxy --port P --upstream-port U [--reqwest 1] (single-threaded runtime, like
-//! the gateway on one CPU). The client is hyper-util's pooled client, as the gateway's
-//! plain-HTTP upstreams use; `--reqwest 1` relays through reqwest instead.
+//! the gateway on one CPU). The client is hyper-util's pooled client (the gateway's
+//! plain-HTTP upstreams used it until its own pool, `src/backends/pool.rs`, replaced it: kept
+//! here as the stock floor); `--reqwest 1` relays through reqwest instead.
 
 #[path = "common.rs"]
 mod common;
