@@ -2,9 +2,10 @@
 //!
 //! Two engines behind one call ([`HttpClient::post_json`]): plain `http://` upstreams (local
 //! GPU nodes, OpenAI-compatible servers on the LAN, the benchmark's fake) go through hyper's
-//! HTTP/1.1 connections directly, kept alive in our own pool ([`super::pool`]); `https://` upstreams (OpenAI, Azure) and any upstream
-//! while a proxy is configured in the environment go through reqwest, which brings TLS, the
-//! platform's roots and proxy support. reqwest wraps the same hyper-util client, but per
+//! HTTP/1.1 connections directly, kept alive in our own pool ([`super::pool`]); `https://`
+//! upstreams (OpenAI, Azure), URLs carrying credentials, and any upstream while a proxy is
+//! configured in the environment go through reqwest, which brings TLS, the platform's roots,
+//! Basic auth from the URL and proxy support. reqwest wraps the same hyper-util client, but per
 //! request it clones its client and connector, converts its `Url` back into a `Uri` and runs a
 //! retry layer: on one core that was ~13 µs of a ~40 µs relay (bench/README.md), a third of
 //! what the gateway's hot path may spend. Both engines: no redirects (an API call that
@@ -57,7 +58,8 @@ struct PlainTarget {
 
 impl PlainTarget {
     fn of(url: &reqwest::Url) -> Option<Self> {
-        if url.scheme() != "http" {
+        // `user:password@` is Basic auth, which reqwest sends.
+        if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
             return None;
         }
         let connect_to = match url.host()? {
@@ -180,7 +182,9 @@ async fn post_plain(
         .map_err(|e| BackendError::Connect(e.to_string()))?;
     *req.headers_mut() = headers;
     let h = req.headers_mut();
-    h.insert(http::header::HOST, target.host.clone());
+    // A `Host` the backend's configured headers name wins (an ingress routing by name).
+    h.entry(http::header::HOST)
+        .or_insert_with(|| target.host.clone());
     h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -426,6 +430,34 @@ mod tests {
         }
     }
 
+    /// `Host` is the URL's authority, unless the backend's headers name one.
+    #[tokio::test]
+    async fn both_engines_send_host_and_keep_a_configured_one() {
+        for (name, client) in engines() {
+            let (url, mut seen) = server(OK, Duration::ZERO).await;
+            let authority = url.trim_start_matches("http://").split('/').next().unwrap();
+            let ep = Endpoint::parse(&url).unwrap();
+            post(&client, &ep, Duration::from_secs(5), 1024)
+                .await
+                .unwrap();
+            let req = seen.recv().await.unwrap().to_lowercase();
+            assert!(
+                req.contains(&format!("\r\nhost: {authority}\r\n")),
+                "{name}: {req}"
+            );
+
+            let mut h = headers();
+            h.insert("host", HeaderValue::from_static("gpu.internal"));
+            client
+                .post_json(&ep, h, Bytes::new(), Duration::from_secs(5), 1024)
+                .await
+                .unwrap();
+            let req = seen.recv().await.unwrap().to_lowercase();
+            assert!(req.contains("\r\nhost: gpu.internal\r\n"), "{name}: {req}");
+            assert_eq!(req.matches("\r\nhost:").count(), 1, "{name}: {req}");
+        }
+    }
+
     /// A chunked answer, and a server that closes the connection after each one (as many
     /// Python and Go servers do): every request gets a fresh connection and the whole body.
     #[tokio::test]
@@ -503,6 +535,10 @@ mod tests {
                 .plain
                 .is_none()
         );
+        assert!(Endpoint::parse("http://u:p@10.0.0.7/v1")
+            .unwrap()
+            .plain
+            .is_none());
         assert!(Endpoint::parse("not a url").is_err());
         // What the direct engine connects to, puts in the request line and in `Host`.
         for (url, host, port, path, host_header) in [
