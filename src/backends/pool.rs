@@ -1,6 +1,6 @@
 //! Keep-alive HTTP/1.1 connections to plain `http://` upstreams, kept per origin.
 //!
-//! hyper-util's pooled client did this before, at ~7k instructions a request of its own on
+//! hyper-util's pooled client did this before, at ~9.5k instructions a request of its own on
 //! top of hyper's exchange (callgrind, bench/README.md): per request it hashed the origin
 //! twice with SipHash, built a lazy connect future to race against the pool checkout, stamped
 //! connection metadata and cloned the URI twice. Here an upstream connection is hyper's own
