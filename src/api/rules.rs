@@ -19,10 +19,7 @@ impl Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // itoa: this runs for every request's ledger row.
-        f.write_str(itoa::Buffer::new().format(self.width))?;
-        f.write_str("x")?;
-        f.write_str(itoa::Buffer::new().format(self.height))
+        self.write_to(f)
     }
 }
 
@@ -30,10 +27,16 @@ impl Size {
     /// `WIDTHxHEIGHT`, as `to_string` gives it without the formatter (every ledger row).
     pub fn text(&self) -> String {
         let mut s = String::with_capacity(11);
-        s.push_str(itoa::Buffer::new().format(self.width));
-        s.push('x');
-        s.push_str(itoa::Buffer::new().format(self.height));
+        // Writing to a String cannot fail.
+        let _ = self.write_to(&mut s);
         s
+    }
+
+    /// `WIDTHxHEIGHT`, the numbers through itoa.
+    fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
+        out.write_str(itoa::Buffer::new().format(self.width))?;
+        out.write_char('x')?;
+        out.write_str(itoa::Buffer::new().format(self.height))
     }
 }
 

@@ -151,11 +151,7 @@ impl Journal {
         line.clear();
         encode_line(s, line)?;
         line.push(b'\n');
-        file.write_all(line)?;
-        // Counted under the file's lock: `committed` must not empty the file between this
-        // write and the count.
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+        self.write_counted(file, line, 1)
     }
 
     /// Journals `s` with whatever else is journaled in this scheduler tick and hands it to
@@ -249,7 +245,17 @@ impl Journal {
 
     fn write_lines(&self, lines: &[u8], n: usize) -> std::io::Result<()> {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        f.0.write_all(lines)?;
+        self.write_counted(&mut f.0, lines, n)
+    }
+
+    /// Writes `n` lines to `file`, whose lock the caller holds, and counts them pending.
+    fn write_counted(
+        &self,
+        file: &mut std::fs::File,
+        lines: &[u8],
+        n: usize,
+    ) -> std::io::Result<()> {
+        file.write_all(lines)?;
         // Counted under the file's lock: `committed` must not empty the file between this
         // write and the count.
         self.pending.fetch_add(n, Ordering::AcqRel);

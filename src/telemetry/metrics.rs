@@ -346,13 +346,13 @@ impl Metrics {
     }
 }
 
-/// The process's metrics.
 /// `-`, the label of an absent value (made once).
 fn dash() -> Arc<str> {
     static DASH: OnceLock<Arc<str>> = OnceLock::new();
     DASH.get_or_init(|| Arc::from("-")).clone()
 }
 
+/// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
