@@ -3,6 +3,7 @@
 //! The life of a request is in `server::handlers::generations`; the modules follow its steps
 //! (see DESIGN in the repository's README for the map).
 
+pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod backends;

@@ -350,7 +350,7 @@ fn probe(url: &str) -> Result<(), String> {
 /// answers of megabytes reuse its pages instead of a fresh mmap (a page fault per 4 KiB) each.
 /// Built without transparent huge pages: with them idle RSS grew from 18 to 24 MiB.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: imagegate::allocator::MiMalloc = imagegate::allocator::MiMalloc;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|errors| {
