@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -8,7 +7,7 @@ use crate::config::Config;
 
 /// Keys and tenants from gateway.yaml, indexed by secret hash.
 pub struct StaticKeyStore {
-    keys: HashMap<KeyHash, Entry>,
+    keys: crate::FastMap<KeyHash, Entry>,
 }
 
 struct Entry {
@@ -19,7 +18,7 @@ struct Entry {
 impl StaticKeyStore {
     /// Builds the index. The config is already validated, so every key has a hash and a tenant.
     pub fn from_config(config: &Config) -> Self {
-        let mut keys = HashMap::new();
+        let mut keys = crate::FastMap::default();
         for key in &config.keys {
             let Ok(hash) = crate::config::key_hash(key) else {
                 continue;

@@ -4,8 +4,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
-
 use crate::config::{BudgetConfig, BudgetPeriod};
 use crate::store::{Database, StoreError};
 
@@ -104,7 +102,7 @@ pub fn period_of(period: BudgetPeriod, unix: u64) -> (String, Option<u64>) {
 #[derive(Default)]
 pub struct MemoryBudgets {
     /// `scope` `\n` `period` (see [`with_key`]) -> (spent, held)
-    rows: DashMap<String, (u64, u64)>,
+    rows: crate::FastDashMap<String, (u64, u64)>,
 }
 
 /// Calls `f` with the map key of a budget, built on the stack when it is short: a request looks

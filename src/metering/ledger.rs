@@ -12,7 +12,6 @@
 //!   follows; at start the journal is replayed (rows already in the table are skipped, so
 //!   nothing is charged twice) and emptied whenever everything in it is committed.
 
-use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -665,11 +664,15 @@ pub(super) fn idem_endings<'a>(
 }
 
 /// What each budget touched by a batch spent: one UPDATE per budget, not per row.
-pub(super) fn budget_spent<'a>(batch: &[&'a Settlement]) -> HashMap<(&'a str, &'a str), i64> {
-    let mut spent: HashMap<(&str, &str), i64> = HashMap::new();
+pub(super) fn budget_spent<'a>(
+    batch: &[&'a Settlement],
+) -> crate::FastMap<(&'a str, &'a str), i64> {
+    let mut spent = crate::FastMap::default();
     for s in batch {
         for h in &s.holds {
-            *spent.entry((&h.scope, &h.period)).or_default() += s.row.cost_micro_usd as i64;
+            *spent
+                .entry((h.scope.as_str(), h.period.as_str()))
+                .or_default() += s.row.cost_micro_usd as i64;
         }
     }
     spent

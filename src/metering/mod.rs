@@ -9,7 +9,6 @@ pub mod ledger;
 pub mod redis_budget;
 mod sqlite_ledger;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +25,7 @@ use crate::config::{PriceConfig, RulesConfig};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PriceTable {
     /// (size, quality) -> price; a `None` quality matches any.
-    entries: HashMap<(Size, Option<Quality>), u64>,
+    entries: crate::FastMap<(Size, Option<Quality>), u64>,
     default: u64,
     /// Micro-dollars per million input / output tokens (upstream tables).
     tokens: Option<(u64, u64)>,
@@ -69,7 +68,7 @@ impl PriceTable {
                 Self::preset(name).ok_or_else(|| format!("unknown price preset \"{name}\""))
             }
             Some(PriceConfig::Table(t)) => {
-                let mut entries = HashMap::new();
+                let mut entries = crate::FastMap::default();
                 for e in &t.per_image {
                     let size: Size = e.size.parse()?;
                     let quality = match &e.quality {

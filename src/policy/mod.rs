@@ -13,7 +13,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::state::{InMemoryState, NotKeyed};
@@ -186,12 +185,12 @@ impl TenantLimits {
 /// (gateway.yaml, the key store or a JWT), and remade when those limits change.
 #[derive(Default)]
 pub struct Policy {
-    tenants: DashMap<Arc<str>, Arc<TenantLimits>>,
-    keys: DashMap<Arc<str>, Arc<TenantLimits>>,
+    tenants: crate::FastDashMap<Arc<str>, Arc<TenantLimits>>,
+    keys: crate::FastDashMap<Arc<str>, Arc<TenantLimits>>,
     /// Requests in flight per tenant and per key (looked up by the principal's own `Arc<str>`:
     /// no key string is built per request).
-    tenants_in_flight: DashMap<Arc<str>, Arc<AtomicU32>>,
-    keys_in_flight: DashMap<Arc<str>, Arc<AtomicU32>>,
+    tenants_in_flight: crate::FastDashMap<Arc<str>, Arc<AtomicU32>>,
+    keys_in_flight: crate::FastDashMap<Arc<str>, Arc<AtomicU32>>,
     clock: DefaultClock,
     redis: Option<Arc<RedisLimiter>>,
 }
@@ -374,7 +373,7 @@ impl Policy {
 
 /// The limiters of one tenant or key, made on first use and remade when its limits change.
 fn limiters(
-    map: &DashMap<Arc<str>, Arc<TenantLimits>>,
+    map: &crate::FastDashMap<Arc<str>, Arc<TenantLimits>>,
     id: &Arc<str>,
     limits: &LimitsConfig,
 ) -> Arc<TenantLimits> {

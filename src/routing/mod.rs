@@ -381,7 +381,7 @@ pub struct BackendState {
 }
 
 pub struct Router {
-    models: HashMap<String, ModelRoute>,
+    models: crate::FastMap<String, ModelRoute>,
     /// Per backend, shared by every model routed to it. Sorted for stable output.
     health: BTreeMap<String, Arc<BackendHealth>>,
     capacity: HashMap<String, Arc<CapacityGate>>,
@@ -430,7 +430,7 @@ impl Router {
             .iter()
             .map(|(name, c)| (name.as_str(), Arc::new(c.image_url_policy())))
             .collect();
-        let mut models = HashMap::new();
+        let mut models = crate::FastMap::default();
         for (name, m) in &config.models {
             let rules = m
                 .rules
