@@ -24,6 +24,8 @@ use serde::Serialize;
 
 pub struct Target {
     pub backend_name: Arc<str>,
+    /// The backend's metric series every successful attempt touches.
+    pub series: crate::telemetry::BackendSeries,
     pub backend: Arc<dyn Backend>,
     pub health: Arc<BackendHealth>,
     pub capacity: Arc<CapacityGate>,
@@ -38,6 +40,8 @@ pub struct Target {
 pub struct ModelRoute {
     /// The model's name (its metrics label).
     pub name: Arc<str>,
+    /// Images delivered for this model (`imagegate_images_generated_total`).
+    pub images: prometheus_client::metrics::counter::Counter,
     pub rules: ModelRules,
     pub prices: crate::metering::PriceTable,
     /// What an image costs us upstream (for the ledger's margin).
@@ -290,6 +294,7 @@ impl ModelRoute {
             let took = started.elapsed();
             upstream_time += took;
             crate::telemetry::metrics().attempt(
+                &target.series,
                 &target.backend_name,
                 outcome_label(&result.as_ref().map(|_| ())),
                 took,
@@ -450,6 +455,7 @@ impl Router {
                         return Err(format!("models.{name}: unknown backend \"{}\"", t.backend));
                     };
                     Ok(Target {
+                        series: crate::telemetry::metrics().backend_series(&h.name),
                         backend_name: h.name.clone(),
                         backend: backend.clone(),
                         health: h.clone(),
@@ -482,6 +488,7 @@ impl Router {
             models.insert(
                 name.clone(),
                 ModelRoute {
+                    images: crate::telemetry::metrics().images_of(&Arc::from(name.as_str())),
                     name: Arc::from(name.as_str()),
                     rules,
                     prices,

@@ -6,6 +6,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
     let mut targets: Vec<Target> = targets
         .iter()
         .map(|&(name, weight, priority)| Target {
+            series: crate::telemetry::metrics().backend_series(&Arc::from(name)),
             backend_name: Arc::from(name),
             backend: Arc::new(SandboxBackend::new(&SandboxConfig::default())),
             health: BackendHealth::new(
@@ -31,6 +32,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
         .collect();
     targets.sort_by_key(|t| t.priority);
     ModelRoute {
+        images: crate::telemetry::metrics().images_of(&Arc::from("dall-e-2")),
         name: Arc::from("dall-e-2"),
         rules: ModelRules::dalle2(),
         prices: crate::metering::PriceTable::default(),

@@ -356,7 +356,7 @@ async fn generations(
     }
     log.cost = Some(cost);
     log.usage = usage;
-    crate::telemetry::metrics().images(&route.name, delivered as usize);
+    route.images.inc_by(delivered as u64);
     crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
     if !charge.finish(200, stored).await {
         tracing::error!(

@@ -234,18 +234,40 @@ impl Metrics {
         self.overhead.observe(d.as_secs_f64());
     }
 
-    pub fn attempt(&self, backend: &Arc<str>, outcome: &'static str, latency: Duration) {
-        let b = BackendLabel {
+    /// The series of `backend` that every successful attempt touches (see
+    /// [`BackendSeries`]).
+    pub fn backend_series(&self, backend: &Arc<str>) -> BackendSeries {
+        let latency = self.upstream_latency.get_or_create(&BackendLabel {
             backend: backend.clone(),
-        };
-        self.upstream_latency
-            .get_or_create(&b)
-            .observe(latency.as_secs_f64());
-        let labels = AttemptLabels {
+        });
+        let successes = self.attempts.get_or_create(&AttemptLabels {
             backend: backend.clone(),
-            outcome,
-        };
-        self.attempts.get_or_create(&labels).inc();
+            outcome: "success",
+        });
+        BackendSeries {
+            latency: latency.clone(),
+            successes: successes.clone(),
+        }
+    }
+
+    /// An upstream attempt of the backend whose series are `series`, named `backend`.
+    pub fn attempt(
+        &self,
+        series: &BackendSeries,
+        backend: &Arc<str>,
+        outcome: &'static str,
+        latency: Duration,
+    ) {
+        series.latency.observe(latency.as_secs_f64());
+        if outcome == "success" {
+            series.successes.inc();
+        } else {
+            let labels = AttemptLabels {
+                backend: backend.clone(),
+                outcome,
+            };
+            self.attempts.get_or_create(&labels).inc();
+        }
     }
 
     pub fn failover(&self, model: &str) {
@@ -300,12 +322,13 @@ impl Metrics {
         self.over_budget.get_or_create(&labels).inc();
     }
 
-    pub fn images(&self, model: &Arc<str>, n: usize) {
+    /// The counter of images delivered for `model`, looked up once per route.
+    pub fn images_of(&self, model: &Arc<str>) -> Counter {
         self.images
             .get_or_create(&ModelLabel {
                 model: model.clone(),
             })
-            .inc_by(n as u64);
+            .clone()
     }
 
     pub fn ledger_batch(&self, rows: usize, ok: bool) {
@@ -353,6 +376,15 @@ fn dash() -> Arc<str> {
 }
 
 /// The process's metrics.
+/// A backend's latency histogram and its `success` attempts counter, looked up once when the
+/// router is built instead of hashing their label sets (SipHash) on every request. Families
+/// never drop a series, so the handles stay the registry's across config reloads.
+#[derive(Clone, Debug)]
+pub struct BackendSeries {
+    latency: Histogram,
+    successes: Counter,
+}
+
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)

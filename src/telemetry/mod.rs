@@ -21,7 +21,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
 
-pub use metrics::{metrics, Metrics};
+pub use metrics::{metrics, BackendSeries, Metrics};
 
 /// Spans are exported (some `init` had `log.otlp_endpoint`). Without an exporter no span
 /// carries an OpenTelemetry context, so the per-request trace work below is skipped. Never
