@@ -680,13 +680,9 @@ impl Drop for Charge {
     }
 }
 
-/// A ledger row id: milliseconds since the epoch then 64 random bits, both in hex (sorts by
-/// time, so the primary key grows at its end).
-pub fn new_id() -> String {
-    new_id_at(now_ms())
-}
-
-/// [`new_id`] for a row stamped `ms` (one clock read for the row's time and its id).
+/// A ledger row id for a row stamped `ms` (one clock read for the row's time and its id):
+/// the milliseconds since the epoch then 64 random bits, both in hex (sorts by time, so the
+/// primary key grows at its end).
 pub fn new_id_at(ms: i64) -> String {
     // 12 hex digits of milliseconds (the low 48 bits: until the year 10889), then 16 random.
     let mut raw = [0u8; 14];
@@ -705,7 +701,7 @@ mod tests {
     #[test]
     fn ids_are_28_hex_digits_that_start_with_the_time() {
         let before = format!("{:012x}", now_ms());
-        let ids: Vec<String> = (0..100).map(|_| new_id()).collect();
+        let ids: Vec<String> = (0..100).map(|_| new_id_at(now_ms())).collect();
         let after = format!("{:012x}", now_ms());
         for id in &ids {
             assert_eq!(id.len(), 28, "{id}");

@@ -485,11 +485,13 @@ impl Router {
                     .map_err(|e| format!("models.{name}.upstream_price: {e}"))?,
                 None => crate::metering::PriceTable::default(),
             };
+            // One `Arc` for the route's name and its metrics label.
+            let model_name: Arc<str> = Arc::from(name.as_str());
             models.insert(
                 name.clone(),
                 ModelRoute {
-                    images: crate::telemetry::metrics().images_of(&Arc::from(name.as_str())),
-                    name: Arc::from(name.as_str()),
+                    images: crate::telemetry::metrics().images_of(&model_name),
+                    name: model_name,
                     rules,
                     prices,
                     upstream_prices,
