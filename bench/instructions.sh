@@ -40,17 +40,17 @@ count() {
   done
   taskset -c 1 wrk -t1 -c16 -d2s -s "$tmp/small.lua" "http://127.0.0.1:$port/v1/images/generations" >/dev/null
   callgrind_control -z $pid >/dev/null 2>&1
-  local n
-  n=$(taskset -c 1 wrk -t1 -c16 -d"${secs}s" -s "$tmp/small.lua" "http://127.0.0.1:$port/v1/images/generations" 2>"$tmp/wrk.err" |
-    awk '/requests in/ {print $1}')
+  local out n errors
+  out=$(taskset -c 1 wrk -t1 -c16 -d"${secs}s" -s "$tmp/small.lua" "http://127.0.0.1:$port/v1/images/generations")
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  errors=$(echo "$out" | wrk_failures)
   callgrind_control -d $pid >/dev/null 2>&1
   kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
   local total
   total=$(cat "$tmp"/cg."$name".*.[0-9]* 2>/dev/null | awk '/^summary:/ {s += $2} END {print s + 0}')
   [ -n "${CG_OUT:-}" ] && mkdir -p "$CG_OUT" && cp "$tmp"/cg."$name".* "$CG_OUT"/
-  local errors; errors=$(grep -c status "$tmp/wrk.err" || true)
   awk -v n="$n" -v t="$total" -v name="$name" -v e="$errors" 'BEGIN {
-    printf "%-8s %8.0f instructions per request (%d requests%s)\n", name, t / n, n, (e > 0 ? ", " e " non-200!" : "") }'
+    printf "%-8s %8.0f instructions per request (%d requests%s)\n", name, t / n, n, (e > 0 ? ", " e " failed!" : "") }'
 }
 
 echo "instructions per request, callgrind, c=16, ${secs}s, small answers ($(date -u +%F))"

@@ -91,8 +91,8 @@ run() {
   if [ "$bytes" -gt 0 ]; then
     extra="$extra $(awk -v r="$rps" -v b="$bytes" 'BEGIN {printf "%.0f MB/s", r * b / 1e6}')"
   fi
-  local errors; errors=$(grep -c status "$tmp/wrk.err" || true)
-  [ "$errors" -gt 0 ] && extra="$extra ($errors non-200!)"
+  local errors; errors=$(echo "$out" | wrk_failures)
+  [ "$errors" -gt 0 ] && extra="$extra ($errors failed!)"
   printf "%-9s %-22s c=%-3s %9s req/s  p50 %8s  p90 %8s  p99 %8s  %s\n" "$name" "$script" "$c" "$rps" "$p50" "$p90" "$p99" "$extra"
 }
 us() { # wrk latency (e.g. 213.00us, 1.20ms) -> microseconds
@@ -137,7 +137,7 @@ echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers 
 # Leak check: RSS after the first 1,000 requests vs after $leak_n more. (wrk's thread:stop()
 # stops sending but wrk still runs out its duration, so the 1,000 take one 1 s run and the
 # rest are counted over 5 s runs.)
-STOP_AFTER=1000 taskset -c 1 wrk -t1 -c16 -d1s -s "$tmp/small.lua" "http://127.0.0.1:$gw_port$small" >/dev/null 2>&1
+STOP_AFTER=1000 taskset -c 1 wrk -t1 -c16 -d1s -s "$tmp/small-stop.lua" "http://127.0.0.1:$gw_port$small" >/dev/null 2>&1
 first=$(rss)
 done_n=0
 while [ "$done_n" -lt "$leak_n" ]; do
