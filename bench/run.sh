@@ -138,6 +138,7 @@ echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers 
 # stops sending but wrk still runs out its duration, so the 1,000 take one 1 s run and the
 # rest are counted over 5 s runs.)
 STOP_AFTER=1000 taskset -c 1 wrk -t1 -c16 -d1s -s "$tmp/small-stop.lua" "http://127.0.0.1:$gw_port$small" >/dev/null 2>&1
+sleep 3  # a trim period before each reading: the baseline must not hold what the large runs left
 first=$(rss)
 done_n=0
 while [ "$done_n" -lt "$leak_n" ]; do
