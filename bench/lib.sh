@@ -43,8 +43,8 @@ YAML
 # $tmp/FILE-stop.lua, the same request with a response() that stops wrk's thread after
 # $STOP_AFTER answers. Only the -stop script defines response(): when a script has one, wrk
 # copies every answer's headers and body into Lua strings for it, on the load generator's core
-# (0.9-1.2 ms of core 1 per 2 MB answer, more or less depending on whether LuaJIT finds an
-# identical string already interned), which then measures wrk rather than the proxy. Failed
+# (0.9-1.2 ms of core 1 per 2 MB answer, and more for some proxies' answers than for
+# others'), which then measures wrk rather than the proxy. Failed
 # requests are counted by wrk itself ("Non-2xx or 3xx responses").
 lua() {
   cat > "$tmp/$1.lua" <<LUA
