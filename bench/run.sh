@@ -9,7 +9,7 @@
 # nginx and the bare proxy are pinned to core 0 (so the gateway, its worker_threads left at
 # auto, runs tokio's single-threaded scheduler), the upstreams and wrk to core 1.
 #
-#   bash bench/run.sh [seconds per run, default 10] [requests for the leak check, default 100000]
+#   bash bench/run.sh [seconds per run, default 10] [requests per leak-check stretch, default 100000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
