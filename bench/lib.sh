@@ -44,8 +44,8 @@ YAML
 # $STOP_AFTER answers. Only the -stop script defines response(): when a script has one, wrk
 # copies every answer's headers and body into Lua strings for it, on the load generator's core
 # (0.9-1.2 ms of core 1 per 2 MB answer, and more for some proxies' answers than for
-# others'), which then measures wrk rather than the proxy. Failed
-# requests are counted by wrk itself ("Non-2xx or 3xx responses").
+# others'), which then measures wrk rather than the proxy. Failed requests are counted by wrk
+# itself ("Non-2xx or 3xx responses", "Socket errors"; see wrk_failures).
 lua() {
   cat > "$tmp/$1.lua" <<LUA
 wrk.method = "POST"

@@ -150,7 +150,7 @@ STOP_AFTER=1000 taskset -c 1 wrk -t1 -c16 -d1s -s "$tmp/small-stop.lua" "http://
 sleep 3  # one allocator trim period
 readings=("$(rss)")
 counts=()
-for stretch in 1 2; do
+for _ in 1 2; do
   done_n=0
   while [ "$done_n" -lt "$leak_n" ]; do
     n=$(taskset -c 1 wrk -t1 -c16 -d5s -s "$tmp/small.lua" "http://127.0.0.1:$gw_port$small" 2>/dev/null | awk '/requests in/ {print $1}')
