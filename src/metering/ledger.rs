@@ -639,7 +639,7 @@ impl Sink {
     }
 
     /// Writes the writer task's batch, off the scheduler's thread for SQLite, and gives it
-    /// back (empty if the SQLite writer thread is gone).
+    /// back (empty if the SQLite writer thread died while it held the batch).
     async fn write_owned(&self, batch: Batch) -> (Batch, Result<(), StoreError>) {
         match self {
             Sink::Sqlite(_, writer, _) => writer.write(batch).await,

@@ -295,7 +295,6 @@ impl ModelRoute {
             upstream_time += took;
             crate::telemetry::metrics().attempt(
                 &target.series,
-                &target.backend_name,
                 outcome_label(&result.as_ref().map(|_| ())),
                 took,
             );

@@ -245,25 +245,20 @@ impl Metrics {
             outcome: "success",
         });
         BackendSeries {
+            backend: backend.clone(),
             latency: latency.clone(),
             successes: successes.clone(),
         }
     }
 
-    /// An upstream attempt of the backend whose series are `series`, named `backend`.
-    pub fn attempt(
-        &self,
-        series: &BackendSeries,
-        backend: &Arc<str>,
-        outcome: &'static str,
-        latency: Duration,
-    ) {
+    /// An upstream attempt of the backend whose series are `series`.
+    pub fn attempt(&self, series: &BackendSeries, outcome: &'static str, latency: Duration) {
         series.latency.observe(latency.as_secs_f64());
         if outcome == "success" {
             series.successes.inc();
         } else {
             let labels = AttemptLabels {
-                backend: backend.clone(),
+                backend: series.backend.clone(),
                 outcome,
             };
             self.attempts.get_or_create(&labels).inc();
@@ -375,16 +370,18 @@ fn dash() -> Arc<str> {
     DASH.get_or_init(|| Arc::from("-")).clone()
 }
 
-/// The process's metrics.
 /// A backend's latency histogram and its `success` attempts counter, looked up once when the
 /// router is built instead of hashing their label sets (SipHash) on every request. Families
 /// never drop a series, so the handles stay the registry's across config reloads.
 #[derive(Clone, Debug)]
 pub struct BackendSeries {
+    /// The backend's name, the label of its other outcomes' series.
+    backend: Arc<str>,
     latency: Histogram,
     successes: Counter,
 }
 
+/// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
