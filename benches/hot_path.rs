@@ -83,7 +83,6 @@ fn budget_reserve_and_settle(b: Bencher) {
         scope: "tenant:t".into(),
         period: "2026-11".into(),
         amount: 80_000,
-        in_redis: false,
     };
     b.bench(|| {
         budgets
@@ -118,7 +117,6 @@ fn ledger_journal_line(b: Bencher) {
             scope: "tenant:t".into(),
             period: "2026-11".into(),
             amount: 80_000,
-            in_redis: false,
         }],
         idem: None,
     };

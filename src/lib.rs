@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod backends;
+pub mod clock;
 pub mod config;
 pub mod images;
 pub mod metering;

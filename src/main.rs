@@ -456,7 +456,7 @@ fn main() -> ExitCode {
                     pairs.push((k, v));
                 }
             }
-            let report = match imagegate::metering::ledger::Report::from_pairs(pairs) {
+            let report = match imagegate::metering::report::Report::from_pairs(pairs) {
                 Ok(r) => r,
                 Err((param, why)) => {
                     eprintln!("--{}: {why}", param.replace('_', "-"));

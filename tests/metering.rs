@@ -727,7 +727,6 @@ async fn postgres_holds_are_leases_given_back_exactly_once() {
         scope: scope.clone(),
         period: "total".into(),
         amount: 100,
-        in_redis: false,
     };
     sql_release(&db, &hold, "req-b").await.unwrap();
     sql_release(&db, &hold, "req-b").await.unwrap();

@@ -276,7 +276,7 @@ pub fn completed_events(
         json!({"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                "output_tokens": 0, "total_tokens": 0})
     });
-    let created_at = crate::images::unix(std::time::SystemTime::now());
+    let created_at = crate::clock::now_unix();
     let engine = base64::engine::general_purpose::STANDARD;
     generation
         .images

@@ -19,7 +19,7 @@ use crate::config::{ImageUrlMode, ImageUrlPolicy};
 
 pub use fetch::{is_private, FetchError, ImageFetcher};
 pub use s3::S3Store;
-pub use signing::{unix, SignatureError, UrlSigner};
+pub use signing::{SignatureError, UrlSigner};
 pub use store::{BlobStore, LocalStore};
 
 /// Image formats we accept from upstreams, by magic number.

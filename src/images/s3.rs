@@ -1,7 +1,7 @@
 //! The `s3` image store: any S3-compatible service through `object_store`, so that every
 //! replica can serve every link.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -71,10 +71,7 @@ impl BlobStore for S3Store {
     }
 
     async fn delete_older_than(&self, cutoff: SystemTime) -> std::io::Result<usize> {
-        let cutoff = cutoff
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let cutoff = crate::clock::unix(cutoff) as i64;
         let prefix = Path::from(self.prefix.trim_end_matches('/'));
         let mut listing = self.store.list(Some(&prefix));
         let mut removed = 0;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
+use super::ledger::IdemOutcome;
 use crate::api::{ApiError, ErrorKind};
 use crate::store::{Database, StoreError};
 
@@ -132,6 +133,19 @@ impl MemoryIdempotency {
 
     pub fn release(&self, tenant: &str, key: &str) {
         self.map.remove(&(tenant.to_string(), key.to_string()));
+    }
+
+    /// Ends a record the way the ledger's transaction ends one in the database.
+    pub fn finish(&self, outcome: Option<IdemOutcome>) {
+        match outcome {
+            Some(IdemOutcome::Complete {
+                tenant,
+                key,
+                response,
+            }) => self.complete(&tenant, &key, response),
+            Some(IdemOutcome::Release { tenant, key }) => self.release(&tenant, &key),
+            None => {}
+        }
     }
 
     pub fn sweep(&self, retention: Duration, now_ms: u64) {

@@ -5,7 +5,7 @@
 
 mod redis;
 
-pub use redis::{unavailable as redis_unavailable, RedisLimiter};
+pub use redis::RedisLimiter;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -252,9 +252,9 @@ impl Policy {
                 }
                 redis::Outcome::Refused(e) => return Err(e),
                 redis::Outcome::Unavailable(why) => {
-                    r.warn(&why);
-                    if r.on_failure == crate::config::RedisFailure::Closed {
-                        return Err(redis::unavailable());
+                    r.redis().warn(&why);
+                    if r.redis().on_failure == crate::config::RedisFailure::Closed {
+                        return Err(crate::store::redis::RedisUnavailable(why).into());
                     }
                 }
             }

@@ -3,17 +3,14 @@
 //! takes from all of them or from none, in one round trip. Redis's own clock decides, so the
 //! replicas' clocks do not matter.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
 use super::{limited, too_many_at_once, RateHeaders, Standing};
-use crate::api::{ApiError, ErrorKind};
+use crate::api::ApiError;
 use crate::auth::Principal;
-use crate::config::{LimitsConfig, RedisConfig, RedisFailure};
+use crate::config::LimitsConfig;
+use crate::store::redis::Redis;
 
 const SCRIPT: &str = r#"
 -- ARGV[1]: member id of this request, ARGV[2]: concurrency lease (ms);
@@ -84,71 +81,21 @@ pub enum Outcome {
 }
 
 pub struct RedisLimiter {
-    client: redis::Client,
-    conn: ArcSwapOption<ConnectionManager>,
-    /// One connection attempt at a time; the others wait for its outcome.
-    connecting: tokio::sync::Mutex<()>,
-    /// No new attempt before this (Unix ms) after a failed one.
-    retry_at: AtomicU64,
+    redis: Arc<Redis>,
     script: redis::Script,
-    prefix: String,
-    timeout: Duration,
-    pub on_failure: RedisFailure,
-    last_warned: AtomicU64,
 }
 
 impl RedisLimiter {
-    pub fn new(cfg: &RedisConfig) -> Result<Arc<Self>, String> {
-        let client =
-            redis::Client::open(cfg.url.expose()).map_err(|e| format!("state.redis.url: {e}"))?;
-        Ok(Arc::new(RedisLimiter {
-            client,
-            conn: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
-            retry_at: AtomicU64::new(0),
+    pub fn new(redis: Arc<Redis>) -> Arc<Self> {
+        Arc::new(RedisLimiter {
+            redis,
             script: redis::Script::new(SCRIPT),
-            prefix: cfg.prefix.clone(),
-            timeout: cfg.timeout,
-            on_failure: cfg.on_failure,
-            last_warned: AtomicU64::new(0),
-        }))
+        })
     }
 
-    /// The connection, made on first use (the gateway starts while Redis is down and follows
-    /// its failure policy until Redis is back).
-    async fn connection(&self) -> Result<ConnectionManager, String> {
-        if let Some(c) = self.conn.load_full() {
-            return Ok((*c).clone());
-        }
-        let _one = self.connecting.lock().await;
-        if let Some(c) = self.conn.load_full() {
-            return Ok((*c).clone());
-        }
-        let now = now_ms();
-        if now < self.retry_at.load(Ordering::Acquire) {
-            return Err("not connected (retrying shortly)".into());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1);
-        let made = tokio::time::timeout(
-            self.timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
-        if !matches!(made, Ok(Ok(_))) {
-            self.retry_at.store(now_ms() + 1000, Ordering::Release);
-        }
-        match made {
-            Ok(Ok(c)) => {
-                tracing::info!("connected to Redis: limits are shared by every replica");
-                self.conn.store(Some(Arc::new(c.clone())));
-                Ok(c)
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out connecting".into()),
-        }
+    /// The connection and its failure policy.
+    pub fn redis(&self) -> &Arc<Redis> {
+        &self.redis
     }
 
     fn specs(&self, principal: &Principal, n: u32) -> Result<Vec<Spec>, ApiError> {
@@ -167,7 +114,7 @@ impl RedisLimiter {
                     return Err(too_many_at_once(n, label, rate));
                 }
                 specs.push(Spec {
-                    key: format!("{}rl:{scope}:{id}:{what}", self.prefix),
+                    key: format!("{}rl:{scope}:{id}:{what}", self.redis.prefix()),
                     rate: true,
                     a: 60_000.0 / f64::from(rate),
                     b: burst,
@@ -179,7 +126,7 @@ impl RedisLimiter {
             }
             if let Some(max) = l.concurrent_requests.filter(|m| *m > 0) {
                 specs.push(Spec {
-                    key: format!("{}cc:{scope}:{id}", self.prefix),
+                    key: format!("{}cc:{scope}:{id}", self.redis.prefix()),
                     rate: false,
                     a: f64::from(max),
                     b: 0,
@@ -198,33 +145,6 @@ impl RedisLimiter {
         Ok(specs)
     }
 
-    /// Runs a Lua script (EVALSHA, loading it when Redis does not know it yet) within the
-    /// configured timeout; the error says why Redis could not answer.
-    pub async fn eval(
-        &self,
-        script: &redis::Script,
-        keys: &[&str],
-        args: &[String],
-    ) -> Result<Vec<i64>, String> {
-        let mut conn = self.connection().await?;
-        let mut inv = script.prepare_invoke();
-        for k in keys {
-            inv.key(*k);
-        }
-        for a in args {
-            inv.arg(a.as_str());
-        }
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// Checks and takes every limit of the request at once.
     pub async fn check(
         &self,
@@ -241,7 +161,7 @@ impl RedisLimiter {
         if specs.is_empty() {
             return Outcome::Admitted(Vec::new());
         }
-        let mut conn = match self.connection().await {
+        let mut conn = match self.redis.connection().await {
             Ok(c) => c,
             Err(e) => return Outcome::Unavailable(e),
         };
@@ -254,8 +174,11 @@ impl RedisLimiter {
                 .arg(s.b)
                 .arg(s.cost);
         }
-        let answer =
-            tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+        let answer = tokio::time::timeout(
+            self.redis.timeout(),
+            inv.invoke_async::<Vec<i64>>(&mut conn),
+        )
+        .await;
         let out = match answer {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => return Outcome::Unavailable(e.to_string()),
@@ -305,57 +228,15 @@ impl RedisLimiter {
     pub fn release(self: &Arc<Self>, keys: Vec<String>, member: String) {
         let me = self.clone();
         tokio::spawn(async move {
-            let Ok(mut conn) = me.connection().await else {
+            let Ok(mut conn) = me.redis.connection().await else {
                 return; // the lease runs out by itself
             };
             let mut pipe = redis::pipe();
             for k in &keys {
                 pipe.zrem(k, &member).ignore();
             }
-            let _ = tokio::time::timeout(me.timeout, pipe.query_async::<()>(&mut conn)).await;
+            let _ =
+                tokio::time::timeout(me.redis.timeout(), pipe.query_async::<()>(&mut conn)).await;
         });
     }
-
-    /// Says (at most every 10 s) that Redis is unreachable and what the gateway does instead.
-    pub fn warn(&self, why: &str) {
-        crate::telemetry::metrics().redis_failure();
-        let now = crate::metering::budget::now_unix();
-        let last = self.last_warned.load(Ordering::Relaxed);
-        if now >= last + 10
-            && self
-                .last_warned
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            match self.on_failure {
-                RedisFailure::Open => tracing::warn!(
-                    error = %why,
-                    "Redis unreachable: rate limits fail open (each replica applies them in process); budgets held in Redis are refused until it is back"
-                ),
-                RedisFailure::Closed => tracing::error!(
-                    error = %why,
-                    "Redis unreachable: failing closed, requests are refused with 503"
-                ),
-            }
-        }
-        // A broken connection is remade at the next check.
-        if !why.starts_with("not connected") && !why.contains("timed out") {
-            self.conn.store(None);
-        }
-    }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub fn unavailable() -> ApiError {
-    ApiError::new(
-        ErrorKind::Unavailable,
-        "The shared limits and budgets store is unavailable; please retry.",
-    )
-    .retry_after(Duration::from_secs(1))
 }

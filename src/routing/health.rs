@@ -195,7 +195,7 @@ impl BackendHealth {
         let s = self.lock();
         let to_wall = |t: Instant| {
             let wall = SystemTime::now() + t.saturating_duration_since(now);
-            crate::images::unix(wall)
+            crate::clock::unix(wall)
         };
         let (state, until) = match Self::check(&s, now) {
             Ok(false) => ("healthy", None),

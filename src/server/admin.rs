@@ -155,7 +155,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
                 .into_owned()
                 .collect();
-            let report = crate::metering::ledger::Report::from_pairs(
+            let report = crate::metering::report::Report::from_pairs(
                 pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .map_err(|(param, why)| ApiError::invalid(&param, format!("{param}: {why}")))?;

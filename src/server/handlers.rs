@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -20,10 +20,9 @@ use super::state::{AppState, Runtime};
 use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
 use crate::auth::{bearer_token, KeyStore, Principal};
 use crate::backends::translate;
-use crate::images::{unix, FILES_PREFIX};
-use crate::metering::idempotency::{self, Claim};
-use crate::metering::ledger::UsageRow;
-use crate::metering::Charge;
+use crate::images::FILES_PREFIX;
+use crate::metering::idempotency;
+use crate::metering::{Begun, Delivered, IdempotencyKey, RequestFacts};
 use crate::routing::Output;
 
 /// What the access log line says about a request, filled in as it goes.
@@ -266,66 +265,44 @@ async fn generations(
     let lease = route.timeout + Duration::from_secs(30);
 
     // A repeat of a finished request is answered from its record: no limit, no charge.
-    let mut idem = None;
-    if let Some(key) = idem_key {
-        if request.streaming() {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                "Idempotency-Key is not supported with stream=true.",
-            )
-            .param("Idempotency-Key"));
-        }
-        let fp = idempotency::fingerprint(&body);
-        let retention = rt.config.state.idempotency_retention;
-        match state
-            .meter
-            .claim(&principal.tenant, &key, &fp, lease, retention)
-            .await?
-        {
-            Claim::Run => idem = Some((principal.tenant.to_string(), key)),
-            Claim::Replay(answer) => {
-                let mut resp =
-                    respond::with_type(StatusCode::OK, Bytes::from(answer), "application/json");
-                resp.headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
-                return Ok(resp);
-            }
-            refused => {
-                return Err(refused
-                    .error()
-                    .unwrap_or_else(|| ApiError::internal("idempotency claim")))
-            }
-        }
+    if idem_key.is_some() && request.streaming() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            "Idempotency-Key is not supported with stream=true.",
+        )
+        .param("Idempotency-Key"));
     }
-    let ts_ms = unix_ms();
-    let row = UsageRow {
-        id: crate::metering::new_id_at(ts_ms),
-        request_id: request_id.to_string(),
-        ts_ms,
-        tenant: principal.tenant.to_string(),
-        key_id: principal.key_id.to_string(),
-        model: request.model.clone(),
-        size: request.size.text(),
-        quality: request.quality.map(|q| q.as_str().to_string()),
-        n_requested: request.n,
-        idempotency_key: idem.as_ref().map(|(_, k): &(String, String)| k.clone()),
-        ..UsageRow::default()
+    let idempotency = idem_key.as_deref().map(|key| IdempotencyKey {
+        key,
+        body: &body,
+        lock_for: lease,
+        retention: rt.config.state.idempotency_retention,
+    });
+    let facts = RequestFacts::of(request_id, &request);
+    let mut charge = match state.meter.begin(&principal, facts, idempotency).await? {
+        Begun::Charge(charge) => charge,
+        Begun::Replay(answer) => {
+            let mut resp =
+                respond::with_type(StatusCode::OK, Bytes::from(answer), "application/json");
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(resp);
+        }
     };
-    let mut charge = Charge::new(state.meter.clone(), row, idem);
     let _permits = rt
         .policy
-        .admit_request(&principal, request.n, &charge.row.id, lease, &mut log.rate)
+        .admit_request(&principal, request.n, charge.id(), lease, &mut log.rate)
         .await?;
     let reserved = route.prices.cost(&request, request.n);
     charge.reserve(&principal, reserved, lease).await?;
     charge.relayed();
 
-    let relayed = relay(state, route, &request, request_id, log).await;
-    charge.row.backend = log.backend.as_deref().map(String::from);
-    let relayed = match relayed {
+    let relayed = match relay(state, route, &request, request_id, log).await {
         Ok(r) => r,
         Err(e) => {
-            charge.finish(e.kind.status().as_u16(), None).await;
+            charge
+                .fail(e.kind.status().as_u16(), log.backend.as_deref())
+                .await;
             return Err(e);
         }
     };
@@ -345,20 +322,21 @@ async fn generations(
     };
     let tokens = crate::metering::usage_tokens(usage.as_ref());
     let cost = route.prices.cost(&request, delivered);
-    {
-        let row = &mut charge.row;
-        row.n_delivered = delivered;
-        row.cost_micro_usd = cost;
-        row.upstream_cost_micro_usd = route
+    let delivery = Delivered {
+        backend: log.backend.as_deref(),
+        images: delivered,
+        cost,
+        upstream_cost: route
             .upstream_prices
-            .cost_with_tokens(&request, delivered, tokens);
-        (row.input_tokens, row.output_tokens) = tokens;
-    }
+            .cost_with_tokens(&request, delivered, tokens),
+        tokens,
+    };
+    let durable = charge.deliver(delivery, stored).await;
     log.cost = Some(cost);
     log.usage = usage;
     route.images.inc_by(delivered as u64);
     crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
-    if !charge.finish(200, stored).await {
+    if !durable {
         tracing::error!(
             request_id,
             "usage ledger unavailable: answering without a durable usage record"
@@ -427,19 +405,12 @@ async fn relay(
         .await?;
     Ok(Relayed::Images {
         response: ImagesResponse {
-            created: unix(SystemTime::now()),
+            created: crate::clock::now_unix(),
             data,
             gpt: gpt_fields,
         },
         usage,
     })
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn model_object(rt: &Runtime, id: &str) -> ModelObject {

@@ -10,7 +10,6 @@ use tokio::task::JoinHandle;
 
 use crate::backends::Backend;
 use crate::routing::health::BackendHealth;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -54,10 +53,7 @@ impl Runtime {
                 },
                 tenants: config.tenants.clone(),
             }),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: crate::clock::now_unix(),
             config,
         })
     }
@@ -118,7 +114,7 @@ impl AppState {
             None => None,
         };
         let redis = match &config.state.redis {
-            Some(r) => Some(crate::policy::RedisLimiter::new(r).map_err(anyhow::Error::msg)?),
+            Some(r) => Some(crate::store::redis::Redis::new(r).map_err(anyhow::Error::msg)?),
             None => None,
         };
         let meter = crate::metering::Meter::new(
@@ -129,7 +125,9 @@ impl AppState {
         )
         .await
         .map_err(|e| anyhow::anyhow!("usage ledger: {e}"))?;
-        let policy = Arc::new(Policy::with_redis(redis));
+        let policy = Arc::new(Policy::with_redis(
+            redis.map(crate::policy::RedisLimiter::new),
+        ));
         let runtime = Runtime::build(config, &http, None, db_keys.clone(), policy)?;
         Ok(Arc::new(AppState {
             db_keys,

@@ -3,7 +3,7 @@
 //! the secret is shown once, when the key is created or rotated.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -19,10 +19,7 @@ const ID_LEN: usize = 12;
 const SECRET_LEN: usize = 40;
 
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::clock::now_unix() as i64
 }
 
 fn random_alnum(len: usize, lower_only: bool) -> String {

@@ -3,6 +3,7 @@
 //! start; on PostgreSQL sqlx takes an advisory lock, so replicas starting together are safe.
 
 pub mod keys;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 

@@ -16,7 +16,8 @@ use std::ffi::c_int;
 
 use rusqlite::{ffi, params, Connection, TransactionBehavior};
 
-use super::ledger::{budget_spent, idem_endings, Settlement, UsageRow, ADD_SPENT, COLUMNS};
+use super::sql::{budget_spent, idem_endings, ADD_SPENT, COLUMNS};
+use super::{Settlement, UsageRow};
 use crate::store::StoreError;
 
 /// Rows per INSERT statement, at most: SQLite's per-statement work (opening a cursor on the

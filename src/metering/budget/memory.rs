@@ -1,0 +1,213 @@
+//! Budgets held in this process: alone (`state.store: none`), or seeded from SQLite, whose
+//! file one process owns, so its holds need be nowhere else.
+
+use async_trait::async_trait;
+
+use super::{BudgetStore, Hold, HoldAsk};
+use crate::metering::ledger::BudgetBook;
+use crate::metering::MeterError;
+use crate::store::Database;
+
+/// Budget rows in this process: (spent, held) per scope and period, shard-locked.
+#[derive(Default)]
+pub struct MemoryBudgets {
+    /// `scope` `\n` `period` (see [`with_key`]) -> (spent, held)
+    rows: crate::FastDashMap<String, (u64, u64)>,
+}
+
+/// Calls `f` with the map key of a budget, built on the stack when it is short: a request looks
+/// its budgets up three times, and a `(String, String)` key made two allocations each time.
+/// A period never holds a newline, so the key splits one way only.
+fn with_key<R>(scope: &str, period: &str, f: impl FnOnce(&str) -> R) -> R {
+    const ROOM: usize = 128;
+    let len = scope.len() + 1 + period.len();
+    if len > ROOM {
+        return f(&format!("{scope}\n{period}"));
+    }
+    let mut buf = [0u8; ROOM];
+    buf[..scope.len()].copy_from_slice(scope.as_bytes());
+    buf[scope.len()] = b'\n';
+    buf[scope.len() + 1..len].copy_from_slice(period.as_bytes());
+    // Two strs joined by an ASCII byte: valid UTF-8.
+    f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+}
+
+impl MemoryBudgets {
+    pub fn reserve(&self, scope: &str, period: &str, amount: u64, limit: u64) -> Result<(), u64> {
+        with_key(scope, period, |key| {
+            let mut row = match self.rows.get_mut(key) {
+                Some(row) => row,
+                None => self.rows.entry(key.to_string()).or_default(),
+            };
+            let (spent, held) = *row;
+            if spent + held + amount > limit {
+                return Err(limit.saturating_sub(spent + held));
+            }
+            row.1 += amount;
+            Ok(())
+        })
+    }
+
+    pub fn has(&self, scope: &str, period: &str) -> bool {
+        with_key(scope, period, |key| self.rows.contains_key(key))
+    }
+
+    /// Starts a row at what the database says is spent (first use in this process).
+    pub fn seed(&self, scope: &str, period: &str, spent: u64) {
+        with_key(scope, period, |key| {
+            self.rows.entry(key.to_string()).or_insert((spent, 0));
+        })
+    }
+
+    pub fn settle(&self, hold: &Hold, actual: u64) {
+        with_key(&hold.scope, &hold.period, |key| {
+            if let Some(mut row) = self.rows.get_mut(key) {
+                row.1 = row.1.saturating_sub(hold.amount);
+                row.0 += actual;
+            }
+        })
+    }
+
+    pub fn spent(&self, scope: &str, period: &str) -> (u64, u64) {
+        with_key(scope, period, |key| {
+            self.rows.get(key).map(|r| *r).unwrap_or_default()
+        })
+    }
+}
+
+/// `state.store: none`: budgets live and die with this process.
+#[derive(Default)]
+pub struct InProcessBudgets {
+    rows: MemoryBudgets,
+}
+
+#[async_trait]
+impl BudgetStore for InProcessBudgets {
+    fn book(&self) -> BudgetBook {
+        BudgetBook::SpentOnly
+    }
+
+    async fn hold(&self, ask: &HoldAsk<'_>) -> Result<Result<(), u64>, MeterError> {
+        Ok(self
+            .rows
+            .reserve(ask.scope, ask.period, ask.cost, ask.limit))
+    }
+
+    async fn release(&self, hold: &Hold, _member: &str) {
+        self.rows.settle(hold, 0);
+    }
+
+    fn settle(&self, holds: &[Hold], _member: &str, cost: u64) {
+        for h in holds {
+            self.rows.settle(h, cost);
+        }
+    }
+
+    async fn usage(&self, scope: &str, period: &str) -> Result<(u64, u64), MeterError> {
+        Ok(self.rows.spent(scope, period))
+    }
+}
+
+/// `state.store: sqlite`: holds in this process; each budget row starts, on first use, at
+/// what the database says was spent, and the ledger adds each request's cost there.
+pub struct SqliteBudgets {
+    rows: MemoryBudgets,
+    db: Database,
+}
+
+impl SqliteBudgets {
+    pub fn new(db: Database) -> Self {
+        SqliteBudgets {
+            rows: MemoryBudgets::default(),
+            db,
+        }
+    }
+
+    /// Seeds an in-process budget row from the database the first time it is used.
+    async fn seed(&self, scope: &str, period: &str) -> Result<(), MeterError> {
+        if !self.rows.has(scope, period) {
+            let (spent, _) = Box::pin(super::sql_spent(&self.db, scope, period)).await?;
+            self.rows.seed(scope, period, spent);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BudgetStore for SqliteBudgets {
+    fn book(&self) -> BudgetBook {
+        BudgetBook::SpentOnly
+    }
+
+    async fn hold(&self, ask: &HoldAsk<'_>) -> Result<Result<(), u64>, MeterError> {
+        self.seed(ask.scope, ask.period).await?;
+        Ok(self
+            .rows
+            .reserve(ask.scope, ask.period, ask.cost, ask.limit))
+    }
+
+    async fn release(&self, hold: &Hold, _member: &str) {
+        self.rows.settle(hold, 0);
+    }
+
+    fn settle(&self, holds: &[Hold], _member: &str, cost: u64) {
+        for h in holds {
+            self.rows.settle(h, cost);
+        }
+    }
+
+    async fn usage(&self, scope: &str, period: &str) -> Result<(u64, u64), MeterError> {
+        self.seed(scope, period).await?;
+        Ok(self.rows.spent(scope, period))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short keys (built on the stack) and long ones (on the heap) find the same rows, and two
+    /// scopes with one period, or one scope with two periods, never share a row.
+    #[test]
+    fn memory_budgets_keep_each_scope_and_period_apart() {
+        let b = MemoryBudgets::default();
+        let long = format!("tenant:{}", "x".repeat(200));
+        for scope in ["tenant:a", "tenant:ab", long.as_str()] {
+            assert!(!b.has(scope, "2026-12"));
+            b.reserve(scope, "2026-12", 30, 100).unwrap();
+            assert_eq!(b.reserve(scope, "2026-12", 80, 100), Err(70), "{scope}");
+            assert!(b.has(scope, "2026-12"));
+        }
+        b.seed("tenant:a", "2026-12-01", 40);
+        b.seed("tenant:a", "2026-12-01", 99);
+        assert_eq!(b.spent("tenant:a", "2026-12-01"), (40, 0), "seeded once");
+        let hold = Hold {
+            scope: long.clone(),
+            period: "2026-12".into(),
+            amount: 30,
+        };
+        b.settle(&hold, 20);
+        assert_eq!(b.spent(&long, "2026-12"), (20, 0));
+        assert_eq!(b.spent("tenant:a", "2026-12"), (0, 30));
+        assert_eq!(b.spent("tenant:ab", "2026-12"), (0, 30));
+    }
+
+    #[test]
+    fn memory_budget_holds_and_settles() {
+        let b = MemoryBudgets::default();
+        for _ in 0..7 {
+            b.reserve("tenant:t", "total", 10, 70).unwrap();
+        }
+        assert_eq!(b.reserve("tenant:t", "total", 10, 70), Err(0));
+        let hold = Hold {
+            scope: "tenant:t".into(),
+            period: "total".into(),
+            amount: 10,
+        };
+        b.settle(&hold, 0);
+        assert_eq!(b.spent("tenant:t", "total"), (0, 60));
+        b.reserve("tenant:t", "total", 10, 70).unwrap();
+        b.settle(&hold, 10);
+        assert_eq!(b.spent("tenant:t", "total"), (10, 60));
+    }
+}
