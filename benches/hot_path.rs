@@ -52,7 +52,7 @@ fn parse_and_validate(b: Bencher) {
 
 #[divan::bench]
 fn key_lookup_among_1000(b: Bencher) {
-    let store = StaticKeyStore::from_config(&config());
+    let store = StaticKeyStore::build(&config()).unwrap();
     b.bench(|| {
         store
             .authenticate(black_box(KEY))
@@ -64,7 +64,7 @@ fn key_lookup_among_1000(b: Bencher) {
 
 #[divan::bench]
 fn limiter_check_tenant(b: Bencher) {
-    let store = StaticKeyStore::from_config(&config());
+    let store = StaticKeyStore::build(&config()).unwrap();
     let principal = store.authenticate(KEY).now_or_never().unwrap().unwrap();
     let policy = Policy::new();
     b.bench(|| {

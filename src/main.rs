@@ -353,13 +353,32 @@ fn probe(url: &str) -> Result<(), String> {
 static GLOBAL: imagegate::allocator::MiMalloc = imagegate::allocator::MiMalloc;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{}: invalid configuration:", path.display());
-        for e in &errors.0 {
-            eprintln!("  {e}");
-        }
-        ExitCode::from(2)
-    })
+    Config::load(path).map_err(|errors| invalid(path, &errors))
+}
+
+/// Load + compile (certificates, JWT keys, key hashes, workflows, prices, routes), without
+/// binding a socket or opening a database: `imagegate check`.
+fn compiles(path: &std::path::Path, config: Config) -> Result<Config, ExitCode> {
+    let checked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })?
+        .block_on(async { server::check(&config) });
+    checked
+        .map(|()| config)
+        .map_err(|errors| invalid(path, &errors))
+}
+
+/// Prints every configuration error by path; exit code 2.
+fn invalid(path: &std::path::Path, errors: &imagegate::config::ConfigErrors) -> ExitCode {
+    eprintln!("{}: invalid configuration:", path.display());
+    for e in &errors.0 {
+        eprintln!("  {e}");
+    }
+    ExitCode::from(2)
 }
 
 /// The request runtime: `workers` threads (0: one per usable CPU). One worker gets tokio's
@@ -399,7 +418,7 @@ fn runtime_block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load(&config) {
+        Command::Check { config } => match load(&config).and_then(|c| compiles(&config, c)) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} backends, {} models, {} tenants, {} keys)",
@@ -493,8 +512,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config, path)) {
+            match runtime.block_on(run(config, path.clone())) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is::<imagegate::config::ConfigErrors>() => match e.downcast_ref() {
+                    Some(errors) => invalid(&path, errors),
+                    None => ExitCode::from(2),
+                },
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("imagegate: {e:#}");

@@ -442,11 +442,13 @@ async fn comfyui_job_past_the_deadline_is_interrupted_dequeued_and_504() {
 fn comfyui_config_errors_name_the_input() {
     let yaml = comfy_config("http://127.0.0.1:1", "", "30s")
         .replace("prompt: 6.inputs.text", "prompt: 66.inputs.text");
+    // Where each field goes is read from the workflow in the compile step (`check`).
     let err = imagegate::config::Config::from_yaml(&yaml, &|n| match n {
         "PORT" => Some("1".into()),
         "DATA_DIR" => Some("/tmp".into()),
         _ => None,
     })
+    .and_then(|c| imagegate::server::check(&c))
     .unwrap_err()
     .to_string();
     assert!(

@@ -18,7 +18,7 @@ use crate::api::ApiError;
 
 pub use db_store::DbKeyStore;
 pub use jwt::{looks_like_jwt, JwtVerifier};
-pub use static_store::StaticKeyStore;
+pub use static_store::{key_hash, StaticKeyStore};
 
 pub type KeyHash = [u8; 32];
 

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{AuthError, KeyHash, KeyStore, ModelSet, Principal};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, KeyConfig};
 
 /// Keys and tenants from gateway.yaml, indexed by secret hash.
 pub struct StaticKeyStore {
@@ -16,13 +16,26 @@ struct Entry {
 }
 
 impl StaticKeyStore {
-    /// Builds the index. The config is already validated, so every key has a hash and a tenant.
-    pub fn from_config(config: &Config) -> Self {
+    /// Builds the index from a checked config (every key has a tenant and one well-formed
+    /// secret); two keys with the same secret are an error at `keys[i]`.
+    pub fn build(config: &Config) -> Result<Self, Vec<ConfigError>> {
         let mut keys = crate::FastMap::default();
-        for key in &config.keys {
-            let Ok(hash) = crate::config::key_hash(key) else {
-                continue;
+        let mut errors = Vec::new();
+        for (i, key) in config.keys.iter().enumerate() {
+            let hash = match key_hash(key) {
+                Ok(hash) => hash,
+                Err(message) => {
+                    errors.push(ConfigError::new(format!("keys[{i}]"), message));
+                    continue;
+                }
             };
+            if keys.contains_key(&hash) {
+                errors.push(ConfigError::new(
+                    format!("keys[{i}]"),
+                    "two keys have the same secret",
+                ));
+                continue;
+            }
             let Some(tenant) = config.tenants.get(&key.tenant) else {
                 continue;
             };
@@ -44,7 +57,11 @@ impl StaticKeyStore {
                 },
             );
         }
-        StaticKeyStore { keys }
+        if errors.is_empty() {
+            Ok(StaticKeyStore { keys })
+        } else {
+            Err(errors)
+        }
     }
 
     /// Ids of keys configured with a plaintext `secret`, for the start-up warning.
@@ -66,5 +83,21 @@ impl KeyStore for StaticKeyStore {
             Some(e) if e.disabled => Err(AuthError::Disabled),
             Some(e) => Ok(e.principal.clone()),
         }
+    }
+}
+
+/// The SHA-256 of a configured key's secret, from `secret_sha256` or `secret`.
+pub fn key_hash(key: &KeyConfig) -> Result<KeyHash, String> {
+    match (&key.secret_sha256, &key.secret) {
+        (Some(_), Some(_)) => Err("give either `secret_sha256` or `secret`, not both".into()),
+        (None, None) => Err("a key needs `secret_sha256` (preferred) or `secret`".into()),
+        (Some(hex_hash), None) => {
+            let bytes = hex::decode(hex_hash.trim())
+                .map_err(|_| "secret_sha256 must be 64 hexadecimal characters".to_string())?;
+            bytes
+                .try_into()
+                .map_err(|_| "secret_sha256 must be 64 hexadecimal characters".to_string())
+        }
+        (None, Some(secret)) => Ok(super::hash_secret(secret.expose())),
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::local::{self, CancelOnDrop};
 use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
-use crate::config::{ComfyConfig, LocalGeneration};
+use crate::config::{ComfyConfig, ConfigError, LocalGeneration};
 
 /// Reads an API-format workflow: an object of nodes with `class_type` and `inputs`.
 pub fn load_workflow(path: &Path) -> Result<Value, String> {
@@ -86,20 +86,27 @@ pub struct ComfyBackend {
 }
 
 impl ComfyBackend {
-    /// The config is validated (workflow readable, mapped inputs present); a file changed
-    /// since then is reported when a request uses it.
-    pub fn new(c: &ComfyConfig, http: reqwest::Client) -> Self {
-        let graph = load_workflow(&c.workflow).unwrap_or(Value::Null);
-        let inputs = c
-            .inputs
-            .iter()
-            .filter_map(|(field, target)| {
-                InputRef::parse(target, &graph)
-                    .ok()
-                    .map(|r| (field.clone(), r))
-            })
-            .collect();
-        ComfyBackend {
+    /// Reads the workflow and finds where each mapped field goes in it; every problem is
+    /// an error at its config path (`path` is the backend's, `backends.NAME`).
+    pub fn new(
+        c: &ComfyConfig,
+        http: reqwest::Client,
+        path: &str,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let graph = load_workflow(&c.workflow)
+            .map_err(|e| vec![ConfigError::new(format!("{path}.workflow"), e)])?;
+        let mut inputs = Vec::new();
+        let mut errors = Vec::new();
+        for (field, target) in &c.inputs {
+            match InputRef::parse(target, &graph) {
+                Ok(r) => inputs.push((field.clone(), r)),
+                Err(e) => errors.push(ConfigError::new(format!("{path}.inputs.{field}"), e)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(ComfyBackend {
             http,
             base: c.base_url.trim_end_matches('/').to_string(),
             graph,
@@ -108,7 +115,7 @@ impl ComfyBackend {
             poll_interval: c.poll_interval,
             timeout: c.timeout,
             probe_interval: c.probe_interval,
-        }
+        })
     }
 
     /// The workflow with this request's values written in.

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest};
-use crate::config::{BackendConfig, Dialect};
+use crate::config::{BackendConfig, ConfigError, Dialect};
 
 pub use client::HttpClient;
 use translate::Translation;
@@ -290,13 +290,23 @@ impl From<BackendError> for ApiError {
     }
 }
 
-/// Builds the backend a config entry describes. `http` is shared by all remote backends.
-pub fn build(config: &BackendConfig, http: &HttpClient) -> Arc<dyn Backend> {
-    match config {
+/// Builds the backend a config entry describes (in the compile step, once per config
+/// generation); errors name their path under `backends.NAME`. `http` is shared by all remote
+/// backends, so a rebuilt backend keeps its connections.
+pub fn build(
+    name: &str,
+    config: &BackendConfig,
+    http: &HttpClient,
+) -> Result<Arc<dyn Backend>, Vec<ConfigError>> {
+    Ok(match config {
         BackendConfig::Openai(c) => Arc::new(OpenAiBackend::openai(c, http.clone())),
         BackendConfig::Azure(c) => Arc::new(OpenAiBackend::azure(c, http.clone())),
         BackendConfig::Sandbox(c) => Arc::new(SandboxBackend::new(c)),
         BackendConfig::Automatic1111(c) => Arc::new(A1111Backend::new(c, http.reqwest().clone())),
-        BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(c, http.reqwest().clone())),
-    }
+        BackendConfig::Comfyui(c) => Arc::new(ComfyBackend::new(
+            c,
+            http.reqwest().clone(),
+            &format!("backends.{name}"),
+        )?),
+    })
 }

@@ -5,16 +5,19 @@
 //! and run the semantic checks of [`validate`]. A `Config` that exists is valid; the hot path
 //! never re-parses anything.
 
+mod backends;
 mod interpolate;
+mod models;
 mod types;
 mod validate;
 
 use std::fmt;
 use std::path::Path;
 
+pub use backends::*;
 pub use interpolate::expand;
+pub use models::*;
 pub use types::*;
-pub use validate::key_hash;
 
 /// One problem in the configuration, at a dotted path such as
 /// `models.dall-e-3.route.targets[0].backend`.

@@ -16,7 +16,8 @@ use tracing::Instrument;
 use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
 use crate::backends::translate::Translation;
 use crate::backends::{Backend, BackendError, EventStream, Generation, UpstreamCall};
-use crate::config::{Config, Dialect, ImageUrlPolicy, RetryOn, Strategy};
+use crate::config::{Config, ConfigError, Dialect, ImageUrlPolicy, RetryOn, Strategy};
+use crate::metering::PriceTable;
 
 use capacity::CapacityGate;
 use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
@@ -43,9 +44,9 @@ pub struct ModelRoute {
     /// Images delivered for this model (`imagegate_images_generated_total`).
     pub images: prometheus_client::metrics::counter::Counter,
     pub rules: ModelRules,
-    pub prices: crate::metering::PriceTable,
+    pub prices: PriceTable,
     /// What an image costs us upstream (for the ledger's margin).
-    pub upstream_prices: crate::metering::PriceTable,
+    pub upstream_prices: PriceTable,
     pub timeout: Duration,
     strategy: Strategy,
     max_attempts: u32,
@@ -393,39 +394,48 @@ pub struct Router {
     configs: BTreeMap<String, crate::config::BackendConfig>,
 }
 
+/// What the compile step built for the router: each backend, and each model's prices.
+pub struct RouterParts {
+    pub backends: BTreeMap<String, Arc<dyn Backend>>,
+    pub prices: HashMap<String, ModelPrices>,
+}
+
+/// What a model's images cost the tenant, and what they cost us upstream.
+#[derive(Debug, Clone, Default)]
+pub struct ModelPrices {
+    pub charged: PriceTable,
+    pub upstream: PriceTable,
+}
+
 impl Router {
-    /// Builds every model's route. The config is validated: every target names a backend
-    /// and every model's rules resolve.
-    pub fn from_config(
+    /// Builds every model's route from a checked config and the backends and prices the
+    /// compile step built. A backend whose config did not change keeps its health and
+    /// capacity state across a reload: an ejected backend stays ejected, queues keep their
+    /// order.
+    pub fn build(
         config: &Config,
-        http: &crate::backends::HttpClient,
+        parts: RouterParts,
         previous: Option<&Router>,
-    ) -> Result<Self, String> {
-        // A backend whose config did not change keeps its client, health and capacity state
-        // across a reload: an ejected backend stays ejected, queues keep their order.
+    ) -> Result<Self, Vec<ConfigError>> {
+        let RouterParts {
+            backends,
+            mut prices,
+        } = parts;
         let kept = |name: &str| {
             let prev = previous?;
             (prev.configs.get(name)? == config.backends.get(name)?).then_some(prev)
         };
-        let mut backends: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
         let mut health: BTreeMap<String, Arc<BackendHealth>> = BTreeMap::new();
         let mut capacity: HashMap<String, Arc<CapacityGate>> = HashMap::new();
         for (name, c) in &config.backends {
-            let reused = kept(name).and_then(|p| {
-                Some((
-                    p.backends.get(name)?.clone(),
-                    p.health.get(name)?.clone(),
-                    p.capacity.get(name)?.clone(),
-                ))
-            });
-            let (b, h, cap) = reused.unwrap_or_else(|| {
+            let reused = kept(name)
+                .and_then(|p| Some((p.health.get(name)?.clone(), p.capacity.get(name)?.clone())));
+            let (h, cap) = reused.unwrap_or_else(|| {
                 (
-                    crate::backends::build(c, http),
                     BackendHealth::new(name, c.health().clone()),
                     Arc::new(CapacityGate::new(name, c.capacity())),
                 )
             });
-            backends.insert(name.clone(), b);
             health.insert(name.clone(), h);
             capacity.insert(name.clone(), cap);
         }
@@ -439,7 +449,7 @@ impl Router {
             let rules = m
                 .rules
                 .resolve()
-                .map_err(|e| format!("models.{name}.rules: {e}"))?;
+                .map_err(|e| vec![ConfigError::new(format!("models.{name}.rules"), e)])?;
             let mut targets = m
                 .route
                 .targets
@@ -451,7 +461,10 @@ impl Router {
                         capacity.get(&t.backend),
                         url_policies.get(t.backend.as_str()),
                     ) else {
-                        return Err(format!("models.{name}: unknown backend \"{}\"", t.backend));
+                        return Err(ConfigError::new(
+                            format!("models.{name}.route.targets"),
+                            format!("unknown backend \"{}\"", t.backend),
+                        ));
                     };
                     Ok(Target {
                         series: crate::telemetry::metrics().backend_series(&h.name),
@@ -467,9 +480,13 @@ impl Router {
                         priority: t.priority,
                     })
                 })
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, ConfigError>>()
+                .map_err(|e| vec![e])?;
             if targets.is_empty() {
-                return Err(format!("models.{name}: no targets"));
+                return Err(vec![ConfigError::new(
+                    format!("models.{name}.route.targets"),
+                    "a route needs at least one target",
+                )]);
             }
             targets.sort_by_key(|t| t.priority);
             let max_attempts = m
@@ -477,13 +494,7 @@ impl Router {
                 .max_attempts
                 .unwrap_or(3)
                 .clamp(1, targets.len() as u32);
-            let prices = crate::metering::PriceTable::for_model(m.price.as_ref(), &m.rules)
-                .map_err(|e| format!("models.{name}.price: {e}"))?;
-            let upstream_prices = match &m.upstream_price {
-                Some(p) => crate::metering::PriceTable::for_model(Some(p), &m.rules)
-                    .map_err(|e| format!("models.{name}.upstream_price: {e}"))?,
-                None => crate::metering::PriceTable::default(),
-            };
+            let ModelPrices { charged, upstream } = prices.remove(name).unwrap_or_default();
             // One `Arc` for the route's name and its metrics label.
             let model_name: Arc<str> = Arc::from(name.as_str());
             models.insert(
@@ -492,8 +503,8 @@ impl Router {
                     images: crate::telemetry::metrics().images_of(&model_name),
                     name: model_name,
                     rules,
-                    prices,
-                    upstream_prices,
+                    prices: charged,
+                    upstream_prices: upstream,
                     timeout: m.timeout,
                     strategy: m.route.strategy,
                     max_attempts,

@@ -1,6 +1,7 @@
 //! The HTTP server: accept loop, per-connection hyper service, graceful drain.
 
 mod admin;
+pub mod compile;
 mod handlers;
 mod respond;
 mod state;
@@ -17,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+pub use compile::{check, compile, Compiled};
 pub use state::{open_store, AppState, Runtime};
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and waits up to

@@ -13,7 +13,8 @@ use crate::routing::health::BackendHealth;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::auth::{DbKeyStore, KeyStores, StaticKeyStore};
+use super::compile::{compile, Compiled};
+use crate::auth::{DbKeyStore, KeyStores};
 use crate::config::{Config, StoreKind};
 use crate::images::{BlobStore, ImageService, LocalStore, S3Store, UrlSigner};
 use crate::policy::Policy;
@@ -31,31 +32,25 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Compiles a config; `previous` lends the state of backends whose config is unchanged.
-    pub fn build(
+    /// A generation from its config and what the compile step built from it.
+    fn new(
         config: Config,
-        http: &crate::backends::HttpClient,
-        previous: Option<&Runtime>,
+        compiled: Compiled,
         db_keys: Option<Arc<DbKeyStore>>,
         policy: Arc<Policy>,
-    ) -> anyhow::Result<Self> {
-        let router = Router::from_config(&config, http, previous.map(|p| &p.router))
-            .map_err(anyhow::Error::msg)?;
-        Ok(Runtime {
-            router,
+    ) -> Self {
+        Runtime {
+            router: compiled.router,
             policy,
             keys: Arc::new(KeyStores {
-                config: StaticKeyStore::from_config(&config),
+                config: compiled.keys,
                 db: db_keys,
-                jwt: match &config.jwt {
-                    Some(j) => Some(crate::auth::JwtVerifier::new(j).map_err(anyhow::Error::msg)?),
-                    None => None,
-                },
+                jwt: compiled.jwt,
                 tenants: config.tenants.clone(),
             }),
             created: crate::clock::now_unix(),
             config,
-        })
+        }
     }
 }
 
@@ -89,6 +84,9 @@ impl AppState {
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Arc<Self>> {
         let http = crate::backends::HttpClient::new()?;
+        // Everything the config describes, built once; an invalid config stops here, before
+        // any file, database or socket is touched.
+        let compiled = compile(&config, &http, None)?;
         let signer = UrlSigner::load_or_create(
             config.images.signing_key.as_ref().map(|k| k.expose()),
             &config.data_dir,
@@ -107,7 +105,6 @@ impl AppState {
                 }
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
-        let (tls, admin_tls) = super::tls::acceptors(&config).map_err(anyhow::Error::msg)?;
         let db = open_store(&config).await?;
         let db_keys = match &db {
             Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
@@ -128,7 +125,8 @@ impl AppState {
         let policy = Arc::new(Policy::with_redis(
             redis.map(crate::policy::RedisLimiter::new),
         ));
-        let runtime = Runtime::build(config, &http, None, db_keys.clone(), policy)?;
+        let (tls, admin_tls) = (compiled.tls.clone(), compiled.admin_tls.clone());
+        let runtime = Runtime::new(config, compiled, db_keys.clone(), policy);
         Ok(Arc::new(AppState {
             db_keys,
             meter,
@@ -169,21 +167,16 @@ impl AppState {
                 );
             }
         }
-        let (tls, admin_tls) = super::tls::acceptors(&config)?;
         if config.state != old.config.state {
             tracing::warn!(
                 key = "state",
                 "changed in the config file; takes effect at the next restart"
             );
         }
-        let runtime = Runtime::build(
-            config,
-            &self.http,
-            Some(&old),
-            self.db_keys.clone(),
-            old.policy.clone(),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let compiled =
+            compile(&config, &self.http, Some(&old.router)).map_err(|e| e.to_string())?;
+        let (tls, admin_tls) = (compiled.tls.clone(), compiled.admin_tls.clone());
+        let runtime = Runtime::new(config, compiled, self.db_keys.clone(), old.policy.clone());
         self.tls.store(tls);
         self.admin_tls.store(admin_tls);
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);

@@ -7,7 +7,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, TlsConfig};
+use crate::config::TlsConfig;
 
 /// Reads the PEM files and builds an acceptor offering HTTP/2 and HTTP/1.1.
 pub fn acceptor(c: &TlsConfig) -> Result<TlsAcceptor, String> {
@@ -29,17 +29,4 @@ pub fn acceptor(c: &TlsConfig) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-type Acceptor = Option<Arc<TlsAcceptor>>;
-
-/// The main and admin listeners' acceptors for a config (`None` where TLS is off).
-pub fn acceptors(config: &Config) -> Result<(Acceptor, Acceptor), String> {
-    let build = |t: &Option<TlsConfig>| {
-        t.as_ref()
-            .map(acceptor)
-            .transpose()
-            .map(|a| a.map(Arc::new))
-    };
-    Ok((build(&config.tls)?, build(&config.admin.tls)?))
 }

@@ -12,7 +12,7 @@
 //! | `redis:` set | [`RedisBudgets`] | Redis, as leases, seeded from the database | adds `spent` |
 
 mod memory;
-pub mod postgres;
+mod postgres;
 mod redis;
 
 use std::sync::Arc;

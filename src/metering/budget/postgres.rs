@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 
 use super::{BudgetStore, Hold, HoldAsk};
+use crate::metering::ledger::sql::give_back_sql;
 use crate::metering::ledger::BudgetBook;
 use crate::metering::MeterError;
 use crate::store::{Database, StoreError};
@@ -96,17 +97,6 @@ pub async fn sql_reserve(
     }
     let (spent, held) = sql_spent(db, scope, period).await?;
     Ok(Err(limit.saturating_sub(spent + held)))
-}
-
-/// `DELETE`s hold rows (chosen by `filter`, with `$1` bound) and takes their amounts off
-/// `held`, in one statement: a hold is given back exactly once, whoever gets there first.
-pub fn give_back_sql(filter: &str) -> String {
-    format!(
-        "WITH d AS (DELETE FROM budget_holds WHERE {filter} RETURNING scope, period, amount), \
-         s AS (SELECT scope, period, SUM(amount) AS amount FROM d GROUP BY scope, period) \
-         UPDATE budget_usage SET held = budget_usage.held - s.amount FROM s \
-         WHERE budget_usage.scope = s.scope AND budget_usage.period = s.period"
-    )
 }
 
 /// Gives back the holds whose lease ran out (their replica died); returns how many budgets.

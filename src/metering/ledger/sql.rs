@@ -90,7 +90,7 @@ pub(super) async fn write_batch(
         if !members.is_empty() {
             let json =
                 serde_json::to_string(&members).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            sqlx::query(&crate::metering::budget::postgres::give_back_sql(
+            sqlx::query(&give_back_sql(
                 "member IN (SELECT json_array_elements_text($1::json))",
             ))
             .bind(json)
@@ -115,4 +115,15 @@ pub(super) async fn write_batch(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// `DELETE`s hold rows (chosen by `filter`, with `$1` bound) and takes their amounts off
+/// `held`, in one statement: a hold is given back exactly once, whoever gets there first.
+pub(crate) fn give_back_sql(filter: &str) -> String {
+    format!(
+        "WITH d AS (DELETE FROM budget_holds WHERE {filter} RETURNING scope, period, amount), \
+         s AS (SELECT scope, period, SUM(amount) AS amount FROM d GROUP BY scope, period) \
+         UPDATE budget_usage SET held = budget_usage.held - s.amount FROM s \
+         WHERE budget_usage.scope = s.scope AND budget_usage.period = s.period"
+    )
 }
