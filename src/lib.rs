@@ -1,7 +1,9 @@
 //! imagegate: an OpenAI-compatible gateway for image generation.
 //!
-//! The life of a request is in `server::handlers::generations`; the modules follow its steps
-//! (see DESIGN in the repository's README for the map).
+//! Start with `ARCHITECTURE.md` in the repository: the life of a request as a list of stages
+//! with the function that runs each (`server::handlers::generations` reads top to bottom the
+//! same way), the module map with what each module may import, and where a new backend kind,
+//! endpoint or storage mode goes.
 
 pub mod allocator;
 pub mod api;

@@ -21,25 +21,6 @@ use crate::store::{Database, StoreError};
 
 const MAX_PAGE: i64 = 500;
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(what) => {
-                ApiError::new(ErrorKind::NotFound, format!("{what} not found"))
-            }
-            StoreError::Conflict(what) => ApiError::new(
-                ErrorKind::Conflict,
-                format!("{what} already exists or conflicts"),
-            ),
-            StoreError::Invalid(why) => ApiError::new(ErrorKind::InvalidRequest, why),
-            other => {
-                tracing::error!(error = %other, "key store error");
-                ApiError::new(ErrorKind::Unavailable, "The key store is unavailable.")
-            }
-        }
-    }
-}
-
 pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     match route(state, req).await {
         Ok(resp) => resp,

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+use crate::api::{ApiError, ErrorKind};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Sqlite,
@@ -36,6 +38,27 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+}
+
+/// The admin API's answer to a store error (metering maps its own failures through
+/// `metering::MeterError`, with wording of its own).
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => {
+                ApiError::new(ErrorKind::NotFound, format!("{what} not found"))
+            }
+            StoreError::Conflict(what) => ApiError::new(
+                ErrorKind::Conflict,
+                format!("{what} already exists or conflicts"),
+            ),
+            StoreError::Invalid(why) => ApiError::new(ErrorKind::InvalidRequest, why),
+            other => {
+                tracing::error!(error = %other, "key store error");
+                ApiError::new(ErrorKind::Unavailable, "The key store is unavailable.")
+            }
+        }
+    }
 }
 
 impl Database {
