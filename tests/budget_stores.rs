@@ -186,6 +186,31 @@ fn facts(request_id: &str) -> RequestFacts<'_> {
     }
 }
 
+/// Opens a charge, reserves `reserve`, and delivers one image at `cost`; true if durable.
+async fn spend(
+    meter: &Arc<Meter>,
+    who: &Principal,
+    request_id: &str,
+    reserve: u64,
+    cost: u64,
+) -> bool {
+    let Begun::Charge(mut charge) = meter.begin(who, facts(request_id), None).await.unwrap() else {
+        panic!("no idempotency key: always a charge");
+    };
+    charge
+        .reserve(who, reserve, Duration::from_secs(60))
+        .await
+        .unwrap();
+    charge.relayed();
+    let delivered = Delivered {
+        backend: Some("sandbox"),
+        images: 1,
+        cost,
+        ..Delivered::default()
+    };
+    charge.deliver(delivered, None).await
+}
+
 // === the cases ===
 
 /// Holds are taken while they fit, and a hold that would pass the limit is refused with
@@ -293,25 +318,7 @@ async fn a_delivered_charge_spends_its_cost_and_frees_its_hold(b: Backing) {
     let meter = b.meter().await;
     let who = b.principal("deliver", 1000);
     let scope = format!("tenant:{}", who.tenant);
-    let Begun::Charge(mut charge) = meter.begin(&who, facts("req-1"), None).await.unwrap() else {
-        panic!("no idempotency key: always a charge");
-    };
-    charge
-        .reserve(&who, 300, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(
-        meter.budgets().usage(&scope, "total").await.unwrap(),
-        (0, 300)
-    );
-    charge.relayed();
-    let delivered = Delivered {
-        backend: Some("sandbox"),
-        images: 1,
-        cost: 120,
-        ..Delivered::default()
-    };
-    assert!(charge.deliver(delivered, None).await, "durable");
+    assert!(spend(&meter, &who, "req-1", 300, 120).await, "durable");
     meter.flush().await;
     eventually(meter.budgets().as_ref(), &scope, (120, 0)).await;
 
@@ -358,21 +365,7 @@ async fn a_new_store_over_the_same_backing_sees_what_was_spent(b: Backing) {
     let scope = format!("tenant:{}", who.tenant);
     {
         let meter = b.meter().await;
-        let Begun::Charge(mut charge) = meter.begin(&who, facts("req-1"), None).await.unwrap()
-        else {
-            panic!()
-        };
-        charge
-            .reserve(&who, 200, Duration::from_secs(60))
-            .await
-            .unwrap();
-        charge.relayed();
-        let delivered = Delivered {
-            images: 1,
-            cost: 200,
-            ..Delivered::default()
-        };
-        assert!(charge.deliver(delivered, None).await);
+        assert!(spend(&meter, &who, "req-1", 200, 200).await);
         meter.flush().await;
         eventually(meter.budgets().as_ref(), &scope, (200, 0)).await;
     }

@@ -1,5 +1,6 @@
 //! Budgets held in this process: alone (`state.store: none`), or seeded from SQLite, whose
-//! file one process owns, so its holds need be nowhere else.
+//! file one process owns, so its holds need be nowhere else. One implementation, two modes:
+//! they differ only in where a row starts ([`Seed`]).
 
 use async_trait::async_trait;
 
@@ -75,66 +76,77 @@ impl MemoryBudgets {
     }
 }
 
-/// `state.store: none`: budgets live and die with this process.
-#[derive(Default)]
-pub struct InProcessBudgets {
+/// Budgets held in this process, each row starting where `S` says: at zero
+/// ([`InProcessBudgets`]) or at what SQLite says was spent ([`SqliteBudgets`]).
+pub struct InProcess<S> {
     rows: MemoryBudgets,
+    seed: S,
 }
 
-#[async_trait]
-impl BudgetStore for InProcessBudgets {
-    fn book(&self) -> BudgetBook {
-        BudgetBook::SpentOnly
-    }
+/// Where an in-process budget row starts the first time it is used.
+pub trait Seed: Send + Sync {
+    /// The database that keeps what was spent before this process; `None`: start at zero.
+    fn database(&self) -> Option<&Database>;
+}
 
-    async fn hold(&self, ask: &HoldAsk<'_>) -> Result<Result<(), u64>, MeterError> {
-        Ok(self
-            .rows
-            .reserve(ask.scope, ask.period, ask.cost, ask.limit))
-    }
+/// Rows start at zero: budgets live and die with the process.
+#[derive(Default)]
+pub struct AtZero;
 
-    async fn release(&self, hold: &Hold, _member: &str) {
-        self.rows.settle(hold, 0);
+impl Seed for AtZero {
+    fn database(&self) -> Option<&Database> {
+        None
     }
+}
 
-    fn settle(&self, holds: &[Hold], _member: &str, cost: u64) {
-        for h in holds {
-            self.rows.settle(h, cost);
+/// Rows start at what the SQLite file says was spent; the ledger adds each request's cost
+/// there.
+pub struct FromDatabase(Database);
+
+impl Seed for FromDatabase {
+    fn database(&self) -> Option<&Database> {
+        Some(&self.0)
+    }
+}
+
+/// `state.store: none`.
+pub type InProcessBudgets = InProcess<AtZero>;
+/// `state.store: sqlite`: SQLite's file has one process, so its holds need be nowhere else.
+pub type SqliteBudgets = InProcess<FromDatabase>;
+
+impl Default for InProcessBudgets {
+    fn default() -> Self {
+        InProcess {
+            rows: MemoryBudgets::default(),
+            seed: AtZero,
         }
     }
-
-    async fn usage(&self, scope: &str, period: &str) -> Result<(u64, u64), MeterError> {
-        Ok(self.rows.spent(scope, period))
-    }
-}
-
-/// `state.store: sqlite`: holds in this process; each budget row starts, on first use, at
-/// what the database says was spent, and the ledger adds each request's cost there.
-pub struct SqliteBudgets {
-    rows: MemoryBudgets,
-    db: Database,
 }
 
 impl SqliteBudgets {
     pub fn new(db: Database) -> Self {
-        SqliteBudgets {
+        InProcess {
             rows: MemoryBudgets::default(),
-            db,
+            seed: FromDatabase(db),
         }
     }
+}
 
-    /// Seeds an in-process budget row from the database the first time it is used.
+impl<S: Seed> InProcess<S> {
+    /// Seeds a budget row from the database the first time it is used.
     async fn seed(&self, scope: &str, period: &str) -> Result<(), MeterError> {
-        if !self.rows.has(scope, period) {
-            let (spent, _) = Box::pin(super::sql_spent(&self.db, scope, period)).await?;
-            self.rows.seed(scope, period, spent);
+        if let Some(db) = self.seed.database() {
+            if !self.rows.has(scope, period) {
+                let (spent, _) = Box::pin(super::sql_spent(db, scope, period)).await?;
+                self.rows.seed(scope, period, spent);
+            }
         }
         Ok(())
     }
 }
 
 #[async_trait]
-impl BudgetStore for SqliteBudgets {
+impl<S: Seed> BudgetStore for InProcess<S> {
     fn book(&self) -> BudgetBook {
         BudgetBook::SpentOnly
     }

@@ -26,7 +26,7 @@ use crate::config::{BudgetConfig, BudgetPeriod};
 use crate::store::Database;
 
 pub use super::ledger::Hold;
-pub use memory::{InProcessBudgets, MemoryBudgets, SqliteBudgets};
+pub use memory::{InProcess, InProcessBudgets, MemoryBudgets, Seed, SqliteBudgets};
 pub use postgres::{sql_release, sql_reserve, sql_spent, sql_sweep_holds, PostgresBudgets};
 pub use redis::RedisBudgets;
 
