@@ -322,6 +322,10 @@ async fn generations(
     };
     let tokens = crate::metering::usage_tokens(usage.as_ref());
     let cost = route.prices.cost(&request, delivered);
+    log.cost = Some(cost);
+    log.usage = usage;
+    route.images.inc_by(delivered as u64);
+    crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
     let delivery = Delivered {
         backend: log.backend.as_deref(),
         images: delivered,
@@ -331,12 +335,7 @@ async fn generations(
             .cost_with_tokens(&request, delivered, tokens),
         tokens,
     };
-    let durable = charge.deliver(delivery, stored).await;
-    log.cost = Some(cost);
-    log.usage = usage;
-    route.images.inc_by(delivered as u64);
-    crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);
-    if !durable {
+    if !charge.deliver(delivery, stored).await {
         tracing::error!(
             request_id,
             "usage ledger unavailable: answering without a durable usage record"
