@@ -234,18 +234,19 @@ impl Meter {
             let Some(b) = b else { continue };
             let (period, resets_at) = budget::period_of(b.period, now);
             let scope = format!("{kind}:{id}");
-            let held = self
-                .budgets
-                .hold(&HoldAsk {
-                    scope: &scope,
-                    period: &period,
-                    member,
-                    cost,
-                    limit: b.micro_usd,
-                    lease,
-                    resets_at,
-                })
-                .await;
+            let ask = HoldAsk {
+                scope: &scope,
+                period: &period,
+                member,
+                cost,
+                limit: b.micro_usd,
+                lease,
+                resets_at,
+            };
+            let held = match self.budgets.try_hold(&ask) {
+                Some(held) => Ok(held),
+                None => self.budgets.hold(&ask).await,
+            };
             match held {
                 Ok(Ok(())) => holds.push(Hold {
                     scope,

@@ -158,6 +158,14 @@ impl<S: Seed> BudgetStore for InProcess<S> {
             .reserve(ask.scope, ask.period, ask.cost, ask.limit))
     }
 
+    fn try_hold(&self, ask: &HoldAsk<'_>) -> Option<Result<(), u64>> {
+        let seeded = self.seed.database().is_none() || self.rows.has(ask.scope, ask.period);
+        seeded.then(|| {
+            self.rows
+                .reserve(ask.scope, ask.period, ask.cost, ask.limit)
+        })
+    }
+
     async fn release(&self, hold: &Hold, _member: &str) {
         self.rows.settle(hold, 0);
     }

@@ -61,6 +61,13 @@ pub trait BudgetStore: Send + Sync {
     /// open: the request is refused, retryably).
     async fn hold(&self, ask: &HoldAsk<'_>) -> Result<Result<(), u64>, MeterError>;
 
+    /// [`BudgetStore::hold`] answered at once, when the store can without waiting (in process,
+    /// for a row already seeded): `None` sends the caller to `hold`. Saves the request path the
+    /// boxed future of an `async` trait call.
+    fn try_hold(&self, _ask: &HoldAsk<'_>) -> Option<Result<(), u64>> {
+        None
+    }
+
     /// Gives back a hold that will never be spent (a later budget refused the request, or it
     /// was never relayed). A failure is logged: the hold's lease runs out by itself.
     async fn release(&self, hold: &Hold, member: &str);
