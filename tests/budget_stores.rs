@@ -183,6 +183,7 @@ fn facts(request_id: &str) -> RequestFacts<'_> {
         size: Size::new(256, 256),
         quality: None,
         n: 1,
+        operation: imagegate::api::Operation::Generation,
     }
 }
 

@@ -2,6 +2,7 @@
 //! the response body and the error body. Nothing here knows about backends or the server;
 //! everything else converts into these types at the edge.
 
+pub mod edit;
 mod error;
 mod request;
 mod response;
@@ -12,6 +13,7 @@ pub use error::{ApiError, ErrorKind};
 /// `x-request-id`, on answers and on upstream calls. A `HeaderName` constant: inserting it
 /// allocates nothing (a `&str` name is copied into a new `HeaderName` on every insert).
 pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub use edit::{EditInputs, InputFormat, InputImage, Operation};
 pub use request::GptParams;
 pub use request::{parse_request, ImageRequest, RawRequest};
 pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};

@@ -68,6 +68,9 @@ pub struct ImageRequest {
     pub user: Option<String>,
     /// Present exactly when the model is a GPT image model.
     pub gpt: Option<GptParams>,
+    /// The uploaded images of an edit or a variation (`None`: a generation). Shared, so a
+    /// retry on another target resends the same parts without a copy.
+    pub inputs: Option<std::sync::Arc<super::edit::EditInputs>>,
 }
 
 impl ImageRequest {
@@ -81,6 +84,12 @@ impl ImageRequest {
 
     pub fn streaming(&self) -> bool {
         self.gpt.as_ref().is_some_and(|g| g.stream)
+    }
+
+    pub fn operation(&self) -> super::edit::Operation {
+        self.inputs
+            .as_ref()
+            .map_or(super::edit::Operation::Generation, |i| i.operation)
     }
 }
 
@@ -400,6 +409,7 @@ impl RawRequest {
             response_format,
             user: self.user,
             gpt: None,
+            inputs: None,
         })
     }
 
@@ -529,6 +539,7 @@ impl RawRequest {
                 partial_images,
                 complexity,
             }),
+            inputs: None,
         })
     }
 }

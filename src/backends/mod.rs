@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::api::{ApiError, ErrorKind, ImageRequest};
+use crate::api::{ApiError, ErrorKind, ImageRequest, Operation};
 use crate::config::{BackendConfig, ConfigError, Dialect};
 
 pub use client::HttpClient;
@@ -165,6 +165,14 @@ pub enum ImagePayload {
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
+
+    /// Whether this backend can serve `operation`. Routing never sends an edit or a variation
+    /// to a backend that says no.
+    fn can(&self, operation: Operation) -> bool {
+        operation == Operation::Generation
+    }
+
+    /// Generates, or, when `call.request.inputs` is set, edits or varies the uploaded images.
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError>;
 
     /// Server-sent events for `stream: true`. Backends that cannot stream answer whole, as

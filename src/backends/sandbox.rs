@@ -7,11 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::imageops::FilterType as FilterType2;
 use image::{ImageEncoder, Rgb, RgbImage};
 use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
-use crate::api::Size;
+use crate::api::{EditInputs, Operation, Size};
 use crate::config::SandboxConfig;
 
 pub struct SandboxBackend {
@@ -96,6 +97,48 @@ pub fn render(prompt: &str, index: u32, size: Size) -> RgbImage {
     img
 }
 
+/// An edit (or a variation) of the first uploaded image at `size`: the picture `prompt` would
+/// give (a variation: the picture of the image's own digest) blended over it, where the mask is
+/// transparent (alpha 0 = edit here, as OpenAI's masks), or lightly over all of it without a
+/// mask. Deterministic, so tests can check that pixels outside the mask are untouched.
+pub fn edit(
+    inputs: &EditInputs,
+    prompt: &str,
+    index: u32,
+    size: Size,
+) -> Result<RgbImage, image::ImageError> {
+    let first = &inputs.images[0];
+    let mut base = image::load_from_memory(&first.bytes)?.to_rgb8();
+    if base.dimensions() != (size.width, size.height) {
+        base = image::imageops::resize(&base, size.width, size.height, FilterType2::Triangle);
+    }
+    let seed = match inputs.operation {
+        Operation::Variation => hex::encode(Sha256::digest(&first.bytes)),
+        _ => prompt.to_string(),
+    };
+    let over = render(&seed, index, size);
+    let mask = match &inputs.mask {
+        Some(m) => {
+            let mut mask = image::load_from_memory(&m.bytes)?.to_rgba8();
+            if mask.dimensions() != (size.width, size.height) {
+                mask =
+                    image::imageops::resize(&mask, size.width, size.height, FilterType2::Nearest);
+            }
+            Some(mask)
+        }
+        None => None,
+    };
+    for (x, y, px) in base.enumerate_pixels_mut() {
+        let alpha = match &mask {
+            Some(mask) if mask.get_pixel(x, y).0[3] == 0 => 256,
+            Some(_) => continue,
+            None => 112,
+        };
+        px.0 = blend(px.0, over.get_pixel(x, y).0, alpha);
+    }
+    Ok(base)
+}
+
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
     let mut out = Vec::with_capacity((img.width() * img.height()) as usize / 4);
     PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Sub).write_image(
@@ -113,6 +156,10 @@ impl Backend for SandboxBackend {
         "sandbox"
     }
 
+    fn can(&self, _operation: Operation) -> bool {
+        true
+    }
+
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         super::translate::require_plain_png(call.request)?;
         if let Some(delay) = self.delay {
@@ -124,10 +171,14 @@ impl Backend for SandboxBackend {
         }
         let prompt = call.request.prompt.clone();
         let (n, size) = (call.request.n, call.request.size);
-        let images = tokio::task::spawn_blocking(move || {
-            (0..n)
+        let inputs = call.request.inputs.clone();
+        let images = tokio::task::spawn_blocking(move || match inputs {
+            None => (0..n)
                 .map(|i| encode_png(&render(&prompt, i, size)).map(Bytes::from))
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>(),
+            Some(inputs) => (0..n)
+                .map(|i| encode_png(&edit(&inputs, &prompt, i, size)?).map(Bytes::from))
+                .collect::<Result<Vec<_>, _>>(),
         })
         .await
         .map_err(|e| BackendError::BadResponse(format!("sandbox renderer failed: {e}")))?

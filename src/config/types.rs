@@ -265,6 +265,14 @@ pub struct ServerConfig {
     /// Largest accepted request body; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Largest multipart upload (edits, variations); larger ones get 413 before they are
+    /// read whole.
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: usize,
+    /// Bytes of uploads held at once across all requests; an upload that would pass it gets
+    /// 503 with `retry-after`.
+    #[serde(default = "default_max_upload_memory")]
+    pub max_upload_memory: usize,
     /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
     #[serde(default = "default_shutdown", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
@@ -289,6 +297,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: default_max_body(),
+            max_upload_bytes: default_max_upload(),
+            max_upload_memory: default_max_upload_memory(),
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
             reload_poll: default_reload_poll(),
@@ -299,6 +309,12 @@ impl Default for ServerConfig {
 
 fn default_max_body() -> usize {
     1024 * 1024
+}
+fn default_max_upload() -> usize {
+    64 * 1024 * 1024
+}
+fn default_max_upload_memory() -> usize {
+    1024 * 1024 * 1024
 }
 fn default_shutdown() -> Duration {
     Duration::from_secs(30)

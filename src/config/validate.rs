@@ -152,6 +152,18 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             "must be at least 1024 bytes",
         ));
     }
+    if config.server.max_upload_bytes < 1024 {
+        errors.push(ConfigError::new(
+            "server.max_upload_bytes",
+            "must be at least 1024 bytes",
+        ));
+    }
+    if config.server.max_upload_memory < config.server.max_upload_bytes {
+        errors.push(ConfigError::new(
+            "server.max_upload_memory",
+            "must be at least server.max_upload_bytes (one upload must fit)",
+        ));
+    }
     if config.images.url_ttl.as_secs() < 1 {
         errors.push(ConfigError::new("images.url_ttl", "must be at least 1s"));
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::ledger::{IdemOutcome, Settlement, UsageRow};
 use super::{Hold, Meter};
-use crate::api::{ApiError, ImageRequest, Quality, Size};
+use crate::api::{ApiError, ImageRequest, Operation, Quality, Size};
 use crate::auth::Principal;
 
 /// What metering keeps of a request: its identity and what was asked for.
@@ -19,6 +19,7 @@ pub struct RequestFacts<'a> {
     pub quality: Option<Quality>,
     /// Images asked for.
     pub n: u32,
+    pub operation: Operation,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -29,6 +30,7 @@ impl<'a> RequestFacts<'a> {
             size: request.size,
             quality: request.quality,
             n: request.n,
+            operation: request.operation(),
         }
     }
 }
@@ -111,6 +113,7 @@ impl Charge {
             quality: facts.quality.map(|q| q.as_str().to_string()),
             n_requested: facts.n,
             idempotency_key: idem.as_ref().map(|c| c.key.clone()),
+            operation: std::borrow::Cow::Borrowed(facts.operation.as_str()),
             ..UsageRow::default()
         };
         Charge {

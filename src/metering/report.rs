@@ -148,6 +148,7 @@ pub async fn rows(db: &Database, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreE
                 status: n(r, "status")? as u16,
                 latency_ms: n(r, "latency_ms")? as u64,
                 idempotency_key: r.try_get("idempotency_key")?,
+                operation: std::borrow::Cow::Owned(r.try_get("operation")?),
             })
         })
         .collect::<Result<_, sqlx::Error>>()

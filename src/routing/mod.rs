@@ -95,6 +95,11 @@ impl ModelRoute {
         &self.targets
     }
 
+    /// Whether some target's backend can serve `operation` at all.
+    pub fn can(&self, operation: crate::api::Operation) -> bool {
+        self.targets.iter().any(|t| t.backend.can(operation))
+    }
+
     /// Whether some target could take a request now.
     pub fn available(&self, now: Instant) -> bool {
         self.targets
@@ -194,7 +199,13 @@ impl ModelRoute {
         deadline: Instant,
         stream: bool,
     ) -> Dispatch {
-        let mut tried = vec![false; self.targets.len()];
+        // A target that cannot serve this operation counts as tried already.
+        let operation = request.operation();
+        let mut tried: Vec<bool> = self
+            .targets
+            .iter()
+            .map(|t| !t.backend.can(operation))
+            .collect();
         let mut attempts = 0;
         let mut busy = false;
         let mut upstream_time = Duration::ZERO;

@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, BodyStream, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tracing::Instrument;
 
 use super::respond::{self, Body, REQUEST_ID};
 use super::state::{AppState, Runtime};
-use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject};
+use crate::api::{self, ApiError, ErrorKind, ImagesResponse, ModelList, ModelObject, Operation};
 use crate::auth::{bearer_token, KeyStore, Principal};
 use crate::backends::translate;
 use crate::images::FILES_PREFIX;
@@ -145,6 +146,12 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     match (req.method(), path) {
         (&Method::POST, "/v1/images/generations") => generations(state, req, request_id, log).await,
+        (&Method::POST, "/v1/images/edits") => {
+            uploads(state, req, request_id, log, Operation::Edit).await
+        }
+        (&Method::POST, "/v1/images/variations") => {
+            uploads(state, req, request_id, log, Operation::Variation).await
+        }
         (&Method::GET, "/v1/models") => models(state, &req, log).await,
         (&Method::GET, p) if p.starts_with("/v1/models/") => {
             model(state, &req, &p["/v1/models/".len()..], log).await
@@ -156,12 +163,18 @@ async fn route(
         (&Method::GET | &Method::HEAD, p) if p.starts_with(FILES_PREFIX) => {
             file(state, &req, &p[FILES_PREFIX.len()..]).await
         }
-        (_, "/v1/images/generations" | "/v1/models" | "/healthz" | "/readyz") => {
-            Err(ApiError::new(
-                ErrorKind::MethodNotAllowed,
-                format!("Method {} is not allowed for {path}.", req.method()),
-            ))
-        }
+        (
+            _,
+            "/v1/images/generations"
+            | "/v1/images/edits"
+            | "/v1/images/variations"
+            | "/v1/models"
+            | "/healthz"
+            | "/readyz",
+        ) => Err(ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("Method {} is not allowed for {path}.", req.method()),
+        )),
         (method, _) => Err(ApiError::new(
             ErrorKind::NotFound,
             format!("Invalid URL ({method} {path})"),
@@ -260,26 +273,138 @@ async fn generations(
         .ok_or_else(|| ApiError::model_not_found(&model_name))?;
     log.route = Some(route.name.clone());
     let request = raw.validate(&route.rules)?;
+    let idempotency = idem_key.as_deref().map(|key| (key, &body[..]));
+    run(
+        state,
+        &rt,
+        &principal,
+        route,
+        request,
+        idempotency,
+        request_id,
+        log,
+    )
+    .await
+}
+
+/// `POST /v1/images/edits` and `POST /v1/images/variations`: a multipart upload, read as it
+/// arrives within `server.max_upload_bytes` and the memory all uploads may hold, then the same
+/// pipeline as a generation.
+async fn uploads(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &str,
+    log: &mut AccessLog,
+    operation: Operation,
+) -> Result<Response<Body>, ApiError> {
+    let rt = state.runtime.load_full();
+    let principal = authenticate(&rt, &req, log).await?;
+    let boundary = api::edit::boundary(
+        req.headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    let idem_key = req
+        .headers()
+        .get("idempotency-key")
+        .map(idempotency::check_key)
+        .transpose()?;
+    let limit = rt.config.server.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("The request body exceeds the maximum upload size of {limit} bytes."),
+        )
+        .code("request_too_large"));
+    }
+    let reserve = declared.map_or(limit, |len| len as usize);
+    let _held = state
+        .uploads
+        .reserve(reserve, rt.config.server.max_upload_memory)?;
+    let frames = BodyStream::new(req.into_body()).filter_map(|frame| {
+        std::future::ready(match frame {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
+
+    let model_name = form.model().to_string();
+    log.model = Some(model_name.clone());
+    rt.policy.check_model(&principal, &model_name)?;
+    let route = rt
+        .router
+        .model(&model_name)
+        .ok_or_else(|| ApiError::model_not_found(&model_name))?;
+    log.route = Some(route.name.clone());
+    if !route.can(operation) {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "The model '{model_name}' cannot serve image {}s here: none of its backends can.",
+                operation.as_str()
+            ),
+        )
+        .code("operation_not_supported"));
+    }
+    let fingerprint = form.fingerprint().to_vec();
+    let request = match operation {
+        Operation::Variation => form.into_variation()?,
+        _ => form.into_edit(&route.rules)?,
+    };
+    let idempotency = idem_key.as_deref().map(|key| (key, &fingerprint[..]));
+    run(
+        state,
+        &rt,
+        &principal,
+        route,
+        request,
+        idempotency,
+        request_id,
+        log,
+    )
+    .await
+}
+
+/// A validated request's life from here on, whatever its endpoint: its idempotency record,
+/// limits, budget, relay and settlement. `idempotency`: the key and what must match on a
+/// repeat (the body, or a digest of a form's parts).
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    state: &Arc<AppState>,
+    rt: &Runtime,
+    principal: &Principal,
+    route: &crate::routing::ModelRoute,
+    request: api::ImageRequest,
+    idempotency: Option<(&str, &[u8])>,
+    request_id: &str,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
     // How long a request may hold a concurrency slot or an idempotency key before another
     // replica may assume it died.
     let lease = route.timeout + Duration::from_secs(30);
 
     // A repeat of a finished request is answered from its record: no limit, no charge.
-    if idem_key.is_some() && request.streaming() {
+    if idempotency.is_some() && request.streaming() {
         return Err(ApiError::new(
             ErrorKind::InvalidRequest,
             "Idempotency-Key is not supported with stream=true.",
         )
         .param("Idempotency-Key"));
     }
-    let idempotency = idem_key.as_deref().map(|key| IdempotencyKey {
+    let idempotency = idempotency.map(|(key, body)| IdempotencyKey {
         key,
-        body: &body,
+        body,
         lock_for: lease,
         retention: rt.config.state.idempotency_retention,
     });
     let facts = RequestFacts::of(request_id, &request);
-    let mut charge = match state.meter.begin(&principal, facts, idempotency).await? {
+    let mut charge = match state.meter.begin(principal, facts, idempotency).await? {
         Begun::Charge(charge) => charge,
         Begun::Replay(answer) => {
             let mut resp =
@@ -291,10 +416,10 @@ async fn generations(
     };
     let _permits = rt
         .policy
-        .admit_request(&principal, request.n, charge.id(), lease, &mut log.rate)
+        .admit_request(principal, request.n, charge.id(), lease, &mut log.rate)
         .await?;
     let reserved = route.prices.cost(&request, request.n);
-    charge.reserve(&principal, reserved, lease).await?;
+    charge.reserve(principal, reserved, lease).await?;
     charge.relayed();
 
     let relayed = match relay(state, route, &request, request_id, log).await {

@@ -6,6 +6,7 @@ mod handlers;
 mod respond;
 mod state;
 pub mod tls;
+mod uploads;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

@@ -70,6 +70,8 @@ pub struct AppState {
     pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Budgets, the usage ledger and idempotency records.
     pub meter: Arc<crate::metering::Meter>,
+    /// Bytes of uploads held at once.
+    pub uploads: super::uploads::UploadGate,
     probes: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -138,6 +140,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             config_path,
             probes: Mutex::new(Vec::new()),
+            uploads: Default::default(),
         }))
     }
 

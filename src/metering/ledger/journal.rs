@@ -256,6 +256,7 @@ fn encode_line(s: &Settlement, holds_in_redis: bool, out: &mut Vec<u8>) -> std::
     int_field(out, k!("status"), r.status);
     int_field(out, k!("latency_ms"), r.latency_ms);
     opt_str_field(out, k!("idempotency_key"), r.idempotency_key.as_deref())?;
+    str_field(out, k!("operation"), &r.operation)?;
     out.extend_from_slice(br#"},"holds":["#);
     for (i, h) in s.holds.iter().enumerate() {
         if i > 0 {

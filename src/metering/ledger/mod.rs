@@ -60,6 +60,14 @@ pub struct UsageRow {
     pub status: u16,
     pub latency_ms: u64,
     pub idempotency_key: Option<String>,
+    /// `generation`, `edit` or `variation`; journal lines written before edits existed have
+    /// none and were generations.
+    #[serde(default = "generation")]
+    pub operation: std::borrow::Cow<'static, str>,
+}
+
+fn generation() -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed("generation")
 }
 
 /// What becomes of an `Idempotency-Key` record when its request ends.

@@ -47,7 +47,7 @@ pub(super) fn budget_spent<'a>(
 pub(crate) const COLUMNS: &str =
     "id, request_id, ts_ms, tenant, key_id, model, backend, size, quality, \
      n_requested, n_delivered, reserved_micro_usd, cost_micro_usd, upstream_cost_micro_usd, \
-     input_tokens, output_tokens, status, latency_ms, idempotency_key";
+     input_tokens, output_tokens, status, latency_ms, idempotency_key, operation";
 
 fn postgres_insert() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -25,7 +25,7 @@ use crate::store::StoreError;
 /// multi-row `VALUES` lists. A batch is cut into statements of 64, 32, ..., 1 rows (its size
 /// in binary), so at most seven statements exist, each prepared once.
 const CHUNK: usize = 64;
-const COLUMNS_PER_ROW: usize = 19;
+const COLUMNS_PER_ROW: usize = 20;
 
 fn insert_sql(rows: usize) -> &'static str {
     static SQL: [std::sync::OnceLock<String>; SIZES] =
@@ -173,6 +173,7 @@ unsafe fn bind_row(stmt: *mut ffi::sqlite3_stmt, at: usize, r: &UsageRow) -> Res
         V::Int(Some(r.status.into())),
         V::Int(Some(r.latency_ms as i64)),
         V::Text(r.idempotency_key.as_deref()),
+        V::Text(Some(&r.operation)),
     ];
     for (i, v) in values.into_iter().enumerate() {
         let n = (at + i + 1) as c_int;
