@@ -283,16 +283,20 @@ impl Form {
             "safety_identifier" => r.safety_identifier = Some(text),
             "partial_images" => r.partial_images = Some(int(&text)?),
             "input_fidelity" => self.input_fidelity = Some(text),
-            "stream" => r.stream = Some(match text.trim() {
-                "true" | "True" | "1" => true,
-                "false" | "False" | "0" => false,
-                _ => return Err(invalid(
-                    "stream",
-                    format!(
+            "stream" => {
+                r.stream = Some(match text.trim() {
+                    "true" | "True" | "1" => true,
+                    "false" | "False" | "0" => false,
+                    _ => {
+                        return Err(invalid(
+                            "stream",
+                            format!(
                         "Invalid type for 'stream': expected a boolean, but got '{text}' instead."
                     ),
-                )),
-            }),
+                        ))
+                    }
+                })
+            }
             _ => {}
         }
         Ok(())
@@ -362,13 +366,15 @@ impl Form {
             .transpose()?;
         let markup = match self.markup.take() {
             None => None,
-            Some(_) if !gpt => return Err(invalid(
-                "markup",
-                format!(
+            Some(_) if !gpt => {
+                return Err(invalid(
+                    "markup",
+                    format!(
                     "Invalid 'markup': the model '{}' does not support it (GPT image models only).",
                     self.model()
                 ),
-            )),
+                ))
+            }
             Some(_) if mask.is_some() => {
                 return Err(invalid(
                     "markup",

@@ -158,7 +158,37 @@ impl OpenAiBackend {
     /// wants it.
     async fn send(&self, call: &UpstreamCall<'_>, mut body: Value) -> Result<Bytes, BackendError> {
         self.set_model(call, &mut body);
-        self.send_json(call, &body).await
+        match &call.request.inputs {
+            Some(inputs) => self.send_upload(call, body, inputs).await,
+            None => self.send_json(call, &body).await,
+        }
+    }
+
+    /// An edit or variation (see `upload`): the raw answer on success.
+    async fn send_upload(
+        &self,
+        call: &UpstreamCall<'_>,
+        body: Value,
+        inputs: &crate::api::EditInputs,
+    ) -> Result<Bytes, BackendError> {
+        let timeout = self.timeout.min(call.remaining());
+        if timeout.is_zero() {
+            return Err(BackendError::Timeout);
+        }
+        let resp = self
+            .upload_request(call, body, inputs)?
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let answer = read_capped(resp, MAX_ANSWER_BYTES).await?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            Err(map_error(status, &headers, &answer))
+        }
     }
 
     fn set_model(&self, call: &UpstreamCall<'_>, body: &mut Value) {
@@ -476,9 +506,19 @@ impl Backend for OpenAiBackend {
         }
     }
 
+    /// Generations, edits and variations (a variation on a GPT image upstream is an edit).
+    fn can(&self, _operation: crate::api::Operation) -> bool {
+        true
+    }
+
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         let req = call.request;
         match (call.dialect, &req.gpt) {
+            (Dialect::DallE, None) if req.inputs.is_some() => {
+                let body = serde_json::to_value(DalleBody::new(req, self.body_model(&call)))
+                    .map_err(|e| BackendError::BadResponse(format!("request: {e}")))?;
+                parse_answer(&self.send(&call, body).await?)
+            }
             (Dialect::DallE, None) => {
                 let body = DalleBody::new(req, self.body_model(&call));
                 parse_answer(&self.send_json(&call, &body).await?)
@@ -506,14 +546,19 @@ impl Backend for OpenAiBackend {
             return Err(BackendError::Timeout);
         }
         self.set_model(&call, &mut body);
-        let endpoint = self.endpoint(&call).map_err(BackendError::Connect)?;
-        let resp = self
-            .http
-            .reqwest()
-            .post(endpoint.url().clone())
-            .headers(self.request_headers(&call))
+        let request = match &call.request.inputs {
+            Some(inputs) => self.upload_request(&call, body, inputs)?,
+            None => {
+                let endpoint = self.endpoint(&call).map_err(BackendError::Connect)?;
+                self.http
+                    .reqwest()
+                    .post(endpoint.url().clone())
+                    .headers(self.request_headers(&call))
+                    .json(&body)
+            }
+        };
+        let resp = request
             .header(http::header::ACCEPT, "text/event-stream")
-            .json(&body)
             .timeout(timeout)
             .send()
             .await
@@ -543,6 +588,8 @@ impl Backend for OpenAiBackend {
         Ok(Box::pin(relay))
     }
 }
+
+mod upload;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,471 @@
+//! `POST /v1/images/edits` and `/v1/images/variations` over real HTTP: multipart bodies as
+//! the SDKs send them, the files checked from their bytes, the sandbox's deterministic edit
+//! inside the mask, the multipart form an OpenAI upstream receives, and the ledger's
+//! operation column.
+
+mod support;
+
+use reqwest::multipart::{Form, Part};
+use serde_json::json;
+use support::*;
+
+/// A 256x256 PNG whose pixels vary (so a change shows), or any size.
+fn picture(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 5 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A mask the size of the image: transparent (edit here) on the left half, opaque on the right.
+fn left_half_mask(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(width, height, |x, _| {
+        image::Rgba([0, 0, 0, if x < width / 2 { 0 } else { 255 }])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 200]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+fn file(name: &str, bytes: Vec<u8>) -> Part {
+    Part::bytes(bytes).file_name(name.to_string())
+}
+
+async fn post(gw: &Gateway, path: &str, form: Form) -> reqwest::Response {
+    client()
+        .post(gw.url(path))
+        .bearer_auth(DEMO_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn decode(b64_json: &serde_json::Value) -> image::RgbImage {
+    image::load_from_memory(&unb64(b64_json.as_str().unwrap()))
+        .unwrap()
+        .to_rgb8()
+}
+
+/// The parts of a multipart body as an upstream received it: (name, file name, bytes).
+async fn parts(recorded: &Recorded) -> Vec<(String, Option<String>, Vec<u8>)> {
+    let ct = recorded.headers["content-type"].to_str().unwrap();
+    let boundary = multer::parse_boundary(ct).unwrap();
+    let raw = recorded.raw.clone();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(raw) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut out = Vec::new();
+    while let Some(field) = form.next_field().await.unwrap() {
+        let name = field.name().unwrap().to_string();
+        let filename = field.file_name().map(str::to_string);
+        out.push((name, filename, field.bytes().await.unwrap().to_vec()));
+    }
+    out
+}
+
+fn text<'a>(parts: &'a [(String, Option<String>, Vec<u8>)], name: &str) -> Option<&'a str> {
+    parts
+        .iter()
+        .find(|(n, f, _)| n == name && f.is_none())
+        .map(|(_, _, v)| std::str::from_utf8(v).unwrap())
+}
+
+#[tokio::test]
+async fn sandbox_edit_changes_only_what_the_mask_leaves_transparent() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let original = picture(256, 256);
+    let form = Form::new()
+        .text("model", "dall-e-2")
+        .text("prompt", "a red sun")
+        .text("size", "256x256")
+        .text("response_format", "b64_json")
+        .part("image", file("in.png", original.clone()))
+        .part("mask", file("mask.png", left_half_mask(256, 256)));
+    let resp = post(&gw, "/v1/images/edits", form).await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let edited = decode(&body["data"][0]["b64_json"]);
+    let before = image::load_from_memory(&original).unwrap().to_rgb8();
+    assert_eq!(edited.dimensions(), (256, 256));
+    let (mut left_changed, mut right_changed) = (0, 0);
+    for (x, y, px) in edited.enumerate_pixels() {
+        if px != before.get_pixel(x, y) {
+            if x < 128 {
+                left_changed += 1
+            } else {
+                right_changed += 1
+            }
+        }
+    }
+    assert_eq!(
+        right_changed, 0,
+        "pixels under the opaque mask must not change"
+    );
+    assert!(left_changed > 128 * 256 / 2, "only {left_changed} changed");
+
+    // Deterministic: the same edit gives the same image; another prompt another one.
+    let again = |prompt: &'static str| {
+        Form::new()
+            .text("prompt", prompt)
+            .text("size", "256x256")
+            .text("response_format", "b64_json")
+            .part("image", file("in.png", original.clone()))
+            .part("mask", file("mask.png", left_half_mask(256, 256)))
+    };
+    let same: serde_json::Value = post(&gw, "/v1/images/edits", again("a red sun"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(decode(&same["data"][0]["b64_json"]), edited);
+    let other: serde_json::Value = post(&gw, "/v1/images/edits", again("a blue moon"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(decode(&other["data"][0]["b64_json"]), edited);
+}
+
+#[tokio::test]
+async fn variations_follow_the_dalle2_contract_on_the_sandbox() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let form = Form::new()
+        .text("n", "2")
+        .text("size", "512x512")
+        .part("image", file("in.png", picture(256, 256)));
+    let resp = post(&gw, "/v1/images/variations", form).await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert!(data[0]["url"].as_str().unwrap().contains("/images/"));
+    let png = client()
+        .get(data[0]["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (512, 512));
+
+    // A prompt is not part of a variation; nor is a non-square image.
+    let form = Form::new()
+        .text("prompt", "x")
+        .part("image", file("in.png", picture(256, 256)));
+    let err = expect_error(post(&gw, "/v1/images/variations", form).await, 400).await;
+    assert_eq!(err["param"], "prompt");
+    let form = Form::new().part("image", file("wide.png", picture(300, 200)));
+    let err = expect_error(post(&gw, "/v1/images/variations", form).await, 400).await;
+    assert_eq!(err["param"], "image");
+    assert!(err["message"].as_str().unwrap().contains("square"), "{err}");
+}
+
+#[tokio::test]
+async fn each_contract_violation_is_a_400_naming_its_field() {
+    let gw = Gateway::start(&sandbox_config(
+        "",
+        "  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: sandbox}]}}",
+    ))
+    .await;
+    let edit = |parts: Vec<(&str, Part)>| {
+        let mut form = Form::new().text("prompt", "x");
+        for (name, part) in parts {
+            form = form.part(name.to_string(), part);
+        }
+        form
+    };
+    let cases: Vec<(&str, Form, &str, &str)> = vec![
+        (
+            "missing image",
+            edit(vec![]),
+            "image",
+            "Missing required parameter",
+        ),
+        (
+            "not an image",
+            edit(vec![("image", file("notes.png", b"hello, world".to_vec()))]),
+            "image",
+            "not a PNG, JPEG or WebP",
+        ),
+        (
+            "dall-e-2 takes a PNG",
+            edit(vec![("image", file("in.jpg", jpeg(256, 256)))]),
+            "image",
+            "must be a PNG",
+        ),
+        (
+            "dall-e-2 takes a square",
+            edit(vec![("image", file("in.png", picture(256, 128)))]),
+            "image",
+            "square",
+        ),
+        (
+            "dall-e-2 takes one image",
+            edit(vec![
+                ("image[]", file("a.png", picture(256, 256))),
+                ("image[]", file("b.png", picture(256, 256))),
+            ]),
+            "image",
+            "at most 1",
+        ),
+        (
+            "mask of another size",
+            edit(vec![
+                ("image", file("in.png", picture(256, 256))),
+                ("mask", file("mask.png", left_half_mask(128, 128))),
+            ]),
+            "mask",
+            "same size",
+        ),
+        (
+            "mask not a PNG",
+            edit(vec![
+                ("image", file("in.png", picture(256, 256))),
+                ("mask", file("mask.jpg", jpeg(256, 256))),
+            ]),
+            "mask",
+            "PNG",
+        ),
+    ];
+    for (what, form, param, words) in cases {
+        let err = expect_error(post(&gw, "/v1/images/edits", form).await, 400).await;
+        assert_eq!(err["param"], param, "{what}: {err}");
+        assert!(
+            err["message"].as_str().unwrap().contains(words),
+            "{what}: {err}"
+        );
+    }
+    // dall-e-2 takes no GPT image fields; GPT image models take no markup with a mask.
+    let form =
+        edit(vec![("image", file("in.png", picture(256, 256)))]).text("background", "transparent");
+    let err = expect_error(post(&gw, "/v1/images/edits", form).await, 400).await;
+    assert_eq!(err["param"], "background");
+    let form = edit(vec![
+        ("image", file("in.png", picture(256, 256))),
+        ("mask", file("mask.png", left_half_mask(256, 256))),
+        ("markup", file("markup.png", left_half_mask(256, 256))),
+    ])
+    .text("model", "gpt-image-2");
+    let err = expect_error(post(&gw, "/v1/images/edits", form).await, 400).await;
+    assert_eq!(err["param"], "markup");
+    // Sixteen images for a GPT image model, not seventeen.
+    let many = |count: usize| {
+        (0..count).fold(
+            Form::new().text("model", "gpt-image-2").text("prompt", "x"),
+            |f, i| f.part("image[]", file(&format!("{i}.jpg"), jpeg(64, 48))),
+        )
+    };
+    let err = expect_error(post(&gw, "/v1/images/edits", many(17)).await, 400).await;
+    assert_eq!(err["param"], "image");
+    let ok = post(&gw, "/v1/images/edits", many(16)).await;
+    assert_eq!(ok.status(), 200);
+    // Not multipart at all.
+    let resp = client()
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let err = expect_error(resp, 400).await;
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("multipart/form-data"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn uploads_over_the_limit_are_413_before_they_are_read() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {max_upload_bytes: 100000}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let big = vec![0x89u8; 200_000];
+    let form = Form::new()
+        .text("prompt", "x")
+        .part("image", file("big.png", big));
+    let err = expect_error(post(&gw, "/v1/images/edits", form).await, 413).await;
+    assert_eq!(err["code"], "request_too_large");
+}
+
+#[tokio::test]
+async fn a_model_none_of_whose_backends_can_edit_says_so() {
+    let gw = Gateway::start(&sandbox_config(
+        "  node: {kind: automatic1111, base_url: \"http://127.0.0.1:9\"}",
+        "  local: {rules: dall-e-2, route: {targets: [{backend: node}]}}",
+    ))
+    .await;
+    let form = Form::new()
+        .text("model", "local")
+        .text("prompt", "x")
+        .part("image", file("in.png", picture(256, 256)));
+    let err = expect_error(post(&gw, "/v1/images/edits", form).await, 400).await;
+    assert_eq!(err["code"], "operation_not_supported");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot serve image edits"),
+        "{err}"
+    );
+}
+
+fn openai_answer(n: usize) -> serde_json::Value {
+    json!({"created": 1, "data": (0..n).map(|_| json!({"b64_json": b64(&tiny_png(256, 256))})).collect::<Vec<_>>()})
+}
+
+#[tokio::test]
+async fn an_openai_upstream_receives_the_edit_as_multipart_with_the_same_bytes() {
+    let fake = FakeUpstream::start(|r| {
+        let n = if r.path_and_query.ends_with("/variations") {
+            2
+        } else {
+            1
+        };
+        Reply::json(200, openai_answer(n))
+    })
+    .await;
+    let backends = format!(
+        "  up: {{kind: openai, base_url: \"{}/v1\", api_key: sk-upstream}}",
+        fake.base_url()
+    );
+    let models = "  remote-d2: {rules: dall-e-2, route: {targets: [{backend: up, model: dall-e-2}]}}\n  \
+                  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: up, dialect: gpt-image}]}}";
+    let gw = Gateway::start(&sandbox_config(&backends, models)).await;
+
+    let image = picture(256, 256);
+    let mask = left_half_mask(256, 256);
+    let form = Form::new()
+        .text("model", "remote-d2")
+        .text("prompt", "a red sun")
+        .text("n", "1")
+        .text("size", "256x256")
+        .text("response_format", "b64_json")
+        .part("image", file("in.png", image.clone()))
+        .part("mask", file("mask.png", mask.clone()));
+    let resp = post(&gw, "/v1/images/edits", form).await;
+    assert_eq!(resp.status(), 200);
+    let sent = &fake.requests()[0];
+    assert_eq!(sent.path_and_query, "/v1/images/edits");
+    assert_eq!(sent.headers["authorization"], "Bearer sk-upstream");
+    let got = parts(sent).await;
+    assert_eq!(text(&got, "model"), Some("dall-e-2"));
+    assert_eq!(text(&got, "prompt"), Some("a red sun"));
+    assert_eq!(text(&got, "size"), Some("256x256"));
+    assert_eq!(text(&got, "response_format"), Some("b64_json"));
+    let files: Vec<_> = got.iter().filter(|(_, f, _)| f.is_some()).collect();
+    assert_eq!(files.len(), 2);
+    assert_eq!((files[0].0.as_str(), &files[0].2), ("image", &image));
+    assert_eq!((files[1].0.as_str(), &files[1].2), ("mask", &mask));
+
+    // Three images to a GPT image model: image[] three times, in order, with input_fidelity.
+    let images: Vec<Vec<u8>> = (0..3).map(|i| picture(64 + i * 16, 64)).collect();
+    let mut form = Form::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", "combine them")
+        .text("input_fidelity", "high");
+    for (i, img) in images.iter().enumerate() {
+        form = form.part("image[]", file(&format!("{i}.png"), img.clone()));
+    }
+    assert_eq!(post(&gw, "/v1/images/edits", form).await.status(), 200);
+    let got = parts(&fake.requests()[1]).await;
+    let sent_images: Vec<&Vec<u8>> = got
+        .iter()
+        .filter(|(n, _, _)| n == "image[]")
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(sent_images, images.iter().collect::<Vec<_>>());
+    assert_eq!(text(&got, "input_fidelity"), Some("high"));
+    assert_eq!(text(&got, "model"), Some("gpt-image-2"));
+    assert_eq!(
+        text(&got, "response_format"),
+        None,
+        "GPT image models take none"
+    );
+
+    // A variation: to /images/variations in the DALL·E dialect, with no prompt.
+    let form = Form::new()
+        .text("model", "remote-d2")
+        .text("n", "2")
+        .text("size", "256x256")
+        .part("image", file("in.png", image.clone()));
+    let resp = post(&gw, "/v1/images/variations", form).await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let sent = &fake.requests()[2];
+    assert_eq!(sent.path_and_query, "/v1/images/variations");
+    let got = parts(sent).await;
+    assert_eq!(text(&got, "prompt"), None);
+    assert_eq!(text(&got, "n"), Some("2"));
+}
+
+#[tokio::test]
+async fn an_edit_is_metered_as_an_edit_and_replayed_by_its_idempotency_key() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let form = || {
+        Form::new()
+            .text("prompt", "a red sun")
+            .text("size", "256x256")
+            .part("image", file("in.png", picture(256, 256)))
+    };
+    let send = |form: Form| {
+        client()
+            .post(gw.url("/v1/images/edits"))
+            .bearer_auth(DEMO_KEY)
+            .header("idempotency-key", "edit-1")
+            .multipart(form)
+            .send()
+    };
+    // reqwest draws a new boundary for each form: the key still matches the same parts.
+    let first = send(form()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
+    let again = send(form()).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), first_body);
+    let other = send(form().text("n", "2")).await.unwrap();
+    assert_eq!(other.status(), 422, "the same key with other parts");
+
+    let db = imagegate::store::Database::sqlite(gw.data_dir.path())
+        .await
+        .unwrap();
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = sqlx::query_as::<_, (String, i64)>(
+            "SELECT operation, n_delivered FROM usage_ledger ORDER BY ts_ms",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        found,
+        vec![("edit".to_string(), 1)],
+        "one charged edit, the repeat uncharged"
+    );
+}
