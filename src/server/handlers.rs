@@ -44,6 +44,8 @@ struct AccessLog {
     rate: crate::policy::RateHeaders,
     /// Micro-dollars charged (price table x images delivered).
     cost: Option<u64>,
+    /// `generation`, `edit` or `variation`, once the request is validated.
+    operation: Option<Operation>,
 }
 
 const BACKEND: HeaderName = HeaderName::from_static("x-imagegate-backend");
@@ -131,6 +133,7 @@ pub async fn handle(
         usage = %log.usage.as_ref().map_or_else(|| "-".to_string(), |u| u.to_string()),
         trace_id = %dash(trace_id.as_deref()),
         cost_micro_usd = log.cost.unwrap_or(0),
+        operation = log.operation.map_or("-", Operation::as_str),
         "request"
     );
     Ok(resp)
@@ -385,6 +388,7 @@ async fn run(
     request_id: &str,
     log: &mut AccessLog,
 ) -> Result<Response<Body>, ApiError> {
+    log.operation = Some(request.operation());
     // How long a request may hold a concurrency slot or an idempotency key before another
     // replica may assume it died.
     let lease = route.timeout + Duration::from_secs(30);

@@ -35,6 +35,28 @@ def png(width, height):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+# Every multipart request the fake received: {"path", "fields", "files": [(name, filename, bytes)]}.
+UPLOADS = []
+
+
+def parse_multipart(content_type, raw):
+    """A multipart/form-data body as (text fields, [(name, filename, bytes)]), with the stdlib."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    fields, files = {}, []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        data = part.get_payload(decode=True)
+        if filename is None:
+            fields[name] = data.decode()
+        else:
+            files.append((name, filename, data))
+    return fields, files
+
+
 USAGE = {"input_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
          "output_tokens": 4160, "total_tokens": 4210}
 
@@ -48,7 +70,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def gpt_image(self, body):
+    def gpt_image(self, body, event="image_generation"):
         for bad in ("response_format", "style"):
             if bad in body:
                 return self.reply(400, {"error": {"message": f"Unknown parameter: '{bad}'.",
@@ -60,9 +82,9 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         if not body.get("stream"):
             return self.reply(200, {"created": 1745000000, **common,
                                     "data": [{"b64_json": image}] * body.get("n", 1), "usage": USAGE})
-        events = [{"type": "image_generation.partial_image", "b64_json": image, "partial_image_index": i,
+        events = [{"type": f"{event}.partial_image", "b64_json": image, "partial_image_index": i,
                    "created_at": 1745000000, **common} for i in range(body.get("partial_images", 0))]
-        events.append({"type": "image_generation.completed", "b64_json": image, "created_at": 1745000000,
+        events.append({"type": f"{event}.completed", "b64_json": image, "created_at": 1745000000,
                        **common, "usage": USAGE})
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -74,10 +96,21 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        if self.headers["content-type"].startswith("multipart/form-data"):
+            body, files = parse_multipart(self.headers["content-type"], raw)
+            UPLOADS.append({"path": self.path, "fields": body, "files": files})
+            event = "image_edit"
+        else:
+            body, event = json.loads(raw), "image_generation"
+        for key in ("n", "partial_images"):
+            if key in body:
+                body[key] = int(body[key])
+        if "stream" in body:
+            body["stream"] = body["stream"] in (True, "true")
         prompt = body.get("prompt", "")
         if body.get("model", "").startswith("gpt-image"):
-            self.gpt_image(body)
+            self.gpt_image(body, event)
         elif prompt == "upstream-429":
             self.reply(429, {"error": {"message": "Rate limit exceeded for images per minute.",
                                        "type": "requests", "param": None, "code": "rate_limit_exceeded"}},

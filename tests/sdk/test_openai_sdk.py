@@ -180,3 +180,74 @@ def test_idempotency_key_replays_conflicts_and_mismatches(client, gateway):
         client.images.generate(model="slow", prompt="slow", size="256x256", extra_headers=slow_key)
     t.join()
     assert results["first"].data[0].url
+
+
+# === edits and variations ===
+
+from conftest import UPLOADS, png  # noqa: E402
+
+
+def mask_left_half(width, height):
+    """An RGBA PNG: transparent (edit here) on the left half, opaque on the right."""
+    import zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"".join(b"\x00\x00\x00" + (b"\x00" if x < width // 2 else b"\xff") for x in range(width))
+    raw = b"".join(b"\x00" + row for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_edit_with_one_image_returns_a_png_of_the_size(client):
+    resp = client.images.edit(model="dall-e-2", image=("in.png", png(256, 256), "image/png"),
+                              prompt="add a red sun", size="256x256", response_format="b64_json")
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (256, 256)
+
+
+def test_edit_with_a_mask(client):
+    resp = client.images.edit(image=("in.png", png(256, 256), "image/png"),
+                              mask=("mask.png", mask_left_half(256, 256), "image/png"),
+                              prompt="a window", size="256x256", n=2)
+    assert len(resp.data) == 2
+    with urllib.request.urlopen(resp.data[0].url) as r:
+        assert png_size(r.read()) == (256, 256)
+
+
+def test_edit_with_three_images_reaches_the_upstream_as_image_array(client):
+    images = [(f"{i}.png", png(64 + 16 * i, 64), "image/png") for i in range(3)]
+    resp = client.images.edit(model="gpt-image-2", image=images, prompt="combine them",
+                              input_fidelity="high")
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (1024, 1024)
+    sent = UPLOADS[-1]
+    assert sent["path"] == "/v1/images/edits"
+    assert [f[0] for f in sent["files"]] == ["image[]"] * 3
+    assert [f[2] for f in sent["files"]] == [img[1] for img in images]
+    assert sent["fields"]["input_fidelity"] == "high"
+
+
+def test_edit_streamed(client):
+    stream = client.images.edit(model="gpt-image-2", image=("in.png", png(64, 64), "image/png"),
+                                prompt="a cat", stream=True, partial_images=1)
+    kinds = [event.type for event in stream]
+    assert kinds == ["image_edit.partial_image", "image_edit.completed"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks variations deprecated
+def test_create_variation(client):
+    resp = client.images.create_variation(image=("in.png", png(256, 256), "image/png"), n=2,
+                                          size="512x512", response_format="b64_json")
+    assert [png_size(base64.b64decode(d.b64_json)) for d in resp.data] == [(512, 512)] * 2
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"image": ("in.png", png(256, 256), "image/png"),
+      "mask": ("mask.png", mask_left_half(128, 128), "image/png")}, "mask"),
+    ({"image": ("notes.png", b"not an image at all", "image/png")}, "image"),
+    ({"model": "gpt-image-2", "image": [(f"{i}.png", png(16, 16), "image/png") for i in range(17)]}, "image"),
+    ({"image": ("in.png", png(256, 256), "image/png"), "background": "transparent"}, "background"),
+])
+def test_edit_errors_are_bad_request_errors_naming_the_field(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(prompt="x", **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param
