@@ -469,3 +469,78 @@ async fn an_edit_is_metered_as_an_edit_and_replayed_by_its_idempotency_key() {
         "one charged edit, the repeat uncharged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_edits_against_a_budget_for_seven() {
+    const PRICE: u64 = 16_000; // dall-e-2 256x256
+    let yaml = format!(
+        r#"
+listen: 127.0.0.1:${{PORT}}
+public_url: http://127.0.0.1:${{PORT}}
+data_dir: ${{DATA_DIR}}
+log: {{level: warn}}
+backends:
+  slow: {{kind: sandbox, delay: 100ms}}
+models:
+  dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: slow}}]}}}}
+tenants:
+  seven: {{models: ["*"], limits: {{budget: {{micro_usd: {}, period: total}}}}}}
+keys:
+  - {{id: seven, tenant: seven, secret: sk-seven-edits}}
+"#,
+        7 * PRICE
+    );
+    let gw = Gateway::start(&yaml).await;
+    let image = picture(256, 256);
+    let sends = (0..50).map(|i| {
+        let form = Form::new()
+            .text("prompt", format!("edit {i}"))
+            .text("size", "256x256")
+            .part("image", file("in.png", image.clone()));
+        client()
+            .post(gw.url("/v1/images/edits"))
+            .bearer_auth("sk-seven-edits")
+            .multipart(form)
+            .send()
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let mut statuses = Vec::new();
+    for r in results {
+        let r = r.unwrap();
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap();
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 43);
+
+    let db = imagegate::store::Database::sqlite(gw.data_dir.path())
+        .await
+        .unwrap();
+    let mut spent = (0i64, 0i64);
+    for _ in 0..100 {
+        spent = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(cost_micro_usd), 0) FROM usage_ledger \
+             WHERE operation = 'edit' AND status = 200",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if spent.0 == 7 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        spent,
+        (7, 7 * PRICE as i64),
+        "the ledger sums to the budget"
+    );
+}
