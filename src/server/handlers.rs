@@ -248,6 +248,32 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     }
 }
 
+/// The route of the model a request names, once the caller may use it (a model it may not
+/// use is as unknown as one that does not exist: 404, so names do not leak).
+fn model_route<'r>(
+    rt: &'r Runtime,
+    principal: &Principal,
+    model_name: &str,
+    log: &mut AccessLog,
+) -> Result<&'r crate::routing::ModelRoute, ApiError> {
+    log.model = Some(model_name.to_string());
+    rt.policy.check_model(principal, model_name)?;
+    let route = rt
+        .router
+        .model(model_name)
+        .ok_or_else(|| ApiError::model_not_found(model_name))?;
+    log.route = Some(route.name.clone());
+    Ok(route)
+}
+
+/// The checked `Idempotency-Key` header, if any.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
+    req.headers()
+        .get("idempotency-key")
+        .map(idempotency::check_key)
+        .transpose()
+}
+
 /// `POST /v1/images/generations`.
 async fn generations(
     state: &Arc<AppState>,
@@ -259,22 +285,12 @@ async fn generations(
     let rt = state.runtime.load_full();
     let principal = authenticate(&rt, &req, log).await?;
     require_json(&req)?;
-    let idem_key = req
-        .headers()
-        .get("idempotency-key")
-        .map(idempotency::check_key)
-        .transpose()?;
+    let idem_key = idempotency_key(&req)?;
     let body = read_body(req, rt.config.server.max_body_bytes).await?;
     let raw = api::parse_request(&body)?;
 
     let model_name = raw.model().to_string();
-    log.model = Some(model_name.clone());
-    rt.policy.check_model(&principal, &model_name)?;
-    let route = rt
-        .router
-        .model(&model_name)
-        .ok_or_else(|| ApiError::model_not_found(&model_name))?;
-    log.route = Some(route.name.clone());
+    let route = model_route(&rt, &principal, &model_name, log)?;
     let request = raw.validate(&route.rules)?;
     let idempotency = idem_key.as_deref().map(|key| (key, &body[..]));
     run(
@@ -307,11 +323,7 @@ async fn uploads(
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     )?;
-    let idem_key = req
-        .headers()
-        .get("idempotency-key")
-        .map(idempotency::check_key)
-        .transpose()?;
+    let idem_key = idempotency_key(&req)?;
     let limit = rt.config.server.max_upload_bytes;
     let declared = req
         .headers()
@@ -338,13 +350,7 @@ async fn uploads(
     let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
 
     let model_name = form.model().to_string();
-    log.model = Some(model_name.clone());
-    rt.policy.check_model(&principal, &model_name)?;
-    let route = rt
-        .router
-        .model(&model_name)
-        .ok_or_else(|| ApiError::model_not_found(&model_name))?;
-    log.route = Some(route.name.clone());
+    let route = model_route(&rt, &principal, &model_name, log)?;
     if !route.can(operation) {
         return Err(ApiError::invalid(
             "model",
