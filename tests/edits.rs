@@ -309,8 +309,16 @@ async fn uploads_over_the_limit_are_413_before_they_are_read() {
 
 #[tokio::test]
 async fn a_model_none_of_whose_backends_can_edit_says_so() {
+    // ComfyUI serves generations only (its edit workflow is still to come).
+    let workflow = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/comfyui/txt2img_api.json"
+    );
     let gw = Gateway::start(&sandbox_config(
-        "  node: {kind: automatic1111, base_url: \"http://127.0.0.1:9\"}",
+        &format!(
+            "  node:\n    kind: comfyui\n    base_url: \"http://127.0.0.1:9\"\n    workflow: \"{workflow}\"\n    \
+             inputs: {{prompt: 6.inputs.text, width: 5.inputs.width, height: 5.inputs.height, batch_size: 5.inputs.batch_size}}"
+        ),
         "  local: {rules: dall-e-2, route: {targets: [{backend: node}]}}",
     ))
     .await;
@@ -543,4 +551,58 @@ keys:
         (7, 7 * PRICE as i64),
         "the ledger sums to the budget"
     );
+}
+
+#[tokio::test]
+async fn an_a1111_node_gets_img2img_with_the_image_and_a_repaint_mask_of_the_opposite_polarity() {
+    let fake = support::local_nodes::fake_a1111(Default::default()).await;
+    let gw = Gateway::start(&sandbox_config(
+        &format!(
+            "  gpu: {{kind: automatic1111, base_url: \"{}\", variation_denoising_strength: 0.55}}",
+            fake.base_url()
+        ),
+        "  sd: {rules: dall-e-2, route: {targets: [{backend: gpu}]}}",
+    ))
+    .await;
+    let image = picture(256, 256);
+    let form = Form::new()
+        .text("model", "sd")
+        .text("prompt", "a red sun")
+        .text("size", "256x256")
+        .part("image", file("in.png", image.clone()))
+        .part("mask", file("mask.png", left_half_mask(256, 256)));
+    assert_eq!(post(&gw, "/v1/images/edits", form).await.status(), 200);
+    let posts = || -> Vec<Recorded> {
+        fake.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .collect()
+    };
+    let sent = &posts()[0];
+    assert_eq!(sent.path_and_query, "/sdapi/v1/img2img");
+    let b = &sent.body;
+    assert_eq!(unb64(b["init_images"][0].as_str().unwrap()), image);
+    assert_eq!(b["denoising_strength"], 0.75);
+    assert_eq!(
+        (b["width"].as_u64(), b["height"].as_u64()),
+        (Some(256), Some(256))
+    );
+    assert_eq!(b["prompt"], "a red sun");
+    let mask = image::load_from_memory(&unb64(b["mask"].as_str().unwrap()))
+        .unwrap()
+        .to_luma8();
+    // OpenAI: transparent (left) = edit. A1111: white = repaint, black = keep.
+    assert_eq!(mask.get_pixel(10, 100).0[0], 255);
+    assert_eq!(mask.get_pixel(250, 100).0[0], 0);
+
+    let form = Form::new()
+        .text("model", "sd")
+        .text("size", "256x256")
+        .part("image", file("in.png", image.clone()));
+    assert_eq!(post(&gw, "/v1/images/variations", form).await.status(), 200);
+    let sent = &posts()[1];
+    let b = &sent.body;
+    assert_eq!(sent.path_and_query, "/sdapi/v1/img2img");
+    assert!((b["denoising_strength"].as_f64().unwrap() - 0.55).abs() < 1e-6);
+    assert!(b.get("mask").is_none());
 }

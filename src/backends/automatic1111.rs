@@ -1,5 +1,7 @@
-//! AUTOMATIC1111 / Forge / SD.Next: `POST /sdapi/v1/txt2img`, synchronous, base64 images in
-//! the answer. `n` above the node's `max_batch` is split into several calls; a request past its
+//! AUTOMATIC1111 / Forge / SD.Next: `POST /sdapi/v1/txt2img` (edits and variations:
+//! `/sdapi/v1/img2img` with the uploaded image, and for a mask the inpainting fields, the mask
+//! turned from OpenAI's alpha-0-means-edit into A1111's white-means-repaint), synchronous,
+//! base64 images in the answer. `n` above the node's `max_batch` is split into several calls; a request past its
 //! deadline (or abandoned by its client) interrupts the node's job.
 
 use std::time::Duration;
@@ -13,13 +15,19 @@ use super::local::{self, CancelOnDrop};
 use super::{
     Backend, BackendError, GeneratedImage, Generation, ImagePayload, RawBase64, UpstreamCall,
 };
+use crate::api::{EditInputs, Operation};
 use crate::config::{A1111Config, LocalGeneration, Secret};
+use base64::Engine;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 pub struct A1111Backend {
     http: reqwest::Client,
     base: String,
     auth: Option<(String, Secret)>,
     max_batch: u32,
+    edit_denoising: f32,
+    variation_denoising: f32,
     sampler: Option<String>,
     generation: LocalGeneration,
     timeout: Duration,
@@ -48,6 +56,8 @@ impl A1111Backend {
             base: c.base_url.trim_end_matches('/').to_string(),
             auth: c.username.clone().zip(c.password.clone()),
             max_batch: c.max_batch.max(1),
+            edit_denoising: c.edit_denoising_strength,
+            variation_denoising: c.variation_denoising_strength,
             sampler: c.sampler.clone(),
             generation: c.generation(),
             timeout: c.timeout,
@@ -95,6 +105,54 @@ impl A1111Backend {
         }
         body
     }
+
+    /// The img2img fields of an edit or variation: the first uploaded image (A1111 edits one
+    /// image), resized to the request's size, and for a mask the inpainting fields.
+    fn img2img_fields(
+        &self,
+        inputs: &EditInputs,
+        mask: Option<&str>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let strength = match inputs.operation {
+            Operation::Variation => self.variation_denoising,
+            _ => self.edit_denoising,
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert(
+            "init_images".into(),
+            json!([B64.encode(&inputs.images[0].bytes)]),
+        );
+        fields.insert("denoising_strength".into(), json!(strength));
+        fields.insert("resize_mode".into(), json!(0));
+        if let Some(mask) = mask {
+            fields.insert("mask".into(), json!(mask));
+            fields.insert("mask_blur".into(), json!(4));
+            fields.insert("inpainting_fill".into(), json!(1));
+            fields.insert("inpaint_full_res".into(), json!(false));
+            fields.insert("inpainting_mask_invert".into(), json!(0));
+        }
+        fields
+    }
+}
+
+/// OpenAI's mask (alpha 0 = edit here) as A1111 wants it: a grayscale PNG, white where the
+/// image is repainted and black where it is kept; base64.
+pub fn a1111_mask(openai_mask: &[u8]) -> Result<String, BackendError> {
+    let mask = image::load_from_memory(openai_mask)
+        .map_err(|e| BackendError::BadResponse(format!("unreadable mask: {e}")))?
+        .to_rgba8();
+    let converted = image::GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
+        image::Luma([if mask.get_pixel(x, y).0[3] == 0 {
+            255
+        } else {
+            0
+        }])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    converted
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| BackendError::BadResponse(format!("cannot encode the mask: {e}")))?;
+    Ok(B64.encode(out.into_inner()))
 }
 
 fn map_status(status: u16, body: &[u8]) -> BackendError {
@@ -124,8 +182,29 @@ impl Backend for A1111Backend {
         "automatic1111"
     }
 
+    fn can(&self, _operation: Operation) -> bool {
+        true
+    }
+
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         super::translate::require_plain_png(call.request)?;
+        let inputs = call.request.inputs.as_deref();
+        let mask = match inputs.and_then(|i| i.mask.clone()) {
+            Some(m) => Some(
+                tokio::task::spawn_blocking(move || a1111_mask(&m.bytes))
+                    .await
+                    .map_err(|e| {
+                        BackendError::BadResponse(format!("mask conversion failed: {e}"))
+                    })??,
+            ),
+            None => None,
+        };
+        let extra = inputs.map(|i| self.img2img_fields(i, mask.as_deref()));
+        let path = if extra.is_some() {
+            "/sdapi/v1/img2img"
+        } else {
+            "/sdapi/v1/txt2img"
+        };
         let prompt = local::prompt(&self.generation, call.request);
         let revised = (prompt != call.request.prompt).then(|| prompt.clone());
         let first_seed = local::seed(&self.generation, &call.request.prompt);
@@ -142,9 +221,13 @@ impl Backend for A1111Backend {
             if timeout.is_zero() {
                 return Err(BackendError::Timeout);
             }
+            let mut body = self.body(&call, &prompt, seed, batch);
+            if let (Some(extra), Some(fields)) = (&extra, body.as_object_mut()) {
+                fields.extend(extra.clone());
+            }
             let resp = call
-                .headers(self.post("/sdapi/v1/txt2img"))
-                .json(&self.body(&call, &prompt, seed, batch))
+                .headers(self.post(path))
+                .json(&body)
                 .timeout(timeout)
                 .send()
                 .await;

@@ -429,6 +429,12 @@ pub struct A1111Config {
     /// Images per txt2img call; larger `n` is split into several calls.
     #[serde(default = "default_max_batch")]
     pub max_batch: u32,
+    /// How far img2img may move from the uploaded image (0-1) for an edit, and for a
+    /// variation.
+    #[serde(default = "default_edit_denoising")]
+    pub edit_denoising_strength: f32,
+    #[serde(default = "default_variation_denoising")]
+    pub variation_denoising_strength: f32,
     #[serde(default)]
     pub sampler: Option<String>,
     #[serde(default)]
@@ -457,6 +463,12 @@ pub struct A1111Config {
 
 fn default_max_batch() -> u32 {
     4
+}
+fn default_edit_denoising() -> f32 {
+    0.75
+}
+fn default_variation_denoising() -> f32 {
+    0.6
 }
 
 impl A1111Config {

@@ -227,6 +227,17 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 if c.max_batch == 0 {
                     errors.push(ConfigError::new(path("max_batch"), "must be at least 1"));
                 }
+                for (field, v) in [
+                    ("edit_denoising_strength", c.edit_denoising_strength),
+                    (
+                        "variation_denoising_strength",
+                        c.variation_denoising_strength,
+                    ),
+                ] {
+                    if !(0.0..=1.0).contains(&v) {
+                        errors.push(ConfigError::new(path(field), "must be between 0 and 1"));
+                    }
+                }
                 if c.username.is_some() != c.password.is_some() {
                     errors.push(ConfigError::new(
                         path("password"),

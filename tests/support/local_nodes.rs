@@ -45,7 +45,7 @@ fn basic_ok(r: &Recorded, auth: Option<(&str, &str)>) -> bool {
     r.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str())
 }
 
-/// AUTOMATIC1111 `--api`: txt2img, progress, interrupt.
+/// AUTOMATIC1111 `--api`: txt2img, img2img, progress, interrupt.
 pub async fn fake_a1111(control: NodeControl) -> FakeUpstream {
     FakeUpstream::start(move |r| {
         if !basic_ok(r, control.basic_auth) {
@@ -53,8 +53,11 @@ pub async fn fake_a1111(control: NodeControl) -> FakeUpstream {
         }
         let unhealthy = control.unhealthy.load(Ordering::SeqCst);
         match (r.method.as_str(), r.path_and_query.split('?').next().unwrap_or("")) {
-            ("POST", "/sdapi/v1/txt2img") => {
+            ("POST", path @ ("/sdapi/v1/txt2img" | "/sdapi/v1/img2img")) => {
                 let b = &r.body;
+                if path.ends_with("img2img") && b["init_images"].as_array().is_none_or(|a| a.is_empty()) {
+                    return Reply::json(422, json!({"detail": [{"loc": ["body", "init_images"], "msg": "field required", "type": "value_error.missing"}]}));
+                }
                 if let Some(s) = b["sampler_name"].as_str() {
                     if !SAMPLERS.contains(&s) {
                         return Reply::json(404, json!({"error": "HTTPException", "detail": "Sampler not found", "body": "", "errors": ""}));
