@@ -606,3 +606,104 @@ async fn an_a1111_node_gets_img2img_with_the_image_and_a_repaint_mask_of_the_opp
     assert!((b["denoising_strength"].as_f64().unwrap() - 0.55).abs() < 1e-6);
     assert!(b.get("mask").is_none());
 }
+
+#[tokio::test]
+async fn a_comfyui_node_gets_the_uploads_and_its_edit_workflow_with_their_names() {
+    let fake =
+        support::local_nodes::fake_comfyui(Default::default(), &["sd_xl_base_1.0.safetensors"])
+            .await;
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let backends = format!(
+        "  comfy:\n    kind: comfyui\n    base_url: \"{}\"\n    poll_interval: 20ms\n    \
+         workflow: \"{dir}/examples/comfyui/txt2img_api.json\"\n    \
+         inputs: {{prompt: 6.inputs.text, width: 5.inputs.width, height: 5.inputs.height, batch_size: 5.inputs.batch_size}}\n    \
+         edit_workflow: \"{dir}/examples/comfyui/img2img_api.json\"\n    \
+         edit_inputs: {{prompt: 6.inputs.text, image: 1.inputs.image, mask: 2.inputs.image, denoise: 3.inputs.denoise, \
+         width: 5.inputs.width, height: 5.inputs.height}}",
+        fake.base_url()
+    );
+    let gw = Gateway::start(&sandbox_config(
+        &backends,
+        "  comfy-d2: {rules: dall-e-2, route: {targets: [{backend: comfy}]}}",
+    ))
+    .await;
+    let image = picture(256, 256);
+    let mask = left_half_mask(256, 256);
+    let form = Form::new()
+        .text("model", "comfy-d2")
+        .text("prompt", "a red sun")
+        .text("size", "256x256")
+        .text("response_format", "b64_json")
+        .part("image", file("in.png", image.clone()))
+        .part("mask", file("mask.png", mask.clone()));
+    let resp = post(&gw, "/v1/images/edits", form).await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        decode(&body["data"][0]["b64_json"]).dimensions(),
+        (256, 256)
+    );
+
+    let posts: Vec<Recorded> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    let uploads: Vec<&Recorded> = posts
+        .iter()
+        .filter(|r| r.path_and_query == "/upload/image")
+        .collect();
+    assert_eq!(uploads.len(), 2, "the image and its mask");
+    let got_image = parts(uploads[0]).await;
+    let image_name = got_image[0].1.clone().unwrap();
+    assert_eq!(got_image[0].0, "image");
+    assert_eq!(got_image[0].2, image);
+    assert_eq!(text(&got_image, "type"), Some("input"));
+    let got_mask = parts(uploads[1]).await;
+    assert_eq!(
+        got_mask[0].2, mask,
+        "OpenAI's mask goes as it is (LoadImageMask reads alpha)"
+    );
+    let mask_name = got_mask[0].1.clone().unwrap();
+    assert_ne!(image_name, mask_name);
+    let prompt = posts
+        .iter()
+        .find(|r| r.path_and_query == "/prompt")
+        .unwrap();
+    let graph = &prompt.body["prompt"];
+    assert_eq!(graph["1"]["inputs"]["image"], image_name.as_str());
+    assert_eq!(graph["2"]["inputs"]["image"], mask_name.as_str());
+    assert_eq!(graph["3"]["inputs"]["denoise"], 0.75);
+    assert_eq!(graph["5"]["inputs"]["width"], 256);
+    assert_eq!(graph["6"]["inputs"]["text"], "a red sun");
+
+    // A variation: no mask given, so an all-transparent one (edit everywhere), and the
+    // variation's denoise; the image keeps its content-derived name.
+    let form = Form::new()
+        .text("model", "comfy-d2")
+        .text("size", "256x256")
+        .part("image", file("again.png", image.clone()));
+    assert_eq!(post(&gw, "/v1/images/variations", form).await.status(), 200);
+    let posts: Vec<Recorded> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    let prompts: Vec<&Recorded> = posts
+        .iter()
+        .filter(|r| r.path_and_query == "/prompt")
+        .collect();
+    let graph = &prompts[1].body["prompt"];
+    assert_eq!(graph["1"]["inputs"]["image"], image_name.as_str());
+    assert!((graph["3"]["inputs"]["denoise"].as_f64().unwrap() - 0.6).abs() < 1e-6);
+    let last_upload = posts
+        .iter()
+        .rev()
+        .find(|r| r.path_and_query == "/upload/image")
+        .unwrap();
+    let clear = image::load_from_memory(&parts(last_upload).await[0].2)
+        .unwrap()
+        .to_rgba8();
+    assert_eq!(clear.dimensions(), (256, 256));
+    assert!(clear.pixels().all(|p| p.0[3] == 0));
+}

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::local::{self, CancelOnDrop};
 use super::{Backend, BackendError, GeneratedImage, Generation, ImagePayload, UpstreamCall};
+use crate::api::{EditInputs, Operation};
 use crate::config::{ComfyConfig, ConfigError, LocalGeneration};
+use sha2::{Digest, Sha256};
 
 /// Reads an API-format workflow: an object of nodes with `class_type` and `inputs`.
 pub fn load_workflow(path: &Path) -> Result<Value, String> {
@@ -74,11 +76,56 @@ impl InputRef {
     }
 }
 
+/// A workflow and where each of our fields goes in it.
+struct Workflow {
+    graph: Value,
+    inputs: Vec<(String, InputRef)>,
+}
+
+impl Workflow {
+    /// Reads `file` and finds each mapped field; errors at `file_path` and
+    /// `inputs_path.FIELD`.
+    fn load(
+        file: &Path,
+        map: &std::collections::BTreeMap<String, String>,
+        file_path: &str,
+        inputs_path: &str,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let graph = load_workflow(file).map_err(|e| vec![ConfigError::new(file_path, e)])?;
+        let mut inputs = Vec::new();
+        let mut errors = Vec::new();
+        for (field, target) in map {
+            match InputRef::parse(target, &graph) {
+                Ok(r) => inputs.push((field.clone(), r)),
+                Err(e) => errors.push(ConfigError::new(format!("{inputs_path}.{field}"), e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Workflow { graph, inputs })
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn maps(&self, field: &str) -> bool {
+        self.inputs.iter().any(|(f, _)| f == field)
+    }
+}
+
+/// An edit's uploaded files on the node, and its denoise.
+struct Uploaded {
+    image: String,
+    mask: Option<String>,
+    denoise: f32,
+}
+
 pub struct ComfyBackend {
     http: reqwest::Client,
     base: String,
-    graph: Value,
-    inputs: Vec<(String, InputRef)>,
+    workflow: Workflow,
+    edit: Option<Workflow>,
+    edit_denoise: f32,
+    variation_denoise: f32,
     generation: LocalGeneration,
     poll_interval: Duration,
     timeout: Duration,
@@ -86,31 +133,42 @@ pub struct ComfyBackend {
 }
 
 impl ComfyBackend {
-    /// Reads the workflow and finds where each mapped field goes in it; every problem is
+    /// Reads the workflows and finds where each mapped field goes in them; every problem is
     /// an error at its config path (`path` is the backend's, `backends.NAME`).
     pub fn new(
         c: &ComfyConfig,
         http: reqwest::Client,
         path: &str,
     ) -> Result<Self, Vec<ConfigError>> {
-        let graph = load_workflow(&c.workflow)
-            .map_err(|e| vec![ConfigError::new(format!("{path}.workflow"), e)])?;
-        let mut inputs = Vec::new();
-        let mut errors = Vec::new();
-        for (field, target) in &c.inputs {
-            match InputRef::parse(target, &graph) {
-                Ok(r) => inputs.push((field.clone(), r)),
-                Err(e) => errors.push(ConfigError::new(format!("{path}.inputs.{field}"), e)),
+        let workflow = Workflow::load(
+            &c.workflow,
+            &c.inputs,
+            &format!("{path}.workflow"),
+            &format!("{path}.inputs"),
+        );
+        let edit = c.edit_workflow.as_ref().map(|file| {
+            Workflow::load(
+                file,
+                &c.edit_inputs,
+                &format!("{path}.edit_workflow"),
+                &format!("{path}.edit_inputs"),
+            )
+        });
+        let (workflow, edit) = match (workflow, edit.transpose()) {
+            (Ok(w), Ok(e)) => (w, e),
+            (w, e) => {
+                let mut errors = w.err().unwrap_or_default();
+                errors.extend(e.err().unwrap_or_default());
+                return Err(errors);
             }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
+        };
         Ok(ComfyBackend {
             http,
             base: c.base_url.trim_end_matches('/').to_string(),
-            graph,
-            inputs,
+            workflow,
+            edit,
+            edit_denoise: c.edit_denoising_strength,
+            variation_denoise: c.variation_denoising_strength,
             generation: c.generation(),
             poll_interval: c.poll_interval,
             timeout: c.timeout,
@@ -118,22 +176,43 @@ impl ComfyBackend {
         })
     }
 
-    /// The workflow with this request's values written in.
+    /// The generation workflow with this request's values written in.
     pub fn graph_for(&self, call: &UpstreamCall<'_>, prompt: &str, seed: u64) -> Value {
+        Self::fill(&self.workflow, &self.generation, call, prompt, seed, None)
+    }
+
+    fn fill(
+        workflow: &Workflow,
+        generation: &LocalGeneration,
+        call: &UpstreamCall<'_>,
+        prompt: &str,
+        seed: u64,
+        uploaded: Option<&Uploaded>,
+    ) -> Value {
         let r = call.request;
-        let sampling = local::sampling(&self.generation, r);
-        let mut graph = self.graph.clone();
-        for (field, target) in &self.inputs {
+        let sampling = local::sampling(generation, r);
+        let mut graph = workflow.graph.clone();
+        for (field, target) in &workflow.inputs {
+            let value = match (field.as_str(), uploaded) {
+                ("image", Some(u)) => json!(u.image),
+                ("mask", Some(Uploaded { mask: Some(m), .. })) => json!(m),
+                ("denoise", Some(u)) => json!(u.denoise),
+                _ => Value::Null,
+            };
+            if !value.is_null() {
+                target.set(&mut graph, value);
+                continue;
+            }
             let value = match field.as_str() {
                 "prompt" => json!(prompt),
-                "negative_prompt" => json!(self.generation.negative_prompt),
+                "negative_prompt" => json!(generation.negative_prompt),
                 "seed" => json!(seed),
                 "width" => json!(r.size.width),
                 "height" => json!(r.size.height),
                 "batch_size" => json!(r.n),
                 "steps" => json!(sampling.steps),
                 "cfg" => json!(sampling.cfg),
-                "checkpoint" => match &self.generation.checkpoint {
+                "checkpoint" => match &generation.checkpoint {
                     Some(c) => json!(c),
                     None => continue,
                 },
@@ -221,24 +300,126 @@ fn describe_execution_error(entry: &Value) -> String {
     "the workflow failed".to_string()
 }
 
+impl ComfyBackend {
+    /// Uploads an edit's first image (and its mask, or an all-transparent one when the
+    /// workflow takes a mask and the request has none: edit everywhere) under names made from
+    /// their content, so a repeat reuses the file on the node instead of adding one.
+    async fn upload_inputs(
+        &self,
+        call: &UpstreamCall<'_>,
+        inputs: &EditInputs,
+        edit: &Workflow,
+    ) -> Result<Uploaded, BackendError> {
+        let first = &inputs.images[0];
+        let image = self
+            .upload(call, first.bytes.clone(), first.format.extension())
+            .await?;
+        let mask = if edit.maps("mask") {
+            let bytes = match &inputs.mask {
+                Some(m) => m.bytes.clone(),
+                None => {
+                    let size = first.size;
+                    tokio::task::spawn_blocking(move || clear_mask(size.width, size.height))
+                        .await
+                        .map_err(|e| BackendError::BadResponse(format!("mask: {e}")))??
+                }
+            };
+            Some(self.upload(call, bytes, "png").await?)
+        } else {
+            None
+        };
+        let denoise = match inputs.operation {
+            Operation::Variation => self.variation_denoise,
+            _ => self.edit_denoise,
+        };
+        Ok(Uploaded {
+            image,
+            mask,
+            denoise,
+        })
+    }
+
+    /// `POST /upload/image` into the node's input folder; the name the node gave it.
+    async fn upload(
+        &self,
+        call: &UpstreamCall<'_>,
+        bytes: bytes::Bytes,
+        extension: &str,
+    ) -> Result<String, BackendError> {
+        let digest = hex::encode(&Sha256::digest(&bytes)[..16]);
+        let name = format!("imagegate_{digest}.{extension}");
+        let len = bytes.len() as u64;
+        let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::from(bytes), len)
+            .file_name(name.clone());
+        let form = reqwest::multipart::Form::new()
+            .part("image", part)
+            .text("type", "input")
+            .text("overwrite", "true");
+        let (status, answer) = self
+            .json_call(
+                self.http
+                    .post(format!("{}/upload/image", self.base))
+                    .multipart(form),
+                call,
+            )
+            .await?;
+        if !(200..300).contains(&status) {
+            return Err(BackendError::Status {
+                status,
+                message: format!("image upload refused: {answer}"),
+            });
+        }
+        Ok(answer["name"].as_str().unwrap_or(&name).to_string())
+    }
+}
+
+/// A PNG of `width` x `height` with alpha 0 everywhere: "edit all of it", in OpenAI's terms
+/// and in `LoadImageMask`'s (alpha channel).
+fn clear_mask(width: u32, height: u32) -> Result<bytes::Bytes, BackendError> {
+    let img = image::RgbaImage::new(width, height);
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| BackendError::BadResponse(format!("cannot encode a mask: {e}")))?;
+    Ok(bytes::Bytes::from(out.into_inner()))
+}
+
 #[async_trait]
 impl Backend for ComfyBackend {
     fn kind(&self) -> &'static str {
         "comfyui"
     }
 
+    /// Edits and variations when the node has an `edit_workflow`.
+    fn can(&self, operation: Operation) -> bool {
+        operation == Operation::Generation || self.edit.is_some()
+    }
+
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         super::translate::require_plain_png(call.request)?;
-        if self.graph.is_null() {
-            return Err(BackendError::Workflow(
-                "the workflow file could not be loaded".into(),
-            ));
-        }
         let prompt = local::prompt(&self.generation, call.request);
         let revised = (prompt != call.request.prompt).then(|| prompt.clone());
         let seed = local::seed(&self.generation, &call.request.prompt);
         let client_id = hex::encode(rand::random::<[u8; 16]>());
-        let body = json!({"prompt": self.graph_for(&call, &prompt, seed), "client_id": client_id});
+        let graph = match (&call.request.inputs, &self.edit) {
+            (None, _) => self.graph_for(&call, &prompt, seed),
+            (Some(inputs), Some(edit)) => {
+                let uploaded = self.upload_inputs(&call, inputs, edit).await?;
+                Self::fill(
+                    edit,
+                    &self.generation,
+                    &call,
+                    &prompt,
+                    seed,
+                    Some(&uploaded),
+                )
+            }
+            (Some(_), None) => {
+                return Err(BackendError::Workflow(
+                    "this node has no edit_workflow".into(),
+                ))
+            }
+        };
+        let body = json!({"prompt": graph, "client_id": client_id});
 
         let (status, answer) = self
             .json_call(

@@ -494,6 +494,20 @@ pub struct ComfyConfig {
     /// negative_prompt, seed, width, height, batch_size, steps, cfg, checkpoint,
     /// filename_prefix. `prompt`, `width`, `height` and `batch_size` are required.
     pub inputs: BTreeMap<String, String>,
+    /// The workflow edits and variations run (API format): it loads the uploaded image, and
+    /// the mask when it maps one (a `LoadImageMask` on the alpha channel reads OpenAI's masks
+    /// as they are).
+    #[serde(default)]
+    pub edit_workflow: Option<PathBuf>,
+    /// Where each field goes in `edit_workflow`: the fields of `inputs`, plus `image`
+    /// (required), `mask` and `denoise`.
+    #[serde(default)]
+    pub edit_inputs: BTreeMap<String, String>,
+    /// The `denoise` written for an edit, and for a variation (0-1).
+    #[serde(default = "default_edit_denoising")]
+    pub edit_denoising_strength: f32,
+    #[serde(default = "default_variation_denoising")]
+    pub variation_denoising_strength: f32,
     #[serde(default)]
     pub checkpoint: Option<String>,
     #[serde(default)]
@@ -551,3 +565,6 @@ pub const COMFY_FIELDS: &[&str] = &[
     "filename_prefix",
 ];
 pub const COMFY_REQUIRED: &[&str] = &["prompt", "width", "height", "batch_size"];
+/// Fields only an edit workflow takes.
+pub const COMFY_EDIT_FIELDS: &[&str] = &["image", "mask", "denoise"];
+pub const COMFY_EDIT_REQUIRED: &[&str] = &["prompt", "image"];

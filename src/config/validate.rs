@@ -248,6 +248,7 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             BackendConfig::Comfyui(c) => {
                 check_http_url(path("base_url"), &c.base_url, &mut errors);
                 check_comfy_inputs(c, &path("inputs"), &mut errors);
+                check_comfy_edit(c, &path, &mut errors);
             }
         }
     }
@@ -413,6 +414,57 @@ fn check_comfy_inputs(c: &super::ComfyConfig, inputs_path: &str, errors: &mut Ve
             errors.push(ConfigError::new(
                 format!("{inputs_path}.{field}"),
                 format!("unknown field (known: {})", super::COMFY_FIELDS.join(", ")),
+            ));
+        }
+    }
+}
+
+/// An edit workflow maps `prompt` and `image`, and only fields we know; its inputs mean
+/// nothing without it.
+fn check_comfy_edit(
+    c: &super::ComfyConfig,
+    path: &dyn Fn(&str) -> String,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (field, v) in [
+        ("edit_denoising_strength", c.edit_denoising_strength),
+        (
+            "variation_denoising_strength",
+            c.variation_denoising_strength,
+        ),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            errors.push(ConfigError::new(path(field), "must be between 0 and 1"));
+        }
+    }
+    if c.edit_workflow.is_none() {
+        if !c.edit_inputs.is_empty() {
+            errors.push(ConfigError::new(
+                path("edit_inputs"),
+                "edit_inputs need an edit_workflow",
+            ));
+        }
+        return;
+    }
+    for field in super::COMFY_EDIT_REQUIRED {
+        if !c.edit_inputs.contains_key(*field) {
+            errors.push(ConfigError::new(
+                path("edit_inputs"),
+                format!("`{field}` must be mapped to a node input"),
+            ));
+        }
+    }
+    for field in c.edit_inputs.keys() {
+        let known = super::COMFY_FIELDS.contains(&field.as_str())
+            || super::COMFY_EDIT_FIELDS.contains(&field.as_str());
+        if !known {
+            errors.push(ConfigError::new(
+                path(&format!("edit_inputs.{field}")),
+                format!(
+                    "unknown field (known: {}, {})",
+                    super::COMFY_FIELDS.join(", "),
+                    super::COMFY_EDIT_FIELDS.join(", ")
+                ),
             ));
         }
     }

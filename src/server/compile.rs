@@ -222,6 +222,25 @@ models:
             .unwrap();
         assert_eq!(paths(&no_node), ["backends.comfy.inputs.prompt"]);
         assert!(no_node.0[0].message.contains("no node \"6\""), "{no_node}");
+
+        // The edit workflow is read and checked the same way, at its own paths.
+        let with_edit = yaml(&workflow).replace(
+            "    inputs:",
+            &format!(
+                "    edit_workflow: {}\n    edit_inputs: {{prompt: 6.inputs.text, image: 1.inputs.image}}\n    inputs:",
+                dir.path().join("edit.json").display()
+            ),
+        );
+        let missing_edit = compile(&config(&with_edit), &http, None).err().unwrap();
+        let found = paths(&missing_edit);
+        assert!(
+            found.contains(&"backends.comfy.edit_workflow"),
+            "{missing_edit}"
+        );
+        assert!(
+            found.contains(&"backends.comfy.inputs.prompt"),
+            "both workflows' errors together: {missing_edit}"
+        );
     }
 
     /// A reload keeps the health and capacity state of backends whose config did not change,

@@ -106,10 +106,23 @@ pub async fn fake_comfyui(
 ) -> FakeUpstream {
     let jobs: Arc<Mutex<HashMap<String, ComfyJob>>> = Arc::default();
     let counter = Arc::new(Mutex::new(0u64));
+    // Files uploaded into the node's input folder, by name.
+    let uploaded: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
     FakeUpstream::start(move |r| {
         let path = r.path_and_query.split('?').next().unwrap_or("").to_string();
         let path = path.strip_prefix("/api").unwrap_or(&path).to_string();
         match (r.method.as_str(), path.as_str()) {
+            ("POST", "/upload/image") => {
+                // multipart: `image` (the file), `type`, `overwrite`; answers the stored name.
+                let text = String::from_utf8_lossy(&r.raw);
+                let Some(name) = text.split("filename=\"").nth(1).and_then(|t| t.split('"').next()) else {
+                    return raw(400, "text/plain", "no image");
+                };
+                let start = r.raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(0);
+                let body_end = r.raw[start..].windows(4).position(|w| w == b"\r\n--").map(|i| start + i).unwrap_or(r.raw.len());
+                uploaded.lock().unwrap().insert(name.to_string(), r.raw[start..body_end].to_vec());
+                Reply::json(200, json!({"name": name, "subfolder": "", "type": "input"}))
+            }
             ("POST", "/prompt") => {
                 let graph = &r.body["prompt"];
                 let Some(nodes) = graph.as_object().filter(|n| !n.is_empty()) else {
@@ -127,11 +140,23 @@ pub async fn fake_comfyui(
                         }
                     }
                 }
+                for (id, node) in nodes {
+                    let class = node["class_type"].as_str().unwrap_or("");
+                    if class == "LoadImage" || class == "LoadImageMask" {
+                        let file = node["inputs"]["image"].as_str().unwrap_or("");
+                        if !uploaded.lock().unwrap().contains_key(file) {
+                            node_errors.insert(id.clone(), json!({"errors": [{"type": "custom_validation_failed",
+                                "message": "Custom validation failed for node", "details": format!("image - Invalid image file: {file}"),
+                                "extra_info": {}}], "dependent_outputs": ["9"], "class_type": class}));
+                        }
+                    }
+                }
                 if !node_errors.is_empty() {
                     return Reply::json(400, json!({"error": {"type": "prompt_outputs_failed_validation",
                         "message": "Prompt outputs failed validation", "details": "", "extra_info": {}}, "node_errors": node_errors}));
                 }
-                let latent = nodes.values().find(|n| n["class_type"] == "EmptyLatentImage").cloned().unwrap_or(Value::Null);
+                let latent = nodes.values().find(|n| n["class_type"] == "EmptyLatentImage" || n["class_type"] == "ImageScale")
+                    .cloned().unwrap_or(Value::Null);
                 let save = nodes.values().find(|n| n["class_type"] == "SaveImage").cloned().unwrap_or(Value::Null);
                 let text = nodes.values().filter(|n| n["class_type"] == "CLIPTextEncode")
                     .map(|n| n["inputs"]["text"].as_str().unwrap_or("").to_string()).collect::<Vec<_>>().join(" ");
