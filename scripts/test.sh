@@ -65,6 +65,19 @@ if [ -n "${IMAGEGATE_TEST_REDIS:-}" ]; then
   done
 fi
 
+# The official openai Node package for the SDK suite (node installed if the machine lacks it).
+if ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+fi
+if command -v npm >/dev/null 2>&1; then
+  (cd tests/node && npm ci --no-audit --no-fund --silent)
+elif [ -n "${CI:-}" ]; then
+  echo "node/npm are missing and could not be installed" >&2
+  exit 1
+fi
+
 cargo test --all-targets
 .venv/bin/python scripts/check-deploy.py "$PWD/target/debug/imagegate"
 IMAGEGATE_BIN="$PWD/target/debug/imagegate" .venv/bin/python -m pytest -q tests/sdk

@@ -251,3 +251,20 @@ def test_edit_errors_are_bad_request_errors_naming_the_field(client, kwargs, par
         client.images.edit(prompt="x", **kwargs)
     assert e.value.status_code == 400
     assert e.value.body["param"] == param
+
+
+def test_node_sdk_generates_edits_and_varies(gateway, tmp_path):
+    """The official Node package (tests/node, installed by scripts/test.sh) against the same
+    gateway: its multipart bodies are built by undici, not httpx."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    node_dir = Path(__file__).resolve().parents[1] / "node"
+    if shutil.which("node") is None or not (node_dir / "node_modules" / "openai").exists():
+        pytest.skip("node or the openai npm package is missing (scripts/test.sh installs them)")
+    (tmp_path / "in.png").write_bytes(png(256, 256))
+    (tmp_path / "mask.png").write_bytes(mask_left_half(256, 256))
+    done = subprocess.run(["node", str(node_dir / "sdk.mjs"), gateway, str(tmp_path / "in.png"),
+                           str(tmp_path / "mask.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "ok" in done.stdout
