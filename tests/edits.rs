@@ -707,3 +707,35 @@ async fn a_comfyui_node_gets_the_uploads_and_its_edit_workflow_with_their_names(
     assert_eq!(clear.dimensions(), (256, 256));
     assert!(clear.pixels().all(|p| p.0[3] == 0));
 }
+
+#[tokio::test]
+async fn an_azure_deployment_gets_the_edit_at_its_edits_path_with_its_api_version() {
+    let fake = FakeUpstream::start(|_| Reply::json(200, openai_answer(1))).await;
+    let gw = Gateway::start(&sandbox_config(
+        &format!(
+            "  az: {{kind: azure, endpoint: \"{}\", deployment: gpt-image-prod, api_version: 2025-04-01-preview, api_key: az-secret}}",
+            fake.base_url()
+        ),
+        "  az-image: {rules: gpt-image, route: {targets: [{backend: az, dialect: gpt-image}]}}",
+    ))
+    .await;
+    let form = Form::new()
+        .text("model", "az-image")
+        .text("prompt", "a red sun")
+        .part("image", file("in.png", picture(256, 256)));
+    assert_eq!(post(&gw, "/v1/images/edits", form).await.status(), 200);
+    let sent = &fake.requests()[0];
+    assert_eq!(
+        sent.path_and_query,
+        "/openai/deployments/gpt-image-prod/images/edits?api-version=2025-04-01-preview"
+    );
+    assert_eq!(sent.headers["api-key"], "az-secret");
+    assert!(sent.headers.get("authorization").is_none());
+    let got = parts(sent).await;
+    assert_eq!(
+        text(&got, "model"),
+        None,
+        "Azure names the deployment in the URL"
+    );
+    assert_eq!(text(&got, "prompt"), Some("a red sun"));
+}
