@@ -227,17 +227,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 if c.max_batch == 0 {
                     errors.push(ConfigError::new(path("max_batch"), "must be at least 1"));
                 }
-                for (field, v) in [
-                    ("edit_denoising_strength", c.edit_denoising_strength),
-                    (
-                        "variation_denoising_strength",
-                        c.variation_denoising_strength,
-                    ),
-                ] {
-                    if !(0.0..=1.0).contains(&v) {
-                        errors.push(ConfigError::new(path(field), "must be between 0 and 1"));
-                    }
-                }
+                check_denoising(
+                    &path,
+                    c.edit_denoising_strength,
+                    c.variation_denoising_strength,
+                    &mut errors,
+                );
                 if c.username.is_some() != c.password.is_some() {
                     errors.push(ConfigError::new(
                         path("password"),
@@ -419,6 +414,23 @@ fn check_comfy_inputs(c: &super::ComfyConfig, inputs_path: &str, errors: &mut Ve
     }
 }
 
+/// A local node's img2img strengths, each 0-1.
+fn check_denoising(
+    path: &dyn Fn(&str) -> String,
+    edit: f32,
+    variation: f32,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (field, v) in [
+        ("edit_denoising_strength", edit),
+        ("variation_denoising_strength", variation),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            errors.push(ConfigError::new(path(field), "must be between 0 and 1"));
+        }
+    }
+}
+
 /// An edit workflow maps `prompt` and `image`, and only fields we know; its inputs mean
 /// nothing without it.
 fn check_comfy_edit(
@@ -426,17 +438,12 @@ fn check_comfy_edit(
     path: &dyn Fn(&str) -> String,
     errors: &mut Vec<ConfigError>,
 ) {
-    for (field, v) in [
-        ("edit_denoising_strength", c.edit_denoising_strength),
-        (
-            "variation_denoising_strength",
-            c.variation_denoising_strength,
-        ),
-    ] {
-        if !(0.0..=1.0).contains(&v) {
-            errors.push(ConfigError::new(path(field), "must be between 0 and 1"));
-        }
-    }
+    check_denoising(
+        path,
+        c.edit_denoising_strength,
+        c.variation_denoising_strength,
+        errors,
+    );
     if c.edit_workflow.is_none() {
         if !c.edit_inputs.is_empty() {
             errors.push(ConfigError::new(
