@@ -739,3 +739,63 @@ async fn an_azure_deployment_gets_the_edit_at_its_edits_path_with_its_api_versio
     );
     assert_eq!(text(&got, "prompt"), Some("a red sun"));
 }
+
+#[tokio::test]
+async fn edits_and_variations_are_counted_under_their_operation() {
+    // A model of its own: the metrics registry is the process's, shared by this file's tests.
+    let gw = Gateway::start(&sandbox_config(
+        "",
+        "  counted: {rules: dall-e-2, route: {targets: [{backend: sandbox}]}}",
+    ))
+    .await;
+    let form = |with_prompt: bool| {
+        let form = Form::new()
+            .text("model", "counted")
+            .text("size", "256x256")
+            .part("image", Part::bytes(tiny_png(256, 256)).file_name("in.png"));
+        if with_prompt {
+            form.text("prompt", "x")
+        } else {
+            form
+        }
+    };
+    for (path, with_prompt, status) in [
+        ("/v1/images/edits", true, 200),
+        ("/v1/images/edits", false, 400),
+        ("/v1/images/variations", false, 200),
+    ] {
+        let resp = client()
+            .post(gw.url(path))
+            .bearer_auth(DEMO_KEY)
+            .multipart(form(with_prompt))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+    }
+    let text = gw.metrics().await;
+    for (labels, want) in [
+        (
+            r#"{model="counted",operation="edit",status="2xx",tenant="demo"}"#,
+            1.0,
+        ),
+        (
+            r#"{model="counted",operation="edit",status="4xx",tenant="demo"}"#,
+            1.0,
+        ),
+        (
+            r#"{model="counted",operation="variation",status="2xx",tenant="demo"}"#,
+            1.0,
+        ),
+    ] {
+        let line = format!("imagegate_requests_total{labels}");
+        assert_eq!(line_value(&text, &line), Some(want), "{line} in\n{text}");
+    }
+}
+
+fn line_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

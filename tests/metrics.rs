@@ -59,7 +59,7 @@ async fn counters_follow_a_scripted_mix_of_requests() {
     assert_eq!(
         line_value(
             &text,
-            r#"imagegate_requests_total{model="-",status="4xx",tenant="demo"}"#
+            r#"imagegate_requests_total{model="-",operation="generation",status="4xx",tenant="demo"}"#
         ),
         Some(1.0)
     );
@@ -67,27 +67,37 @@ async fn counters_follow_a_scripted_mix_of_requests() {
         line_value(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
     };
     assert_eq!(
-        v(r#"imagegate_requests_total{model="dall-e-2",status="2xx",tenant="demo"}"#),
+        v(
+            r#"imagegate_requests_total{model="dall-e-2",operation="generation",status="2xx",tenant="demo"}"#
+        ),
         3.0
     );
     assert_eq!(
-        v(r#"imagegate_requests_total{model="dall-e-2",status="2xx",tenant="narrow"}"#),
+        v(
+            r#"imagegate_requests_total{model="dall-e-2",operation="generation",status="2xx",tenant="narrow"}"#
+        ),
         1.0
     );
     assert_eq!(
-        v(r#"imagegate_requests_total{model="dall-e-2",status="4xx",tenant="demo"}"#),
+        v(
+            r#"imagegate_requests_total{model="dall-e-2",operation="generation",status="4xx",tenant="demo"}"#
+        ),
         1.0
     );
     assert_eq!(
-        v(r#"imagegate_requests_total{model="dall-e-2",status="4xx",tenant="narrow"}"#),
+        v(
+            r#"imagegate_requests_total{model="dall-e-2",operation="generation",status="4xx",tenant="narrow"}"#
+        ),
         1.0
     );
     assert_eq!(
-        v(r#"imagegate_requests_total{model="-",status="4xx",tenant="-"}"#),
+        v(r#"imagegate_requests_total{model="-",operation="generation",status="4xx",tenant="-"}"#),
         1.0
     );
     assert_eq!(
-        v(r#"imagegate_requests_total{model="pool",status="2xx",tenant="demo"}"#),
+        v(
+            r#"imagegate_requests_total{model="pool",operation="generation",status="2xx",tenant="demo"}"#
+        ),
         1.0
     );
     assert_eq!(

@@ -112,7 +112,14 @@ pub async fn handle(
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if path.starts_with("/v1/") {
         let m = crate::telemetry::metrics();
-        m.request(log.route.as_ref(), status, log.tenant.as_ref());
+        // From the path, so a request refused before it was read still has one.
+        let operation = match path.as_str() {
+            "/v1/images/generations" => "generation",
+            "/v1/images/edits" => "edit",
+            "/v1/images/variations" => "variation",
+            _ => "-",
+        };
+        m.request(log.route.as_ref(), operation, status, log.tenant.as_ref());
         if log.attempts > 0 {
             m.overhead(elapsed.saturating_sub(log.upstream_time));
         }

@@ -18,6 +18,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: Arc<str>,
+    /// `generation`, `edit`, `variation`, or `-` (`/v1/models`).
+    operation: &'static str,
     status: &'static str,
     tenant: Arc<str>,
 }
@@ -215,9 +217,16 @@ impl Metrics {
 
     /// A request's end. `model` is the route that served it: `None` (labelled `-`) when the
     /// request named no model this gateway routes, so clients cannot mint label values.
-    pub fn request(&self, model: Option<&Arc<str>>, status: u16, tenant: Option<&Arc<str>>) {
+    pub fn request(
+        &self,
+        model: Option<&Arc<str>>,
+        operation: &'static str,
+        status: u16,
+        tenant: Option<&Arc<str>>,
+    ) {
         let labels = RequestLabels {
             model: model.cloned().unwrap_or_else(dash),
+            operation,
             status: match status / 100 {
                 1 => "1xx",
                 2 => "2xx",
