@@ -799,3 +799,29 @@ fn line_value(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+#[tokio::test]
+async fn a_streamed_edit_on_a_backend_that_cannot_stream_ends_with_an_image_edit_event() {
+    let gw = Gateway::start(&sandbox_config(
+        "",
+        "  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: sandbox}]}}",
+    ))
+    .await;
+    let form = Form::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", "a red sun")
+        .text("stream", "true")
+        .part("image", file("in.png", picture(64, 64)));
+    let resp = post(&gw, "/v1/images/edits", form).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.starts_with("event: image_edit.completed\n"),
+        "{text:.200}"
+    );
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let event: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(event["type"], "image_edit.completed");
+    assert!(!unb64(event["b64_json"].as_str().unwrap()).is_empty());
+}

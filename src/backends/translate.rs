@@ -259,8 +259,9 @@ pub fn answer_fields(req: &ImageRequest, meta: Option<&AnswerMeta>) -> Option<Gp
     })
 }
 
-/// One `image_generation.completed` server-sent event per image, for backends that cannot
-/// stream: the answer arrives whole, then goes out as the events a streaming upstream sends.
+/// One `image_generation.completed` (an edit: `image_edit.completed`) server-sent event per
+/// image, for backends that cannot stream: the answer arrives whole, then goes out as the
+/// events a streaming upstream sends.
 pub fn completed_events(
     req: &ImageRequest,
     generation: Generation,
@@ -278,6 +279,10 @@ pub fn completed_events(
     });
     let created_at = crate::clock::now_unix();
     let engine = base64::engine::general_purpose::STANDARD;
+    let kind = match req.operation() {
+        crate::api::Operation::Generation => "image_generation.completed",
+        _ => "image_edit.completed",
+    };
     generation
         .images
         .into_iter()
@@ -293,7 +298,7 @@ pub fn completed_events(
                 }
             };
             let event = json!({
-                "type": "image_generation.completed",
+                "type": kind,
                 "b64_json": b64,
                 "background": fields.background,
                 "created_at": created_at,
@@ -302,9 +307,7 @@ pub fn completed_events(
                 "size": fields.size,
                 "usage": usage,
             });
-            Ok(Bytes::from(format!(
-                "event: image_generation.completed\ndata: {event}\n\n"
-            )))
+            Ok(Bytes::from(format!("event: {kind}\ndata: {event}\n\n")))
         })
         .collect()
 }
