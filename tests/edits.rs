@@ -357,7 +357,8 @@ async fn an_openai_upstream_receives_the_edit_as_multipart_with_the_same_bytes()
         fake.base_url()
     );
     let models = "  remote-d2: {rules: dall-e-2, route: {targets: [{backend: up, model: dall-e-2}]}}\n  \
-                  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: up, dialect: gpt-image}]}}";
+                  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: up, dialect: gpt-image, \
+                  translation: {variation_prompt: \"the same, again\"}}]}}";
     let gw = Gateway::start(&sandbox_config(&backends, models)).await;
 
     let image = picture(256, 256);
@@ -425,6 +426,27 @@ async fn an_openai_upstream_receives_the_edit_as_multipart_with_the_same_bytes()
     let got = parts(sent).await;
     assert_eq!(text(&got, "prompt"), None);
     assert_eq!(text(&got, "n"), Some("2"));
+
+    // On a GPT image target a variation is an edit with the target's variation prompt, at a
+    // size the upstream takes, answered at the size asked for.
+    let form = Form::new()
+        .text("model", "gpt-image-2")
+        .text("size", "256x256")
+        .text("response_format", "b64_json")
+        .part("image", file("in.png", image.clone()));
+    let resp = post(&gw, "/v1/images/variations", form).await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        decode(&body["data"][0]["b64_json"]).dimensions(),
+        (256, 256)
+    );
+    let sent = &fake.requests()[3];
+    assert_eq!(sent.path_and_query, "/v1/images/edits");
+    let got = parts(sent).await;
+    assert_eq!(text(&got, "prompt"), Some("the same, again"));
+    assert_eq!(text(&got, "model"), Some("gpt-image-2"));
+    assert_eq!(text(&got, "response_format"), None);
 }
 
 #[tokio::test]

@@ -64,6 +64,8 @@ pub struct Translation {
     pub pass_user: bool,
     pub max_n: u32,
     pub sizes: SizeAccept,
+    /// The prompt of a variation sent as an edit (GPT image upstreams).
+    pub variation_prompt: String,
 }
 
 impl Translation {
@@ -82,6 +84,7 @@ impl Translation {
             natural: c.style.natural.clone(),
             pass_user: c.pass_user,
             max_n: c.max_n.clamp(1, 10),
+            variation_prompt: c.variation_prompt.clone(),
             sizes: match &c.sizes {
                 None => SizeAccept::Flexible(FlexibleSizes::GPT_IMAGE_2),
                 Some(list) => {

@@ -196,6 +196,16 @@ pub struct TranslationConfig {
     /// up to 3:1, 655,360 to 8,294,400 pixels, edges up to 3840).
     #[serde(default)]
     pub sizes: Option<Vec<String>>,
+    /// What a variation asks of a GPT image upstream, which has no variations: an edit of the
+    /// image with this prompt.
+    #[serde(default = "default_variation_prompt")]
+    pub variation_prompt: String,
+}
+
+fn default_variation_prompt() -> String {
+    "A variation of this image: the same subject, composition and style, with small \
+     differences in its details."
+        .to_string()
 }
 
 impl Default for TranslationConfig {
@@ -206,6 +216,7 @@ impl Default for TranslationConfig {
             pass_user: false,
             max_n: default_translation_max_n(),
             sizes: None,
+            variation_prompt: default_variation_prompt(),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! (streamed from the buffers they arrived in: no copy). A variation goes to
 //! `images/variations` in the DALL·E dialect; a GPT image upstream has no variations (OpenAI has
 //! served no model for them since dall-e-2 was retired), so there it is an edit of the image
-//! with [`VARIATION_PROMPT`].
+//! with the target's `translation.variation_prompt`.
 
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
@@ -12,10 +12,6 @@ use super::{Flavor, OpenAiBackend};
 use crate::api::{EditInputs, InputImage, Operation};
 use crate::backends::{BackendError, UpstreamCall};
 use crate::config::Dialect;
-
-/// What a variation asks of a GPT image model, which only edits.
-pub const VARIATION_PROMPT: &str = "A variation of this image: the same subject, composition \
-     and style, with small differences in its details.";
 
 /// Fields a DALL·E variation takes (the rest of a generation's body is dropped).
 const VARIATION_FIELDS: &[&str] = &["model", "n", "size", "response_format", "user"];
@@ -48,7 +44,7 @@ impl OpenAiBackend {
     ) -> Result<reqwest::RequestBuilder, BackendError> {
         let (url, variation) = self.upload_target(call).map_err(BackendError::Connect)?;
         if inputs.operation == Operation::Variation && !variation {
-            body["prompt"] = VARIATION_PROMPT.into();
+            body["prompt"] = call.translation.variation_prompt.as_str().into();
         }
         let mut form = Form::new();
         if let Value::Object(fields) = &body {
