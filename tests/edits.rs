@@ -847,3 +847,40 @@ async fn a_streamed_edit_on_a_backend_that_cannot_stream_ends_with_an_image_edit
     assert_eq!(event["type"], "image_edit.completed");
     assert!(!unb64(event["b64_json"].as_str().unwrap()).is_empty());
 }
+
+#[tokio::test]
+async fn a_failed_edit_is_retried_on_the_next_target_with_the_same_parts() {
+    let broken = FakeUpstream::start(|_| {
+        Reply::json(
+            500,
+            json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}),
+        )
+    })
+    .await;
+    let good = FakeUpstream::start(|_| Reply::json(200, openai_answer(1))).await;
+    let backends = format!(
+        "  broken: {{kind: openai, base_url: \"{}/v1\", api_key: sk-a}}\n  \
+           good: {{kind: openai, base_url: \"{}/v1\", api_key: sk-b}}",
+        broken.base_url(),
+        good.base_url()
+    );
+    let gw = Gateway::start(&sandbox_config(
+        &backends,
+        "  failover: {rules: dall-e-2, route: {targets: [{backend: broken, model: dall-e-2}, \
+         {backend: good, model: dall-e-2, priority: 1}]}}",
+    ))
+    .await;
+    let image = picture(256, 256);
+    let form = Form::new()
+        .text("model", "failover")
+        .text("prompt", "a red sun")
+        .text("size", "256x256")
+        .part("image", file("in.png", image.clone()));
+    let resp = post(&gw, "/v1/images/edits", form).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-imagegate-attempts"], "2");
+    let first = parts(&broken.requests()[0]).await;
+    let second = parts(&good.requests()[0]).await;
+    assert_eq!(first, second, "the retry resends the same parts");
+    assert!(second.iter().any(|(n, _, b)| n == "image" && *b == image));
+}

@@ -132,6 +132,7 @@ const TEXT_FIELDS: &[&str] = &[
     "safety_identifier",
     "stream",
     "partial_images",
+    "complexity",
     "input_fidelity",
 ];
 
@@ -282,6 +283,7 @@ impl Form {
             "moderation" => r.moderation = Some(text),
             "safety_identifier" => r.safety_identifier = Some(text),
             "partial_images" => r.partial_images = Some(int(&text)?),
+            "complexity" => r.complexity = Some(text),
             "input_fidelity" => self.input_fidelity = Some(text),
             "stream" => {
                 r.stream = Some(match text.trim() {
