@@ -523,3 +523,29 @@ async fn tenant_rate_limits_answer_429_with_retry_after() {
     // Another tenant is not affected.
     assert_eq!(gw.generate_as("sk-narrow-key", body).await.status(), 200);
 }
+
+/// I-JSON (RFC 7493): a member given twice is a 400 naming it, never "the last one wins"
+/// (a filter that reads the first value would see another prompt than the one generated).
+#[tokio::test]
+async fn a_json_member_given_twice_is_refused_naming_it() {
+    let gw = gateway().await;
+    for (body, param) in [
+        (r#"{"prompt":"a cat","prompt":"something else"}"#, "prompt"),
+        (r#"{"prompt":"a cat","n":1,"size":"256x256","n":2}"#, "n"),
+    ] {
+        let resp = client()
+            .post(gw.url("/v1/images/generations"))
+            .bearer_auth(DEMO_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let err = expect_error(resp, 400).await;
+        assert_eq!(err["param"], param, "{body}: {err}");
+        assert!(
+            err["message"].as_str().unwrap().contains("more than once"),
+            "{err}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod edit;
 mod error;
+pub mod json;
 mod request;
 mod response;
 mod rules;

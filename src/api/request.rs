@@ -177,6 +177,8 @@ pub fn parse_request(body: &[u8]) -> Result<RawRequest, ApiError> {
 }
 
 fn parse_request_values(body: &[u8]) -> Result<RawRequest, ApiError> {
+    // A member given twice is refused (I-JSON), not "the last one wins".
+    super::json::reject_duplicate_keys(body)?;
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             super::ErrorKind::InvalidRequest,

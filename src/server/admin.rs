@@ -58,6 +58,7 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
         .await
         .map_err(|_| ApiError::new(ErrorKind::PayloadTooLarge, "Body over 64 KiB."))?
         .to_bytes();
+    crate::api::json::reject_duplicate_keys(&bytes)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, format!("Invalid JSON body: {e}")))
 }
