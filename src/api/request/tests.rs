@@ -5,7 +5,7 @@ fn the_direct_parse_and_the_value_parse_agree() {
     let bodies: &[&str] = &[
         r#"{"model":"dall-e-3","prompt":"a \"fox\"\u00e9\n","n":1,"size":"1024x1024"}"#,
         r#"{"model":"gpt-image-1.5","prompt":"p","background":"transparent","output_format":"webp","output_compression":80,"moderation":"low","safety_identifier":"s","stream":true,"partial_images":2,"complexity":"high","quality":"high","user":null}"#,
-        r#"{"prompt":"p","model":"m","prompt":"second wins"}"#,
+        r#"{"prompt":"p","model":"m","prompt":"second is refused"}"#,
         r#"{"model":"m","prompt":"p","n":1.0}"#,
         r#"{"model":"m","prompt":"p","n":18446744073709551615}"#,
         r#"{"model":"m","prompt":"p","n":-3}"#,
@@ -27,13 +27,9 @@ fn the_direct_parse_and_the_value_parse_agree() {
             "{body}"
         );
     }
-    assert_eq!(
-        parse_request(br#"{"prompt":"p","model":"m","prompt":"q"}"#)
-            .unwrap()
-            .prompt
-            .as_deref(),
-        Some("q")
-    );
+    // A repeated member is refused (I-JSON), never "the last one wins".
+    let repeated = parse_request(br#"{"prompt":"p","model":"m","prompt":"q"}"#).unwrap_err();
+    assert_eq!(repeated.param.as_deref(), Some("prompt"));
 }
 use crate::api::{GptQuality, OutputFormat};
 
