@@ -815,13 +815,6 @@ async fn edits_and_variations_are_counted_under_their_operation() {
     }
 }
 
-fn line_value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn a_streamed_edit_on_a_backend_that_cannot_stream_ends_with_an_image_edit_event() {
     let gw = Gateway::start(&sandbox_config(

@@ -6,13 +6,6 @@ mod support;
 use serde_json::json;
 use support::*;
 
-fn line_value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn counters_follow_a_scripted_mix_of_requests() {
     let good = FakeUpstream::start(|_| {

@@ -396,3 +396,11 @@ pub async fn refused_addr() -> SocketAddr {
     drop(l);
     addr
 }
+
+/// The value of the first Prometheus text line starting with `prefix`.
+pub fn line_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
