@@ -10,6 +10,7 @@ use futures_core::Stream;
 use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, ErrorKind};
+use super::format::ImageFormat;
 use super::request::{ImageRequest, RawRequest, DEFAULT_MODEL};
 use super::rules::{Family, ModelRules, Size};
 
@@ -32,57 +33,11 @@ impl Operation {
     }
 }
 
-/// The image formats an upload may be, by magic number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputFormat {
-    Png,
-    Jpeg,
-    Webp,
-}
-
-impl InputFormat {
-    pub fn sniff(bytes: &[u8]) -> Option<Self> {
-        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-            Some(InputFormat::Png)
-        } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            Some(InputFormat::Jpeg)
-        } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-            Some(InputFormat::Webp)
-        } else {
-            None
-        }
-    }
-
-    pub fn mime(self) -> &'static str {
-        match self {
-            InputFormat::Png => "image/png",
-            InputFormat::Jpeg => "image/jpeg",
-            InputFormat::Webp => "image/webp",
-        }
-    }
-
-    pub fn extension(self) -> &'static str {
-        match self {
-            InputFormat::Png => "png",
-            InputFormat::Jpeg => "jpg",
-            InputFormat::Webp => "webp",
-        }
-    }
-
-    fn image_format(self) -> image::ImageFormat {
-        match self {
-            InputFormat::Png => image::ImageFormat::Png,
-            InputFormat::Jpeg => image::ImageFormat::Jpeg,
-            InputFormat::Webp => image::ImageFormat::WebP,
-        }
-    }
-}
-
 /// An uploaded image, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputImage {
     pub bytes: Bytes,
-    pub format: InputFormat,
+    pub format: ImageFormat,
     pub size: Size,
     /// The client's file name (passed on upstream; never trusted for the format).
     pub filename: String,
@@ -351,7 +306,7 @@ impl Form {
             .take()
             .map(|(bytes, name)| {
                 let mask = check_image("mask", bytes, name, SMALL_FILE)?;
-                if mask.format != InputFormat::Png {
+                if mask.format != ImageFormat::Png {
                     return Err(invalid("mask", "Invalid 'mask': must be a PNG image."));
                 }
                 if mask.size != images[0].size {
@@ -385,7 +340,7 @@ impl Form {
             }
             Some((bytes, name)) => {
                 let markup = check_image("markup", bytes, name, SMALL_FILE)?;
-                if markup.format != InputFormat::Png {
+                if markup.format != ImageFormat::Png {
                     return Err(invalid("markup", "Invalid 'markup': must be a PNG image."));
                 }
                 Some(markup)
@@ -490,7 +445,7 @@ fn check_image(
             ),
         ));
     }
-    let format = InputFormat::sniff(&bytes).ok_or_else(|| {
+    let format = ImageFormat::sniff(&bytes).ok_or_else(|| {
         invalid(
             field,
             format!("Invalid '{field}': '{filename}' is not a PNG, JPEG or WebP image."),
@@ -522,7 +477,7 @@ fn check_image(
 }
 
 fn require_square_png(field: &str, image: &InputImage) -> Result<(), ApiError> {
-    if image.format != InputFormat::Png {
+    if image.format != ImageFormat::Png {
         return Err(invalid(
             field,
             format!("Invalid '{field}': must be a PNG image."),

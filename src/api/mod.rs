@@ -4,6 +4,7 @@
 
 pub mod edit;
 mod error;
+mod format;
 pub mod json;
 mod request;
 mod response;
@@ -14,7 +15,8 @@ pub use error::{ApiError, ErrorKind};
 /// `x-request-id`, on answers and on upstream calls. A `HeaderName` constant: inserting it
 /// allocates nothing (a `&str` name is copied into a new `HeaderName` on every insert).
 pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-pub use edit::{EditInputs, InputFormat, InputImage, Operation};
+pub use edit::{EditInputs, InputImage, Operation};
+pub use format::ImageFormat;
 pub use request::GptParams;
 pub use request::{parse_request, ImageRequest, RawRequest};
 pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};

@@ -13,6 +13,7 @@ use base64::Engine;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+pub use crate::api::ImageFormat;
 use crate::api::{ApiError, ErrorKind, ImageData, ResponseFormat};
 use crate::backends::{Generation, ImagePayload};
 use crate::config::{ImageUrlMode, ImageUrlPolicy};
@@ -21,53 +22,6 @@ pub use fetch::{is_private, FetchError, ImageFetcher};
 pub use s3::S3Store;
 pub use signing::{SignatureError, UrlSigner};
 pub use store::{BlobStore, LocalStore};
-
-/// Image formats we accept from upstreams, by magic number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    Png,
-    Jpeg,
-    Webp,
-}
-
-impl ImageFormat {
-    pub fn sniff(bytes: &[u8]) -> Option<Self> {
-        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-            Some(ImageFormat::Png)
-        } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            Some(ImageFormat::Jpeg)
-        } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-            Some(ImageFormat::Webp)
-        } else {
-            None
-        }
-    }
-
-    pub fn extension(self) -> &'static str {
-        match self {
-            ImageFormat::Png => "png",
-            ImageFormat::Jpeg => "jpg",
-            ImageFormat::Webp => "webp",
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            ImageFormat::Png => "image/png",
-            ImageFormat::Jpeg => "image/jpeg",
-            ImageFormat::Webp => "image/webp",
-        }
-    }
-
-    fn from_extension(ext: &str) -> Option<Self> {
-        match ext {
-            "png" => Some(ImageFormat::Png),
-            "jpg" => Some(ImageFormat::Jpeg),
-            "webp" => Some(ImageFormat::Webp),
-            _ => None,
-        }
-    }
-}
 
 /// An image ready to be sent by the file route.
 pub struct ServedImage {

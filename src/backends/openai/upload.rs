@@ -98,6 +98,6 @@ fn file(image: &InputImage) -> Result<Part, BackendError> {
     let len = image.bytes.len() as u64;
     Part::stream_with_length(reqwest::Body::from(image.bytes.clone()), len)
         .file_name(image.filename.clone())
-        .mime_str(image.format.mime())
+        .mime_str(image.format.content_type())
         .map_err(|e| BackendError::BadResponse(format!("cannot build the upload: {e}")))
 }
