@@ -100,13 +100,14 @@ pub fn render(prompt: &str, index: u32, size: Size) -> RgbImage {
 /// An edit (or a variation) of the first uploaded image at `size`: the picture `prompt` would
 /// give (a variation: the picture of the image's own digest) blended over it, where the mask is
 /// transparent (alpha 0 = edit here, as OpenAI's masks), or lightly over all of it without a
-/// mask. Deterministic, so tests can check that pixels outside the mask are untouched.
-pub fn edit(
+/// mask. Deterministic, so tests can check that pixels outside the mask are untouched. The
+/// upload and its mask are decoded once for all `n` images.
+pub fn edits(
     inputs: &EditInputs,
     prompt: &str,
-    index: u32,
+    n: u32,
     size: Size,
-) -> Result<RgbImage, image::ImageError> {
+) -> Result<Vec<RgbImage>, image::ImageError> {
     let first = &inputs.images[0];
     let mut base = image::load_from_memory(&first.bytes)?.to_rgb8();
     if base.dimensions() != (size.width, size.height) {
@@ -116,7 +117,6 @@ pub fn edit(
         Operation::Variation => hex::encode(Sha256::digest(&first.bytes)),
         _ => prompt.to_string(),
     };
-    let over = render(&seed, index, size);
     let mask = match &inputs.mask {
         Some(m) => {
             let mut mask = image::load_from_memory(&m.bytes)?.to_rgba8();
@@ -128,15 +128,21 @@ pub fn edit(
         }
         None => None,
     };
-    for (x, y, px) in base.enumerate_pixels_mut() {
-        let alpha = match &mask {
-            Some(mask) if mask.get_pixel(x, y).0[3] == 0 => 256,
-            Some(_) => continue,
-            None => 112,
-        };
-        px.0 = blend(px.0, over.get_pixel(x, y).0, alpha);
-    }
-    Ok(base)
+    Ok((0..n)
+        .map(|index| {
+            let over = render(&seed, index, size);
+            let mut edited = base.clone();
+            for (x, y, px) in edited.enumerate_pixels_mut() {
+                let alpha = match &mask {
+                    Some(mask) if mask.get_pixel(x, y).0[3] == 0 => 256,
+                    Some(_) => continue,
+                    None => 112,
+                };
+                px.0 = blend(px.0, over.get_pixel(x, y).0, alpha);
+            }
+            edited
+        })
+        .collect())
 }
 
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
@@ -176,8 +182,9 @@ impl Backend for SandboxBackend {
             None => (0..n)
                 .map(|i| encode_png(&render(&prompt, i, size)).map(Bytes::from))
                 .collect::<Result<Vec<_>, _>>(),
-            Some(inputs) => (0..n)
-                .map(|i| encode_png(&edit(&inputs, &prompt, i, size)?).map(Bytes::from))
+            Some(inputs) => edits(&inputs, &prompt, n, size)?
+                .iter()
+                .map(|img| encode_png(img).map(Bytes::from))
                 .collect::<Result<Vec<_>, _>>(),
         })
         .await
