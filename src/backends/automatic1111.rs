@@ -199,8 +199,7 @@ impl Backend for A1111Backend {
             ),
             None => None,
         };
-        let extra = inputs.map(|i| self.img2img_fields(i, mask.as_deref()));
-        let path = if extra.is_some() {
+        let path = if inputs.is_some() {
             "/sdapi/v1/img2img"
         } else {
             "/sdapi/v1/txt2img"
@@ -211,6 +210,12 @@ impl Backend for A1111Backend {
         let mut cancel = CancelOnDrop::new();
         cancel.add(self.post("/sdapi/v1/interrupt"));
 
+        // One body for every batch (an upload's base64 is built and held once); each batch
+        // changes only its size and seed.
+        let mut body = self.body(&call, &prompt, first_seed, self.max_batch);
+        if let (Some(inputs), Some(fields)) = (inputs, body.as_object_mut()) {
+            fields.extend(self.img2img_fields(inputs, mask.as_deref()));
+        }
         let mut images = Vec::with_capacity(call.request.n as usize);
         let mut remaining = call.request.n;
         while remaining > 0 {
@@ -221,10 +226,8 @@ impl Backend for A1111Backend {
             if timeout.is_zero() {
                 return Err(BackendError::Timeout);
             }
-            let mut body = self.body(&call, &prompt, seed, batch);
-            if let (Some(extra), Some(fields)) = (&extra, body.as_object_mut()) {
-                fields.extend(extra.clone());
-            }
+            body["batch_size"] = batch.into();
+            body["seed"] = seed.into();
             let resp = call
                 .headers(self.post(path))
                 .json(&body)
