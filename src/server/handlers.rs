@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, BodyStream, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tracing::Instrument;
@@ -28,7 +27,7 @@ use crate::routing::Output;
 
 /// What the access log line says about a request, filled in as it goes.
 #[derive(Default)]
-struct AccessLog {
+pub(super) struct AccessLog {
     key_id: Option<Arc<str>>,
     tenant: Option<Arc<str>>,
     model: Option<String>,
@@ -157,10 +156,10 @@ async fn route(
     match (req.method(), path) {
         (&Method::POST, "/v1/images/generations") => generations(state, req, request_id, log).await,
         (&Method::POST, "/v1/images/edits") => {
-            uploads(state, req, request_id, log, Operation::Edit).await
+            super::uploads::handle(state, req, request_id, log, Operation::Edit).await
         }
         (&Method::POST, "/v1/images/variations") => {
-            uploads(state, req, request_id, log, Operation::Variation).await
+            super::uploads::handle(state, req, request_id, log, Operation::Variation).await
         }
         (&Method::GET, "/v1/models") => models(state, &req, log).await,
         (&Method::GET, p) if p.starts_with("/v1/models/") => {
@@ -192,7 +191,7 @@ async fn route(
     }
 }
 
-async fn authenticate(
+pub(super) async fn authenticate(
     rt: &Runtime,
     req: &Request<Incoming>,
     log: &mut AccessLog,
@@ -257,7 +256,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
 
 /// The route of the model a request names, once the caller may use it (a model it may not
 /// use is as unknown as one that does not exist: 404, so names do not leak).
-fn model_route<'r>(
+pub(super) fn model_route<'r>(
     rt: &'r Runtime,
     principal: &Principal,
     model_name: &str,
@@ -274,7 +273,7 @@ fn model_route<'r>(
 }
 
 /// The checked `Idempotency-Key` header, if any.
-fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
+pub(super) fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
     req.headers()
         .get("idempotency-key")
         .map(idempotency::check_key)
@@ -313,85 +312,11 @@ async fn generations(
     .await
 }
 
-/// `POST /v1/images/edits` and `POST /v1/images/variations`: a multipart upload, read as it
-/// arrives within `server.max_upload_bytes` and the memory all uploads may hold, then the same
-/// pipeline as a generation.
-async fn uploads(
-    state: &Arc<AppState>,
-    req: Request<Incoming>,
-    request_id: &str,
-    log: &mut AccessLog,
-    operation: Operation,
-) -> Result<Response<Body>, ApiError> {
-    let rt = state.runtime.load_full();
-    let principal = authenticate(&rt, &req, log).await?;
-    let boundary = api::edit::boundary(
-        req.headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )?;
-    let idem_key = idempotency_key(&req)?;
-    let limit = rt.config.server.max_upload_bytes;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("The request body exceeds the maximum upload size of {limit} bytes."),
-        )
-        .code("request_too_large"));
-    }
-    let reserve = declared.map_or(limit, |len| len as usize);
-    let _held = state
-        .uploads
-        .reserve(reserve, rt.config.server.max_upload_memory)?;
-    let frames = BodyStream::new(req.into_body()).filter_map(|frame| {
-        std::future::ready(match frame {
-            Ok(frame) => frame.into_data().ok().map(Ok),
-            Err(e) => Some(Err(e)),
-        })
-    });
-    let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
-
-    let model_name = form.model().to_string();
-    let route = model_route(&rt, &principal, &model_name, log)?;
-    if !route.can(operation) {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "The model '{model_name}' cannot serve image {}s here: none of its backends can.",
-                operation.as_str()
-            ),
-        )
-        .code("operation_not_supported"));
-    }
-    let fingerprint = form.fingerprint().to_vec();
-    let request = match operation {
-        Operation::Variation => form.into_variation()?,
-        _ => form.into_edit(&route.rules)?,
-    };
-    let idempotency = idem_key.as_deref().map(|key| (key, &fingerprint[..]));
-    run(
-        state,
-        &rt,
-        &principal,
-        route,
-        request,
-        idempotency,
-        request_id,
-        log,
-    )
-    .await
-}
-
 /// A validated request's life from here on, whatever its endpoint: its idempotency record,
 /// limits, budget, relay and settlement. `idempotency`: the key and what must match on a
 /// repeat (the body, or a digest of a form's parts).
 #[allow(clippy::too_many_arguments)]
-async fn run(
+pub(super) async fn run(
     state: &Arc<AppState>,
     rt: &Runtime,
     principal: &Principal,

@@ -1,13 +1,99 @@
-//! The bytes of uploads (edits, variations) held at once, bounded: an upload reserves what it
-//! declares (or the largest upload, when it declares nothing) before it is read, and gives it
-//! back when its request ends. One that would pass `server.max_upload_memory` gets a 503 with
-//! `retry-after`, so a burst of large uploads cannot take the process's memory.
+//! `POST /v1/images/edits` and `POST /v1/images/variations` up to validation (from there
+//! `handlers::run` serves them as it serves a generation), and the bound on the bytes of
+//! uploads held at once: an upload reserves what it declares (or the largest upload, when it
+//! declares nothing) before it is read, and gives it back when its request ends. One that
+//! would pass `server.max_upload_memory` gets a 503 with `retry-after`, so a burst of large
+//! uploads cannot take the process's memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{ApiError, ErrorKind};
+use futures_util::StreamExt;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response};
+use http_body_util::BodyStream;
+use hyper::body::Incoming;
+
+use super::handlers::{authenticate, idempotency_key, model_route, run, AccessLog};
+use super::respond::Body;
+use super::state::AppState;
+use crate::api::{self, Operation};
+
+/// `POST /v1/images/edits` and `POST /v1/images/variations`: a multipart upload, read as it
+/// arrives within `server.max_upload_bytes` and the memory all uploads may hold, then the same
+/// pipeline as a generation.
+pub(super) async fn handle(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &str,
+    log: &mut AccessLog,
+    operation: Operation,
+) -> Result<Response<Body>, ApiError> {
+    let rt = state.runtime.load_full();
+    let principal = authenticate(&rt, &req, log).await?;
+    let boundary = api::edit::boundary(
+        req.headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    let idem_key = idempotency_key(&req)?;
+    let limit = rt.config.server.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("The request body exceeds the maximum upload size of {limit} bytes."),
+        )
+        .code("request_too_large"));
+    }
+    let reserve = declared.map_or(limit, |len| len as usize);
+    let _held = state
+        .uploads
+        .reserve(reserve, rt.config.server.max_upload_memory)?;
+    let frames = BodyStream::new(req.into_body()).filter_map(|frame| {
+        std::future::ready(match frame {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
+
+    let model_name = form.model().to_string();
+    let route = model_route(&rt, &principal, &model_name, log)?;
+    if !route.can(operation) {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "The model '{model_name}' cannot serve image {}s here: none of its backends can.",
+                operation.as_str()
+            ),
+        )
+        .code("operation_not_supported"));
+    }
+    let fingerprint = form.fingerprint().to_vec();
+    let request = match operation {
+        Operation::Variation => form.into_variation()?,
+        _ => form.into_edit(&route.rules)?,
+    };
+    let idempotency = idem_key.as_deref().map(|key| (key, &fingerprint[..]));
+    run(
+        state,
+        &rt,
+        &principal,
+        route,
+        request,
+        idempotency,
+        request_id,
+        log,
+    )
+    .await
+}
 
 #[derive(Default)]
 pub struct UploadGate {
