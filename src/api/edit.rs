@@ -72,24 +72,11 @@ pub struct Form {
     given: Vec<String>,
 }
 
-const TEXT_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "n",
-    "size",
-    "quality",
-    "response_format",
-    "user",
-    "background",
-    "output_format",
-    "output_compression",
-    "moderation",
-    "safety_identifier",
-    "stream",
-    "partial_images",
-    "complexity",
-    "input_fidelity",
-];
+/// A form's text fields: a generation's (`api::request`'s list, less `style`, which edits do
+/// not take) and `input_fidelity`.
+fn is_text_field(name: &str) -> bool {
+    name == "input_fidelity" || (name != "style" && super::request::FIELDS.contains(&name))
+}
 
 /// What a variation takes besides its image (the dall-e-2 contract).
 const VARIATION_FIELDS: &[&str] = &["model", "n", "size", "response_format", "user"];
@@ -192,7 +179,7 @@ impl Form {
                 }
                 *slot = Some(file(data, filename));
             }
-            _ if TEXT_FIELDS.contains(&name) => {
+            _ if is_text_field(name) => {
                 if self.given.iter().any(|g| g == name) {
                     return Err(invalid(name, format!("'{name}' was given more than once.")));
                 }

@@ -93,7 +93,7 @@ impl ImageRequest {
     }
 }
 
-const FIELDS: &[&str] = &[
+pub(super) const FIELDS: &[&str] = &[
     "model",
     "prompt",
     "n",
