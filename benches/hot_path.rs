@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use divan::{black_box, Bencher};
 use futures_util::FutureExt;
-use imagegate::api::{parse_request, ImageData, ImagesResponse, ModelRules};
+use imagegate::api::{parse_request, ImageData, ImagesResponse};
 use imagegate::auth::{KeyStore, StaticKeyStore};
 use imagegate::config::Config;
 use imagegate::metering::budget::{Hold, MemoryBudgets};
@@ -41,7 +41,9 @@ keys:
 
 #[divan::bench]
 fn parse_and_validate(b: Bencher) {
-    let rules = ModelRules::preset("dall-e-3").unwrap();
+    let rules = imagegate::config::Catalog::builtin()
+        .rules("dall-e-3")
+        .unwrap();
     b.bench(|| {
         parse_request(black_box(BODY))
             .unwrap()

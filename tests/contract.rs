@@ -458,7 +458,7 @@ async fn health_endpoints_and_unknown_routes() {
 
 #[tokio::test]
 async fn custom_rules_apply_to_a_custom_model() {
-    let models = "  sdxl: {rules: {sizes: [512x512, 768x768], max_n: 2, max_prompt_chars: 20, quality: [standard, hd]}, route: {targets: [{backend: sandbox}]}}";
+    let models = "  sdxl: {rules: {sizes: [512x512, 768x768], max_n: 2, max_prompt_chars: 20, quality: [standard, hd]}, price: free, route: {targets: [{backend: sandbox}]}}";
     let gw = Gateway::start(&sandbox_config("", models)).await;
     let ok = gw
         .generate(json!({"model": "sdxl", "prompt": "x", "n": 2, "quality": "hd", "response_format": "b64_json"}))

@@ -179,7 +179,7 @@ async fn variations_follow_the_dalle2_contract_on_the_sandbox() {
 async fn each_contract_violation_is_a_400_naming_its_field() {
     let gw = Gateway::start(&sandbox_config(
         "",
-        "  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: sandbox}]}}",
+        "  gpt-image-2: {rules: gpt-image-2, route: {targets: [{backend: sandbox}]}}",
     ))
     .await;
     let edit = |parts: Vec<(&str, Part)>| {
@@ -357,8 +357,8 @@ async fn an_openai_upstream_receives_the_edit_as_multipart_with_the_same_bytes()
         fake.base_url()
     );
     let models = "  remote-d2: {rules: dall-e-2, route: {targets: [{backend: up, model: dall-e-2}]}}\n  \
-                  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: up, dialect: gpt-image, \
-                  translation: {variation_prompt: \"the same, again\"}}]}}";
+                  gpt-image-2: {rules: {preset: gpt-image-2, input_fidelity: [high, low]}, \
+                  route: {targets: [{backend: up, dialect: gpt-image, translation: {variation_prompt: \"the same, again\"}}]}}";
     let gw = Gateway::start(&sandbox_config(&backends, models)).await;
 
     let image = picture(256, 256);
@@ -738,7 +738,7 @@ async fn an_azure_deployment_gets_the_edit_at_its_edits_path_with_its_api_versio
             "  az: {{kind: azure, endpoint: \"{}\", deployment: gpt-image-prod, api_version: 2025-04-01-preview, api_key: az-secret}}",
             fake.base_url()
         ),
-        "  az-image: {rules: gpt-image, route: {targets: [{backend: az, dialect: gpt-image}]}}",
+        "  az-image: {rules: gpt-image-2, route: {targets: [{backend: az, dialect: gpt-image}]}}",
     ))
     .await;
     let form = Form::new()
@@ -819,7 +819,7 @@ async fn edits_and_variations_are_counted_under_their_operation() {
 async fn a_streamed_edit_on_a_backend_that_cannot_stream_ends_with_an_image_edit_event() {
     let gw = Gateway::start(&sandbox_config(
         "",
-        "  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: sandbox}]}}",
+        "  gpt-image-2: {rules: gpt-image-2, route: {targets: [{backend: sandbox}]}}",
     ))
     .await;
     let form = Form::new()

@@ -14,8 +14,8 @@ fn config(url: &str, target_extra: &str) -> String {
     let models = format!(
         "  d2: {{rules: dall-e-2, route: {{targets: [{{backend: gpt, model: gpt-image-2, dialect: gpt-image{target_extra}}}]}}}}\n  \
            d3: {{rules: dall-e-3, route: {{targets: [{{backend: gpt, model: gpt-image-2, dialect: gpt-image{target_extra}}}]}}}}\n  \
-           gpt-image-2: {{rules: gpt-image, route: {{targets: [{{backend: gpt, dialect: gpt-image}}]}}}}\n  \
-           gpt-on-sandbox: {{rules: gpt-image, route: {{targets: [{{backend: sandbox}}]}}}}"
+           gpt-image-2: {{rules: gpt-image-2, route: {{targets: [{{backend: gpt, dialect: gpt-image}}]}}}}\n  \
+           gpt-on-sandbox: {{rules: gpt-image-2, route: {{targets: [{{backend: sandbox}}]}}}}"
     );
     sandbox_config(&backends, &models)
 }
@@ -203,7 +203,8 @@ async fn gpt_image_models_are_validated_at_the_edge() {
             "background",
         ),
         (json!({"partial_images": 2}), "partial_images"),
-        (json!({"seed": 1}), "seed"),
+        (json!({"output_format": "gif"}), "output_format"),
+        (json!({"complexity": "extreme"}), "complexity"),
     ] {
         let mut body = json!({"model": "gpt-image-2", "prompt": "p"});
         for (k, v) in extra.as_object().unwrap() {
@@ -215,6 +216,53 @@ async fn gpt_image_models_are_validated_at_the_edge() {
     assert!(
         fake.requests().is_empty(),
         "nothing invalid reached the upstream"
+    );
+}
+
+/// A field OpenAI adds after this release reaches a gpt-image upstream untouched; a backend
+/// that cannot honour it refuses it, and a DALL·E model refuses it at the edge.
+#[tokio::test]
+async fn unknown_fields_pass_through_to_gpt_image_upstreams_only() {
+    let fake = fake_gpt_image().await;
+    let gw = Gateway::start(&config(&fake.base_url(), "")).await;
+    let resp = gw
+        .generate(
+            json!({"model": "gpt-image-2", "prompt": "p", "prompt_rewriter": {"mode": "off"}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let sent = last_body(&fake);
+    assert_eq!(sent["prompt_rewriter"], json!({"mode": "off"}));
+    // A field OpenAI does not know either gets OpenAI's own 400, relayed.
+    let err = expect_error(
+        gw.generate(json!({"model": "gpt-image-2", "prompt": "p", "seed": 7}))
+            .await,
+        400,
+    )
+    .await;
+    assert_eq!(err["param"], "seed");
+    let before = fake.requests().len();
+    let err = expect_error(
+        gw.generate(json!({"model": "gpt-on-sandbox", "prompt": "p", "seed": 7}))
+            .await,
+        400,
+    )
+    .await;
+    assert_eq!(
+        (err["param"].as_str(), err["code"].as_str()),
+        (Some("seed"), Some("unsupported_parameter"))
+    );
+    let err = expect_error(
+        gw.generate(json!({"model": "dall-e-3", "prompt": "p", "seed": 7}))
+            .await,
+        400,
+    )
+    .await;
+    assert_eq!(err["param"], "seed");
+    assert_eq!(
+        fake.requests().len(),
+        before,
+        "nothing refused reached the upstream"
     );
 }
 

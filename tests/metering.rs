@@ -33,7 +33,7 @@ models:
   dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: up}}]}}}}
   dall-e-3: {{rules: dall-e-3, route: {{targets: [{{backend: up}}]}},
              upstream_price: {{per_image: [{{size: 1024x1024, micro_usd: 30000}}]}}}}
-  gpt-image-1: {{rules: gpt-image, route: {{targets: [{{backend: up, dialect: gpt-image}}]}},
+  gpt-image-1: {{rules: gpt-image-2, route: {{targets: [{{backend: up, dialect: gpt-image}}]}},
                 price: {{default_micro_usd: 50000}},
                 upstream_price: {{input_tokens_per_million: 5000000, output_tokens_per_million: 40000000}}}}
 tenants:
@@ -464,7 +464,8 @@ async fn prices_reserved_settled_upstream_cost_and_the_usage_report() {
         (
             json!({"model": "dall-e-3", "prompt": "p", "size": "1792x1024", "quality": "hd", "response_format": "b64_json"}),
             120_000u64,
-            0u64,
+            // Not in the upstream table: its 1024x1024 price scaled by pixels, 30,000 x 1.75.
+            52_500u64,
         ),
         (
             json!({"model": "dall-e-3", "prompt": "p", "size": "1024x1024", "response_format": "b64_json"}),
@@ -510,7 +511,8 @@ async fn prices_reserved_settled_upstream_cost_and_the_usage_report() {
     let d3 = groups.iter().find(|g| g["group"] == "dall-e-3").unwrap();
     assert_eq!(d3["requests"], 2);
     assert_eq!(d3["cost_micro_usd"], 160_000);
-    assert_eq!(d3["margin_micro_usd"], 130_000);
+    // 160,000 charged less 30,000 and 52,500 upstream.
+    assert_eq!(d3["margin_micro_usd"], 77_500);
     let d2 = groups.iter().find(|g| g["group"] == "dall-e-2").unwrap();
     assert_eq!(d2["images"], 2);
 

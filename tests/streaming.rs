@@ -13,8 +13,8 @@ use support::*;
 
 fn config(url: &str) -> String {
     let backends = format!("  gpt: {{kind: openai, base_url: \"{url}/v1\", api_key: sk-up}}");
-    let models = "  gpt-image-2: {rules: gpt-image, route: {targets: [{backend: gpt, dialect: gpt-image}]}}\n  \
-                  gpt-local: {rules: gpt-image, route: {targets: [{backend: sandbox}]}}";
+    let models = "  gpt-image-2: {rules: gpt-image-2, route: {targets: [{backend: gpt, dialect: gpt-image}]}}\n  \
+                  gpt-local: {rules: gpt-image-2, route: {targets: [{backend: sandbox}]}}";
     sandbox_config(&backends, models)
 }
 

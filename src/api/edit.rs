@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::error::{ApiError, ErrorKind};
 use super::format::ImageFormat;
 use super::request::{ImageRequest, RawRequest, DEFAULT_MODEL};
-use super::rules::{Family, ModelRules, Size};
+use super::rules::{Family, InputFidelity, ModelRules, OutputFormat, Size};
 
 /// What a request asks of its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -24,6 +24,13 @@ pub enum Operation {
 }
 
 impl Operation {
+    pub const ALL: &'static [Operation] =
+        &[Operation::Generation, Operation::Edit, Operation::Variation];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|o| o.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::Generation => "generation",
@@ -73,9 +80,13 @@ pub struct Form {
 }
 
 /// A form's text fields: a generation's (`api::request`'s list, less `style`, which edits do
-/// not take) and `input_fidelity`.
+/// not take, and `svg`, which arrives as `svg[model]` and `svg[reasoning][effort]`) and
+/// `input_fidelity`.
 fn is_text_field(name: &str) -> bool {
-    name == "input_fidelity" || (name != "style" && super::request::FIELDS.contains(&name))
+    matches!(
+        name,
+        "input_fidelity" | "svg[model]" | "svg[reasoning][effort]"
+    ) || (name != "style" && name != "svg" && super::request::FIELDS.contains(&name))
 }
 
 /// What a variation takes besides its image (the dall-e-2 contract).
@@ -189,6 +200,13 @@ impl Form {
                 self.set_text(name, text)?;
             }
             "" => return Err(invalid("", "A multipart part has no name.")),
+            // A text field the gateway does not know: the model's rules refuse it or pass it
+            // through to a GPT image upstream.
+            other if filename.is_none() && !self.raw.extra.contains_key(other) => {
+                let text = String::from_utf8(data.to_vec())
+                    .map_err(|_| invalid(other, format!("Invalid '{other}': not UTF-8 text.")))?;
+                self.raw.extra.insert(other.to_string(), text.into());
+            }
             other => {
                 return Err(invalid(
                     other,
@@ -226,6 +244,16 @@ impl Form {
             "safety_identifier" => r.safety_identifier = Some(text),
             "partial_images" => r.partial_images = Some(int(&text)?),
             "complexity" => r.complexity = Some(text),
+            "frame_count" => r.frame_count = Some(int(&text)?),
+            "frame_duration_ms" => r.frame_duration_ms = Some(int(&text)?),
+            "svg[model]" | "svg[reasoning][effort]" => {
+                let svg = r.svg.get_or_insert_with(|| serde_json::json!({}));
+                if name == "svg[model]" {
+                    svg["model"] = text.into();
+                } else {
+                    svg["reasoning"] = serde_json::json!({ "effort": text });
+                }
+            }
             "input_fidelity" => self.input_fidelity = Some(text),
             "stream" => {
                 r.stream = Some(match text.trim() {
@@ -310,13 +338,13 @@ impl Form {
             .transpose()?;
         let markup = match self.markup.take() {
             None => None,
-            Some(_) if !gpt => {
+            Some(_) if !rules.markup => {
                 return Err(invalid(
                     "markup",
                     format!(
-                    "Invalid 'markup': the model '{}' does not support it (GPT image models only).",
-                    self.model()
-                ),
+                        "Invalid 'markup': the model '{}' does not support the 'markup' parameter.",
+                        self.model()
+                    ),
                 ))
             }
             Some(_) if mask.is_some() => {
@@ -335,16 +363,36 @@ impl Form {
         };
         let input_fidelity = match self.input_fidelity.take() {
             None => None,
-            Some(_) if !gpt => {
+            Some(_) if rules.input_fidelity.is_empty() => {
                 return Err(invalid(
                     "input_fidelity",
-                    format!("Invalid 'input_fidelity': the model '{}' does not support it (GPT image models only).", self.model()),
+                    format!("Invalid 'input_fidelity': the model '{}' does not support the 'input_fidelity' parameter.", self.model()),
                 ))
             }
-            Some(f) if f == "high" || f == "low" => Some(f),
-            Some(f) => return Err(invalid("input_fidelity", format!("'{f}' is not one of ['high', 'low'] - 'input_fidelity'"))),
+            Some(f) => match InputFidelity::parse(&f) {
+                Some(v) if rules.input_fidelity.contains(&v) => Some(f),
+                _ => {
+                    let allowed: Vec<&str> =
+                        rules.input_fidelity.iter().map(|v| v.as_str()).collect();
+                    return Err(invalid(
+                        "input_fidelity",
+                        format!("'{f}' is not one of {allowed:?} - 'input_fidelity'"),
+                    ));
+                }
+            },
         };
         let mut request = self.raw.validate(rules)?;
+        if mask.is_some()
+            && request
+                .gpt
+                .as_ref()
+                .is_some_and(|g| g.output_format == OutputFormat::Gif)
+        {
+            return Err(invalid(
+                "mask",
+                "Invalid 'mask': GIF output does not support masks.",
+            ));
+        }
         request.inputs = Some(Arc::new(EditInputs {
             operation: Operation::Edit,
             images,

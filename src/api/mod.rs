@@ -21,6 +21,6 @@ pub use request::GptParams;
 pub use request::{parse_request, ImageRequest, RawRequest};
 pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};
 pub use rules::{
-    Background, Complexity, Family, FlexibleSizes, GptQuality, ModelRules, Moderation,
-    OutputFormat, Quality, ResponseFormat, Size, Style,
+    Background, Complexity, Family, FlexibleSizes, GptQuality, InputFidelity, ModelRules,
+    Moderation, OutputFormat, Quality, ResponseFormat, Size, Style, UnknownFields,
 };

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use super::rules::{
     Background, Complexity, Family, GptQuality, ModelRules, Moderation, OutputFormat, Quality,
-    ResponseFormat, Size, Style,
+    ResponseFormat, Size, Style, UnknownFields,
 };
 
 pub const DEFAULT_MODEL: &str = "dall-e-2";
@@ -35,6 +35,13 @@ pub struct RawRequest {
     pub stream: Option<bool>,
     pub partial_images: Option<i64>,
     pub complexity: Option<String>,
+    pub frame_count: Option<i64>,
+    pub frame_duration_ms: Option<i64>,
+    pub svg: Option<Value>,
+    /// Members the gateway does not know, in the order given: refused or passed through,
+    /// as the model's rules say.
+    #[serde(skip)]
+    pub extra: Map<String, Value>,
 }
 
 /// The GPT image fields of a request to a GPT image model, defaults filled in.
@@ -51,6 +58,14 @@ pub struct GptParams {
     pub stream: bool,
     pub partial_images: Option<u8>,
     pub complexity: Option<Complexity>,
+    /// `gif` output only.
+    pub frame_count: Option<u32>,
+    pub frame_duration_ms: Option<u32>,
+    /// `svg` output only: `{model, reasoning?: {effort?}}`, checked for shape.
+    pub svg: Option<Value>,
+    /// Fields the gateway does not know, for a `gpt-image` upstream (the model's rules pass
+    /// them through).
+    pub extra: Map<String, Value>,
 }
 
 /// A request that satisfies its model's rules, defaults filled in.
@@ -110,6 +125,9 @@ pub(super) const FIELDS: &[&str] = &[
     "stream",
     "partial_images",
     "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
 ];
 
 /// Fields only GPT image models take.
@@ -122,6 +140,9 @@ const GPT_FIELDS: &[&str] = &[
     "stream",
     "partial_images",
     "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
 ];
 
 fn type_name(v: &Value) -> &'static str {
@@ -200,12 +221,20 @@ fn parse_request_values(body: &[u8]) -> Result<RawRequest, ApiError> {
             ))
         }
     };
-    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
-            unknown,
-            format!("Unrecognized request argument supplied: {unknown}"),
-        ));
-    }
+    let unknown: Vec<String> = obj
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let extra: Map<String, Value> = unknown
+        .into_iter()
+        .filter_map(|k| obj.remove_entry(&k))
+        .collect();
+    let svg = match obj.remove("svg") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => Some(v),
+        Some(other) => return Err(wrong_type("svg", "an object", &other)),
+    };
     let stream = match obj.remove("stream") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(b),
@@ -228,6 +257,10 @@ fn parse_request_values(body: &[u8]) -> Result<RawRequest, ApiError> {
         stream,
         partial_images: take_int(&mut obj, "partial_images")?,
         complexity: take_string(&mut obj, "complexity")?,
+        frame_count: take_int(&mut obj, "frame_count")?,
+        frame_duration_ms: take_int(&mut obj, "frame_duration_ms")?,
+        svg,
+        extra,
     })
 }
 
@@ -330,6 +363,53 @@ fn check_prompt(prompt: Option<String>, rules: &ModelRules) -> Result<String, Ap
     Ok(prompt)
 }
 
+fn unsupported(field: &str, model: &str) -> ApiError {
+    ApiError::invalid(
+        field,
+        format!("Invalid '{field}': the model '{model}' does not support the '{field}' parameter."),
+    )
+}
+
+const SVG_EFFORTS: &[&str] = &["none", "minimal", "low", "medium", "high", "xhigh", "max"];
+
+/// `svg: {model: string, reasoning?: {effort?: one of SVG_EFFORTS} | null}`, as the SDK types it.
+fn check_svg(svg: Value) -> Result<Value, ApiError> {
+    let bad = |what: String| ApiError::invalid("svg", format!("Invalid 'svg': {what}."));
+    let Value::Object(obj) = &svg else {
+        return Err(bad("expected an object".into()));
+    };
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("model", Value::String(m)) if !m.is_empty() => {}
+            ("model", _) => return Err(bad("'model' must be a non-empty string".into())),
+            ("reasoning", Value::Null) => {}
+            ("reasoning", Value::Object(r)) => {
+                for (rk, rv) in r {
+                    match (rk.as_str(), rv) {
+                        ("effort", Value::Null) => {}
+                        ("effort", Value::String(e)) if SVG_EFFORTS.contains(&e.as_str()) => {}
+                        ("effort", other) => {
+                            return Err(bad(format!(
+                                "'reasoning.effort' {other} is not one of {}",
+                                list(SVG_EFFORTS)
+                            )))
+                        }
+                        (other, _) => {
+                            return Err(bad(format!("unrecognized member 'reasoning.{other}'")))
+                        }
+                    }
+                }
+            }
+            ("reasoning", _) => return Err(bad("'reasoning' must be an object".into())),
+            (other, _) => return Err(bad(format!("unrecognized member '{other}'"))),
+        }
+    }
+    if !obj.contains_key("model") {
+        return Err(bad("missing required member 'model'".into()));
+    }
+    Ok(svg)
+}
+
 impl RawRequest {
     /// The model asked for, or the contract's default.
     pub fn model(&self) -> &str {
@@ -346,6 +426,9 @@ impl RawRequest {
             self.stream.is_some(),
             self.partial_images.is_some(),
             self.complexity.is_some(),
+            self.frame_count.is_some(),
+            self.frame_duration_ms.is_some(),
+            self.svg.is_some(),
         ];
         GPT_FIELDS
             .iter()
@@ -355,10 +438,19 @@ impl RawRequest {
     }
 
     /// Applies a model's rules and fills in defaults. `model` is the public model name.
-    pub fn validate(self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
+    pub fn validate(mut self, rules: &ModelRules) -> Result<ImageRequest, ApiError> {
+        if rules.unknown_fields == UnknownFields::Refuse {
+            if let Some(unknown) = self.extra.keys().next() {
+                return Err(ApiError::invalid(
+                    unknown,
+                    format!("Unrecognized request argument supplied: {unknown}"),
+                ));
+            }
+        }
         if rules.family == Family::GptImage {
             return self.validate_gpt(rules);
         }
+        self.extra.clear();
         let model = self.model().to_string();
         if let Some(field) = self.gpt_field_given() {
             return Err(ApiError::invalid(
@@ -468,21 +560,28 @@ impl RawRequest {
                 .filter(|q| rules.gpt_qualities.contains(q))
                 .ok_or_else(|| not_one_of(q, &rules.gpt_qualities, "quality"))?,
         };
-        let background = choice(
+        let background = check_choice(
             self.background.as_deref(),
             "background",
             Background::ALL,
             Background::parse,
+            &rules.backgrounds,
+            &model,
         )?
         .unwrap_or(Background::Auto);
-        let output_format = choice(
+        let output_format = check_choice(
             self.output_format.as_deref(),
             "output_format",
             OutputFormat::ALL,
             OutputFormat::parse,
+            &rules.output_formats,
+            &model,
         )?
-        .unwrap_or(OutputFormat::Png);
-        if background == Background::Transparent && output_format == OutputFormat::Jpeg {
+        .unwrap_or(rules.output_formats[0]);
+        let compressible = matches!(output_format, OutputFormat::Jpeg | OutputFormat::Webp);
+        if background == Background::Transparent
+            && !matches!(output_format, OutputFormat::Png | OutputFormat::Webp)
+        {
             return Err(ApiError::invalid(
                 "background",
                 "Invalid 'background': transparent backgrounds need output_format png or webp.",
@@ -491,13 +590,16 @@ impl RawRequest {
         let output_compression =
             match self.output_compression {
                 None => None,
-                Some(_) if output_format == OutputFormat::Png => return Err(ApiError::invalid(
+                Some(_) if !compressible => return Err(ApiError::invalid(
                     "output_compression",
                     "Invalid 'output_compression': only supported with output_format jpeg or webp.",
                 )),
                 Some(c) => Some(range("output_compression", c, 0, 100)? as u8),
             };
         let stream = self.stream.unwrap_or(false);
+        if stream && !rules.stream {
+            return Err(unsupported("stream", &model));
+        }
         let partial_images = match self.partial_images {
             None => None,
             Some(_) if !stream => {
@@ -514,12 +616,60 @@ impl RawRequest {
             Moderation::ALL,
             Moderation::parse,
         )?;
+        if self.complexity.is_some() && !rules.complexity {
+            return Err(unsupported("complexity", &model));
+        }
         let complexity = choice(
             self.complexity.as_deref(),
             "complexity",
             Complexity::ALL,
             Complexity::parse,
         )?;
+        let only_with = |field: &str, format: &str| {
+            ApiError::invalid(
+                field,
+                format!("Invalid '{field}': only supported with output_format={format}."),
+            )
+        };
+        let (mut frame_count, mut frame_duration_ms) = (None, None);
+        if output_format == OutputFormat::Gif {
+            // GIF output: no streaming, partial images or compression (OpenAI's rules).
+            if stream {
+                return Err(ApiError::invalid(
+                    "stream",
+                    "Invalid 'stream': GIF output does not support streaming.",
+                ));
+            }
+            if let Some(f) = self.frame_count {
+                frame_count = Some(range("frame_count", f, 2, 16)? as u32);
+            }
+            if let Some(d) = self.frame_duration_ms {
+                frame_duration_ms = Some(range("frame_duration_ms", d, 1, 655_350)? as u32);
+            }
+        } else if self.frame_count.is_some() {
+            return Err(only_with("frame_count", "gif"));
+        } else if self.frame_duration_ms.is_some() {
+            return Err(only_with("frame_duration_ms", "gif"));
+        }
+        let svg = match (output_format, self.svg) {
+            (OutputFormat::Svg, svg) => {
+                if n != 1 {
+                    return Err(ApiError::invalid(
+                        "n",
+                        "Invalid 'n': SVG output requires n=1.",
+                    ));
+                }
+                if stream {
+                    return Err(ApiError::invalid(
+                        "stream",
+                        "Invalid 'stream': SVG output does not support streaming.",
+                    ));
+                }
+                svg.map(check_svg).transpose()?
+            }
+            (_, Some(_)) => return Err(only_with("svg", "svg")),
+            (_, None) => None,
+        };
         Ok(ImageRequest {
             model,
             prompt,
@@ -540,6 +690,10 @@ impl RawRequest {
                 stream,
                 partial_images,
                 complexity,
+                frame_count,
+                frame_duration_ms,
+                svg,
+                extra: self.extra,
             }),
             inputs: None,
         })

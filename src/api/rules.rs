@@ -1,8 +1,11 @@
-//! Per-model request rules. The contract's two presets (`dall-e-2`, `dall-e-3`) are built in;
-//! a local model such as `sdxl` declares its own in gateway.yaml.
+//! Per-model request rules: what each field may be. Named models take theirs from the catalog
+//! (`catalog/models.yaml`, built in, extended from gateway.yaml); a local model such as `sdxl`
+//! declares its own in gateway.yaml.
 
 use std::fmt;
 use std::str::FromStr;
+
+use super::edit::Operation;
 
 /// An image size, `WIDTHxHEIGHT` on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,7 +64,8 @@ impl FromStr for Size {
 }
 
 macro_rules! wire_enum {
-    ($name:ident { $($variant:ident => $wire:literal),+ $(,)? }) => {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $wire:literal),+ $(,)? }) => {
+        $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum $name { $($variant),+ }
 
@@ -88,20 +92,18 @@ macro_rules! wire_enum {
 wire_enum!(Quality { Standard => "standard", Hd => "hd" });
 wire_enum!(GptQuality { Low => "low", Medium => "medium", High => "high", Xhigh => "xhigh", Max => "max", Auto => "auto" });
 wire_enum!(Background { Transparent => "transparent", Opaque => "opaque", Auto => "auto" });
-wire_enum!(OutputFormat { Png => "png", Jpeg => "jpeg", Webp => "webp" });
+wire_enum!(OutputFormat { Png => "png", Jpeg => "jpeg", Webp => "webp", Gif => "gif", Svg => "svg" });
+wire_enum!(InputFidelity { High => "high", Low => "low" });
 wire_enum!(Moderation { Low => "low", Auto => "auto" });
 wire_enum!(Complexity { Low => "low", Medium => "medium", High => "high" });
 wire_enum!(Style { Vivid => "vivid", Natural => "natural" });
 wire_enum!(ResponseFormat { Url => "url", B64Json => "b64_json" });
 
-/// Which dialect of the Images API a public model speaks at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// The contract: dall-e-2/dall-e-3 fields, `response_format`, `style`.
-    DallE,
-    /// GPT image models: always base64, `background`, `output_format`, streaming, usage.
-    GptImage,
-}
+wire_enum!(
+    /// Which dialect of the Images API a public model speaks at the edge: the contract's
+    /// (dall-e-2/dall-e-3 fields, `response_format`, `style`) or the GPT image models' (always
+    /// base64, `background`, `output_format`, streaming, usage).
+    Family { DallE => "dall-e", GptImage => "gpt-image" });
 
 /// Sizes a GPT image model accepts beyond a fixed list: both sides divisible by `multiple`,
 /// aspect ratio at most `max_aspect`:1, pixel count and edge within bounds.
@@ -173,6 +175,8 @@ impl FlexibleSizes {
 }
 
 /// What a model accepts. `qualities`/`styles` empty means the field is rejected outright.
+/// Named models get theirs from the catalog (`catalog/models.yaml`); [`ModelRules::base`]
+/// is where a family's entry starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRules {
     pub family: Family,
@@ -190,117 +194,180 @@ pub struct ModelRules {
     /// Answers carry `revised_prompt` (dall-e-3 does; the gateway fills in the prompt it sent
     /// when a backend has none).
     pub revised_prompt: bool,
+    /// GPT image models: accepted `output_format` values (`gif` and `svg` bring their own
+    /// fields: `frame_count`, `frame_duration_ms`; `svg`).
+    pub output_formats: Vec<OutputFormat>,
+    /// GPT image models: accepted `background` values (empty: the field is refused).
+    pub backgrounds: Vec<Background>,
+    /// Edits: accepted `input_fidelity` values (empty: the field is refused).
+    pub input_fidelity: Vec<InputFidelity>,
+    /// Edits: a `markup` image is accepted.
+    pub markup: bool,
+    /// `complexity` is accepted.
+    pub complexity: bool,
+    /// `stream` (and `partial_images`) are accepted.
+    pub stream: bool,
+    /// What happens to a request field the gateway does not know.
+    pub unknown_fields: UnknownFields,
+    /// What the model does. A variation is also served by a model that edits (as an edit).
+    pub operations: Vec<Operation>,
 }
 
 pub const DEFAULT_SIZE: Size = Size::new(1024, 1024);
 
+wire_enum!(
+    /// A request field the gateway does not know (yet): `refuse`d with a 400 naming it (the
+    /// DALL·E contract, local models), or `pass`ed to a `gpt-image` upstream unchanged (and
+    /// refused by backends that cannot honour it).
+    UnknownFields { Refuse => "refuse", Pass => "pass" });
+
 impl ModelRules {
-    /// dall-e-2: prompt ≤ 1000 chars, n 1..=10, three square sizes. `quality: standard` (its
-    /// only value, as OpenAI accepts it) passes; `hd` and any `style` are rejected.
+    /// Where a family's rules start before a catalog entry or the config changes them.
+    /// DALL·E: the contract's defaults (prompt <= 1000, n = 1, sizes to be given). GPT image:
+    /// the fields every GPT image model shares (prompt <= 32000, n 1..=10, the three standard
+    /// sizes or auto, quality low..high or auto, png/jpeg/webp, streaming).
+    pub fn base(family: Family) -> Self {
+        match family {
+            Family::DallE => ModelRules {
+                family,
+                flexible_sizes: None,
+                auto_size: false,
+                gpt_qualities: vec![],
+                max_prompt_chars: 1000,
+                max_n: 1,
+                sizes: vec![],
+                default_size: DEFAULT_SIZE,
+                qualities: vec![],
+                styles: vec![],
+                revised_prompt: false,
+                output_formats: vec![],
+                backgrounds: vec![],
+                input_fidelity: vec![],
+                markup: false,
+                complexity: false,
+                stream: false,
+                unknown_fields: UnknownFields::Refuse,
+                operations: vec![Operation::Generation, Operation::Edit, Operation::Variation],
+            },
+            Family::GptImage => ModelRules {
+                family,
+                flexible_sizes: None,
+                auto_size: true,
+                gpt_qualities: vec![
+                    GptQuality::Low,
+                    GptQuality::Medium,
+                    GptQuality::High,
+                    GptQuality::Auto,
+                ],
+                max_prompt_chars: 32000,
+                max_n: 10,
+                sizes: vec![
+                    Size::new(1024, 1024),
+                    Size::new(1536, 1024),
+                    Size::new(1024, 1536),
+                ],
+                default_size: DEFAULT_SIZE,
+                qualities: vec![],
+                styles: vec![],
+                revised_prompt: false,
+                output_formats: vec![OutputFormat::Png, OutputFormat::Jpeg, OutputFormat::Webp],
+                backgrounds: Background::ALL.to_vec(),
+                input_fidelity: vec![],
+                markup: false,
+                complexity: true,
+                stream: true,
+                unknown_fields: UnknownFields::Pass,
+                operations: vec![Operation::Generation, Operation::Edit],
+            },
+        }
+    }
+
+    /// dall-e-2, the contract every variation follows whatever model serves it: prompt <=
+    /// 1000 chars, n 1..=10, three square sizes, `quality: standard` only, no style.
     pub fn dalle2() -> Self {
         ModelRules {
-            family: Family::DallE,
-            flexible_sizes: None,
-            auto_size: false,
-            gpt_qualities: vec![],
-            max_prompt_chars: 1000,
             max_n: 10,
             sizes: vec![
                 Size::new(256, 256),
                 Size::new(512, 512),
                 Size::new(1024, 1024),
             ],
-            default_size: DEFAULT_SIZE,
             qualities: vec![Quality::Standard],
-            styles: vec![],
-            revised_prompt: false,
+            ..Self::base(Family::DallE)
         }
     }
 
-    /// dall-e-3: prompt ≤ 4000 chars, n = 1, square and two wide/tall sizes, quality
-    /// standard|hd, style vivid|natural.
-    pub fn dalle3() -> Self {
-        ModelRules {
-            family: Family::DallE,
-            flexible_sizes: None,
-            auto_size: false,
-            gpt_qualities: vec![],
-            max_prompt_chars: 4000,
-            max_n: 1,
-            sizes: vec![
-                Size::new(1024, 1024),
-                Size::new(1792, 1024),
-                Size::new(1024, 1792),
-            ],
-            default_size: DEFAULT_SIZE,
-            qualities: vec![Quality::Standard, Quality::Hd],
-            styles: vec![Style::Vivid, Style::Natural],
-            revised_prompt: true,
+    /// Whether the model serves `op` (a variation: natively, or as an edit).
+    pub fn serves(&self, op: Operation) -> bool {
+        self.operations.contains(&op)
+            || (op == Operation::Variation && self.operations.contains(&Operation::Edit))
+    }
+
+    /// Contradictions within the rules, each as a message.
+    pub fn contradictions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.sizes.is_empty() && self.flexible_sizes.is_none() {
+            out.push("the model accepts no size (give `sizes` or `size_grid`)".to_string());
         }
-    }
-
-    /// GPT image models with free sizes (gpt-image-2): prompt ≤ 32000 chars, n 1..=10,
-    /// `WxH` within [`FlexibleSizes::GPT_IMAGE_2`] or `auto`, quality low..high or auto.
-    pub fn gpt_image() -> Self {
-        ModelRules {
-            family: Family::GptImage,
-            flexible_sizes: Some(FlexibleSizes::GPT_IMAGE_2),
-            auto_size: true,
-            gpt_qualities: vec![
-                GptQuality::Low,
-                GptQuality::Medium,
-                GptQuality::High,
-                GptQuality::Auto,
-            ],
-            max_prompt_chars: 32000,
-            max_n: 10,
-            sizes: vec![
-                Size::new(1024, 1024),
-                Size::new(1536, 1024),
-                Size::new(1024, 1536),
-            ],
-            default_size: DEFAULT_SIZE,
-            qualities: vec![],
-            styles: vec![],
-            revised_prompt: false,
+        if !self.sizes.contains(&self.default_size)
+            && self
+                .flexible_sizes
+                .is_none_or(|f| f.check(self.default_size).is_err())
+        {
+            out.push(format!(
+                "default_size {} is not one of the model's sizes",
+                self.default_size
+            ));
         }
-    }
-
-    /// gpt-image-2.5-*: as gpt-image-2, plus quality xhigh and max.
-    pub fn gpt_image_25() -> Self {
-        let mut r = Self::gpt_image();
-        r.gpt_qualities.extend([GptQuality::Xhigh, GptQuality::Max]);
-        r
-    }
-
-    /// gpt-image-1-mini and gpt-image-1.5: the three standard sizes (or auto) only.
-    pub fn gpt_image_fixed() -> Self {
-        ModelRules {
-            flexible_sizes: None,
-            ..Self::gpt_image()
+        if let Some(f) = &self.flexible_sizes {
+            for s in &self.sizes {
+                if let Err(why) = f.check(*s) {
+                    out.push(format!("size {s} is outside the size grid: {why}"));
+                }
+            }
         }
-    }
-
-    pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "dall-e-2" => Some(Self::dalle2()),
-            "dall-e-3" => Some(Self::dalle3()),
-            "gpt-image" | "gpt-image-2" => Some(Self::gpt_image()),
-            "gpt-image-2.5" => Some(Self::gpt_image_25()),
-            "gpt-image-1.5" | "gpt-image-1-mini" => Some(Self::gpt_image_fixed()),
-            _ => None,
+        if self.unknown_fields == UnknownFields::Pass && self.family == Family::DallE {
+            out.push("`unknown_fields: pass` needs family gpt-image".into());
         }
+        if self.operations.is_empty() {
+            out.push("`operations` must list at least one of generation, edit, variation".into());
+        }
+        match self.family {
+            Family::DallE => {
+                for (field, set) in [
+                    ("output_format", !self.output_formats.is_empty()),
+                    ("background", !self.backgrounds.is_empty()),
+                    ("input_fidelity", !self.input_fidelity.is_empty()),
+                    ("markup", self.markup),
+                    ("complexity", self.complexity),
+                    ("stream", self.stream),
+                    ("size_grid", self.flexible_sizes.is_some()),
+                    ("auto_size", self.auto_size),
+                ] {
+                    if set {
+                        out.push(format!(
+                            "`{field}` is a GPT image field; a dall-e model takes none"
+                        ));
+                    }
+                }
+            }
+            Family::GptImage => {
+                if !self.styles.is_empty() {
+                    out.push("GPT image models take no style".into());
+                }
+                if self.output_formats.is_empty() {
+                    out.push("`output_format` must list at least one format".into());
+                }
+                if self.gpt_qualities.is_empty() {
+                    out.push("`quality` must list at least one value for a GPT image model".into());
+                }
+                if self.revised_prompt {
+                    out.push("GPT image models give no revised_prompt".into());
+                }
+            }
+        }
+        out
     }
-
-    pub const PRESETS: &'static [&'static str] = &[
-        "dall-e-2",
-        "dall-e-3",
-        "gpt-image",
-        "gpt-image-2",
-        "gpt-image-2.5",
-        "gpt-image-1.5",
-        "gpt-image-1-mini",
-    ];
 }
 
 #[cfg(test)]
@@ -326,19 +393,6 @@ mod tests {
         ] {
             assert!(bad.parse::<Size>().is_err(), "{bad} should not parse");
         }
-    }
-
-    #[test]
-    fn presets_match_the_contract() {
-        let d2 = ModelRules::preset("dall-e-2").unwrap();
-        assert_eq!(d2.max_prompt_chars, 1000);
-        assert_eq!(d2.max_n, 10);
-        let d3 = ModelRules::preset("dall-e-3").unwrap();
-        assert_eq!(d3.max_prompt_chars, 4000);
-        assert_eq!(d3.max_n, 1);
-        assert!(d3.sizes.contains(&Size::new(1024, 1792)));
-        assert!(!d2.sizes.contains(&Size::new(1792, 1024)));
-        assert!(ModelRules::preset("dall-e-4").is_none());
     }
 
     #[test]

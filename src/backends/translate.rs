@@ -168,6 +168,21 @@ pub fn gpt_body(req: &ImageRequest, g: &GptParams) -> Value {
     if let Some(c) = g.complexity {
         body["complexity"] = c.as_str().into();
     }
+    if let Some(f) = g.frame_count {
+        body["frame_count"] = f.into();
+    }
+    if let Some(d) = g.frame_duration_ms {
+        body["frame_duration_ms"] = d.into();
+    }
+    if let Some(svg) = &g.svg {
+        body["svg"] = svg.clone();
+    }
+    // Fields the gateway does not know yet, as the client sent them (never over a known one).
+    if let Value::Object(fields) = &mut body {
+        for (k, v) in &g.extra {
+            fields.entry(k.as_str()).or_insert_with(|| v.clone());
+        }
+    }
     body
 }
 
@@ -197,6 +212,9 @@ pub fn require_plain_png(req: &ImageRequest) -> Result<(), BackendError> {
     }
     if g.output_compression.is_some() {
         return Err(unsupported("output_compression", "output compression"));
+    }
+    if let Some(field) = g.extra.keys().next() {
+        return Err(unsupported(field, "this field"));
     }
     Ok(())
 }
@@ -378,7 +396,11 @@ mod tests {
         let json = format!(r#"{{"model":"gpt-image-2","prompt":"p","size":"1024x1536"{extra}}}"#);
         crate::api::parse_request(json.as_bytes())
             .unwrap()
-            .validate(&crate::api::ModelRules::gpt_image())
+            .validate(
+                &crate::config::Catalog::builtin()
+                    .rules("gpt-image-2")
+                    .unwrap(),
+            )
             .unwrap()
     }
 

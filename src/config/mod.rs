@@ -6,6 +6,7 @@
 //! never re-parses anything.
 
 mod backends;
+mod catalog;
 mod interpolate;
 mod models;
 mod types;
@@ -15,6 +16,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use backends::*;
+pub use catalog::*;
 pub use interpolate::expand;
 pub use models::*;
 pub use types::*;
@@ -93,10 +95,11 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let config: Config = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(doc).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::new(path, e.into_inner().to_string())
         })?;
+        config.catalog = Catalog::load(&config.catalog_files).map_err(ConfigErrors)?;
         let errors = validate::validate(&config);
         if errors.is_empty() {
             Ok(config)

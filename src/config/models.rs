@@ -42,12 +42,58 @@ pub struct PriceTableConfig {
     /// Price of a size/quality not in the table.
     #[serde(default)]
     pub default_micro_usd: u64,
-    /// Token prices (GPT image `usage`), micro-dollars per million tokens; when the upstream
-    /// reports usage and either is set, they replace the per-image price.
+    /// Token prices (GPT image `usage`), micro-dollars per million tokens, as the provider
+    /// publishes them; when the upstream reports usage and any is set, they replace the
+    /// per-image price (which then only sizes the budget hold).
+    #[serde(default)]
+    pub text_input_per_million: u64,
+    #[serde(default)]
+    pub image_input_per_million: u64,
+    #[serde(default)]
+    pub text_output_per_million: u64,
+    #[serde(default)]
+    pub image_output_per_million: u64,
+    /// Shorthands: one rate for text and image input (output) tokens alike.
     #[serde(default)]
     pub input_tokens_per_million: u64,
     #[serde(default)]
     pub output_tokens_per_million: u64,
+}
+
+impl PriceConfig {
+    /// What is wrong with a price for a model with these rules (sizes that do not parse,
+    /// qualities its family does not have, a preset that is not `free`).
+    pub fn problems(&self, rules: &crate::api::ModelRules) -> Vec<String> {
+        let table = match self {
+            PriceConfig::Preset(p) if p == "free" => return vec![],
+            PriceConfig::Preset(p) => {
+                return vec![format!(
+                    "\"{p}\" is not a price (write a table, `free`, or a catalog model's name \
+                     in gateway.yaml)"
+                )]
+            }
+            PriceConfig::Table(t) => t,
+        };
+        let mut out = Vec::new();
+        for (i, e) in table.per_image.iter().enumerate() {
+            if let Err(why) = e.size.parse::<crate::api::Size>() {
+                out.push(format!("per_image[{i}].size: {why}"));
+            }
+            if let Some(q) = &e.quality {
+                let known = match rules.family {
+                    crate::api::Family::DallE => crate::api::Quality::parse(q).is_some(),
+                    crate::api::Family::GptImage => crate::api::GptQuality::parse(q).is_some(),
+                };
+                if !known {
+                    out.push(format!(
+                        "per_image[{i}].quality: \"{q}\" is not a {} quality",
+                        rules.family
+                    ));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -68,7 +114,7 @@ fn default_model_timeout() -> Duration {
 #[serde(untagged)]
 pub enum RulesConfig {
     Preset(String),
-    Custom(CustomRules),
+    Custom(Box<CustomRules>),
 }
 
 /// Custom rules, optionally starting from a preset and overriding some fields.
@@ -93,6 +139,53 @@ pub struct CustomRules {
     pub style: Option<Vec<String>>,
     #[serde(default)]
     pub revised_prompt: Option<bool>,
+    /// `dall-e` (the contract's fields) or `gpt-image`; default: the preset's, else dall-e.
+    #[serde(default)]
+    pub family: Option<String>,
+    /// GPT image sizes beyond `sizes`: any WxH on this grid (`null`: none, over a preset
+    /// that has one).
+    #[serde(default, deserialize_with = "nullable")]
+    pub size_grid: Option<Option<SizeGridConfig>>,
+    /// `size: auto` accepted.
+    #[serde(default)]
+    pub auto_size: Option<bool>,
+    #[serde(default)]
+    pub output_format: Option<Vec<String>>,
+    #[serde(default)]
+    pub background: Option<Vec<String>>,
+    #[serde(default)]
+    pub input_fidelity: Option<Vec<String>>,
+    #[serde(default)]
+    pub markup: Option<bool>,
+    #[serde(default)]
+    pub complexity: Option<bool>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// `refuse` or `pass` (to a gpt-image upstream, unchanged).
+    #[serde(default)]
+    pub unknown_fields: Option<String>,
+    /// Of generation, edit, variation.
+    #[serde(default)]
+    pub operations: Option<Vec<String>>,
+}
+
+/// A field that may be absent (`None`), `null` (`Some(None)`) or given.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeGridConfig {
+    pub multiple: u32,
+    pub max_aspect: u32,
+    pub max_edge: u32,
+    pub min_pixels: u64,
+    pub max_pixels: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -38,7 +38,7 @@ fn a_good_config_loads_with_defaults() {
         BackendConfig::Openai(o) => assert_eq!(o.api_key.as_ref().unwrap().expose(), "sk-upstream"),
         other => panic!("wrong kind {other:?}"),
     }
-    let sdxl = c.models["sdxl"].rules.resolve().unwrap();
+    let sdxl = c.models["sdxl"].rules.resolve(&c.catalog).unwrap();
     assert_eq!(sdxl.max_n, 4);
     assert_eq!(sdxl.default_size.to_string(), "1024x1024");
     assert!(sdxl.styles.is_empty());
@@ -99,7 +99,7 @@ fn bad_rules_and_keys_are_rejected() {
     assert!(load(&yaml)
         .unwrap_err()
         .to_string()
-        .contains("unknown rules preset"));
+        .contains("\"dall-e-9\" is not in the model catalog"));
     let yaml = GOOD.replace("[512x512, 1024x1024]", "[512x512, big]");
     assert!(load(&yaml).is_err());
     let yaml = GOOD.replace("secret: sk-imagegate-demo", "secret_sha256: abc");

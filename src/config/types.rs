@@ -42,6 +42,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
+    /// Catalog files merged over the built-in model catalog, in order (hot-reloaded).
+    #[serde(default, rename = "catalog")]
+    pub catalog_files: Vec<PathBuf>,
+    /// The merged catalog (built when the config is loaded).
+    #[serde(skip)]
+    pub catalog: std::sync::Arc<super::Catalog>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
     #[serde(default)]

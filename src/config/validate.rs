@@ -6,111 +6,9 @@
 
 use std::collections::HashSet;
 
-use crate::api::{ModelRules, Quality, Size, Style};
+use crate::api::{Quality, Size};
 
-use super::{BackendConfig, Config, ConfigError, KeyConfig, RulesConfig};
-
-impl RulesConfig {
-    /// The effective rules of a model.
-    pub fn resolve(&self) -> Result<ModelRules, String> {
-        let custom = match self {
-            RulesConfig::Preset(name) => return preset(name),
-            RulesConfig::Custom(custom) => custom,
-        };
-        let mut rules = match &custom.preset {
-            Some(name) => preset(name)?,
-            None => {
-                if custom.sizes.is_none() {
-                    return Err("custom rules need `sizes` (or a `preset` to start from)".into());
-                }
-                ModelRules {
-                    family: crate::api::Family::DallE,
-                    flexible_sizes: None,
-                    auto_size: false,
-                    gpt_qualities: Vec::new(),
-                    max_prompt_chars: 1000,
-                    max_n: 1,
-                    sizes: Vec::new(),
-                    default_size: crate::api::Size::new(1024, 1024),
-                    qualities: Vec::new(),
-                    styles: Vec::new(),
-                    revised_prompt: false,
-                }
-            }
-        };
-        if let Some(sizes) = &custom.sizes {
-            if sizes.is_empty() {
-                return Err("`sizes` must list at least one size".into());
-            }
-            rules.sizes = sizes
-                .iter()
-                .map(|s| s.parse::<Size>())
-                .collect::<Result<_, _>>()?;
-        }
-        match &custom.default_size {
-            Some(s) => rules.default_size = s.parse::<Size>()?,
-            None if !rules.sizes.contains(&rules.default_size) => {
-                rules.default_size = rules.sizes[0];
-            }
-            None => {}
-        }
-        if !rules.sizes.contains(&rules.default_size) {
-            return Err(format!(
-                "default_size {} is not one of the model's sizes",
-                rules.default_size
-            ));
-        }
-        if let Some(n) = custom.max_n {
-            if !(1..=10).contains(&n) {
-                return Err(format!("max_n must be between 1 and 10, got {n}"));
-            }
-            rules.max_n = n;
-        }
-        if let Some(chars) = custom.max_prompt_chars {
-            if chars == 0 {
-                return Err("max_prompt_chars must be at least 1".into());
-            }
-            rules.max_prompt_chars = chars;
-        }
-        if let Some(q) = &custom.quality {
-            if rules.family == crate::api::Family::GptImage {
-                rules.gpt_qualities = choices(q, crate::api::GptQuality::parse, "quality")?;
-            } else {
-                rules.qualities = choices(q, Quality::parse, "quality")?;
-            }
-        }
-        if let Some(s) = &custom.style {
-            if rules.family == crate::api::Family::GptImage && !s.is_empty() {
-                return Err("GPT image models take no style".into());
-            }
-            rules.styles = choices(s, Style::parse, "style")?;
-        }
-        if let Some(r) = custom.revised_prompt {
-            rules.revised_prompt = r;
-        }
-        Ok(rules)
-    }
-}
-
-fn preset(name: &str) -> Result<ModelRules, String> {
-    ModelRules::preset(name).ok_or_else(|| {
-        format!(
-            "unknown rules preset \"{name}\" (presets: {})",
-            ModelRules::PRESETS.join(", ")
-        )
-    })
-}
-
-fn choices<T: Copy>(
-    values: &[String],
-    parse: fn(&str) -> Option<T>,
-    field: &str,
-) -> Result<Vec<T>, String> {
-    values
-        .iter()
-        .map(|v| parse(v).ok_or_else(|| format!("unknown {field} value \"{v}\"")))
-        .collect()
-}
+use super::{BackendConfig, Config, ConfigError, KeyConfig};
 
 fn check_http_url(path: String, url: &str, errors: &mut Vec<ConfigError>) {
     match url::Url::parse(url) {
@@ -249,7 +147,7 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
     }
 
     for (name, model) in &config.models {
-        if let Err(message) = model.rules.resolve() {
+        if let Err(message) = model.rules.resolve(&config.catalog) {
             errors.push(ConfigError::new(format!("models.{name}.rules"), message));
         }
         if model.route.targets.is_empty() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use budget::{BudgetStore, Hold};
 pub use charge::{Begun, Charge, Delivered, IdempotencyKey, RequestFacts};
-pub use price::{dollars, usage_tokens, PriceTable};
+pub use price::{dollars, usage_tokens, PriceTable, TokenRates, TokenUsage};
 
 use crate::api::{ApiError, ErrorKind};
 use crate::auth::Principal;

@@ -459,7 +459,7 @@ impl Router {
         for (name, m) in &config.models {
             let rules = m
                 .rules
-                .resolve()
+                .resolve(&config.catalog)
                 .map_err(|e| vec![ConfigError::new(format!("models.{name}.rules"), e)])?;
             let mut targets = m
                 .route

@@ -57,14 +57,16 @@ pub fn compile(
     }
     let mut prices = HashMap::new();
     for (name, m) in &config.models {
-        let mut table = |field: &str, price| {
-            PriceTable::for_model(price, &m.rules)
-                .map_err(|e| errors.push(ConfigError::new(format!("models.{name}.{field}"), e)))
-                .unwrap_or_default()
+        let mut problem = |field: &str, e: String| {
+            errors.push(ConfigError::new(format!("models.{name}.{field}"), e))
         };
-        let charged = table("price", m.price.as_ref());
+        let charged = PriceTable::for_model(m.price.as_ref(), &m.rules, &config.catalog)
+            .map_err(|e| problem("price", e))
+            .unwrap_or_default();
         let upstream = match &m.upstream_price {
-            Some(p) => table("upstream_price", Some(p)),
+            Some(p) => PriceTable::explicit(p, &config.catalog)
+                .map_err(|e| problem("upstream_price", e))
+                .unwrap_or_default(),
             None => PriceTable::default(),
         };
         prices.insert(name.clone(), ModelPrices { charged, upstream });

@@ -360,7 +360,7 @@ pub(super) async fn run(
         .policy
         .admit_request(principal, request.n, charge.id(), lease, &mut log.rate)
         .await?;
-    let reserved = route.prices.cost(&request, request.n);
+    let reserved = route.prices.estimate(&request, request.n);
     charge.reserve(principal, reserved, lease).await?;
     charge.relayed();
 
@@ -388,7 +388,10 @@ pub(super) async fn run(
         }
     };
     let tokens = crate::metering::usage_tokens(usage.as_ref());
-    let cost = route.prices.cost(&request, delivered);
+    let cost = route.prices.cost(&request, delivered, usage.as_ref());
+    let upstream_cost = route
+        .upstream_prices
+        .cost(&request, delivered, usage.as_ref());
     log.cost = Some(cost);
     log.usage = usage;
     route.images.inc_by(delivered as u64);
@@ -397,9 +400,7 @@ pub(super) async fn run(
         backend: log.backend.as_deref(),
         images: delivered,
         cost,
-        upstream_cost: route
-            .upstream_prices
-            .cost_with_tokens(&request, delivered, tokens),
+        upstream_cost,
         tokens,
     };
     if !charge.deliver(delivery, stored).await {

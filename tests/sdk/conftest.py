@@ -164,7 +164,7 @@ models:
   slow: {{rules: dall-e-2, route: {{targets: [{{backend: slow-sandbox}}]}}}}
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
   remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
-  gpt-image-2: {{rules: gpt-image, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
+  gpt-image-2: {{rules: gpt-image-2, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
   dall-e-3-on-gpt: {{rules: dall-e-3, route: {{targets: [{{backend: fake, model: gpt-image-2, dialect: gpt-image}}]}}}}
 tenants:
   demo: {{models: ["*"]}}

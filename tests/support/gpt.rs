@@ -8,7 +8,13 @@ use serde_json::{json, Value};
 
 use super::{b64, tiny_png, FakeUpstream, Reply};
 
+/// What OpenAI's GPT image endpoints take in December 2026, `prompt_rewriter` included (a
+/// field the SDK mentions and the gateway does not know: it must pass through).
 const ALLOWED: &[&str] = &[
+    "prompt_rewriter",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
     "model",
     "prompt",
     "n",

@@ -1,5 +1,10 @@
 use super::*;
 
+/// A catalog entry's rules.
+fn named(name: &str) -> ModelRules {
+    crate::config::Catalog::builtin().rules(name).unwrap()
+}
+
 #[test]
 fn the_direct_parse_and_the_value_parse_agree() {
     let bodies: &[&str] = &[
@@ -54,7 +59,7 @@ fn defaults_follow_the_contract() {
 
     let req = validate(
         r#"{"model":"dall-e-3","prompt":"a cat"}"#,
-        ModelRules::dalle3(),
+        named("dall-e-3"),
     )
     .unwrap();
     assert_eq!(req.quality, Some(Quality::Standard));
@@ -84,7 +89,6 @@ fn type_errors_name_the_field() {
             r#"{"prompt":"x","response_format":true}"#,
             "response_format",
         ),
-        (r#"{"prompt":"x","colour":"red"}"#, "colour"),
     ] {
         let err = parse_request(json.as_bytes()).unwrap_err();
         assert_eq!(err.param.as_deref(), Some(field), "{json}");
@@ -158,7 +162,7 @@ fn dalle2_rules() {
 
 #[test]
 fn dalle3_rules() {
-    let d3 = ModelRules::dalle3;
+    let d3 = || named("dall-e-3");
     let j = |rest: &str| format!(r#"{{"model":"dall-e-3","prompt":"x"{rest}}}"#);
     assert_eq!(param_of(&j(r#","n":2"#), d3()).as_deref(), Some("n"));
     assert_eq!(
@@ -198,7 +202,7 @@ fn dalle3_rules() {
 
 #[test]
 fn gpt_image_rules_follow_the_sdk() {
-    let g = ModelRules::gpt_image;
+    let g = || named("gpt-image-2");
     let j = |rest: &str| format!(r#"{{"model":"gpt-image-2","prompt":"x"{rest}}}"#);
     let req = validate(&j(""), g()).unwrap();
     let gpt = req.gpt.clone().unwrap();
@@ -239,15 +243,15 @@ fn gpt_image_rules_follow_the_sdk() {
     ] {
         assert_eq!(param_of(&j(rest), g()).as_deref(), Some(param), "{rest}");
     }
-    assert!(validate(&j(r#","quality":"max""#), ModelRules::gpt_image_25()).is_ok());
+    assert!(validate(&j(r#","quality":"max""#), named("gpt-image-2.5-sunburst")).is_ok());
     assert_eq!(
-        param_of(&j(r#","size":"1536x864""#), ModelRules::gpt_image_fixed()).as_deref(),
+        param_of(&j(r#","size":"1536x864""#), named("gpt-image-1.5")).as_deref(),
         Some("size")
     );
     // GPT-only fields on a DALL·E model name the field.
     let d3 = r#"{"model":"dall-e-3","prompt":"x","background":"opaque"}"#;
     assert_eq!(
-        param_of(d3, ModelRules::dalle3()).as_deref(),
+        param_of(d3, named("dall-e-3")).as_deref(),
         Some("background")
     );
     let d2 = r#"{"prompt":"x","stream":true}"#;
@@ -263,5 +267,88 @@ fn size_error_uses_openai_wording() {
     assert_eq!(
         err.message,
         "'1024x1025' is not one of ['256x256', '512x512', '1024x1024'] - 'size'"
+    );
+}
+
+#[test]
+fn gif_and_svg_bring_their_own_fields() {
+    let g = || named("gpt-image-2.5-flare");
+    let j = |rest: &str| format!(r#"{{"model":"gpt-image-2.5-flare","prompt":"x"{rest}}}"#);
+    let gif = validate(
+        &j(r#","output_format":"gif","frame_count":12,"frame_duration_ms":120"#),
+        g(),
+    )
+    .unwrap();
+    let p = gif.gpt.unwrap();
+    assert_eq!((p.frame_count, p.frame_duration_ms), (Some(12), Some(120)));
+    let svg = validate(
+        &j(r#","output_format":"svg","svg":{"model":"gpt-5","reasoning":{"effort":"low"}}"#),
+        g(),
+    )
+    .unwrap();
+    assert_eq!(svg.gpt.unwrap().svg.unwrap()["model"], "gpt-5");
+    for (rest, param) in [
+        (r#","frame_count":4"#, "frame_count"),
+        (
+            r#","output_format":"png","frame_duration_ms":100"#,
+            "frame_duration_ms",
+        ),
+        (r#","output_format":"gif","frame_count":1"#, "frame_count"),
+        (r#","output_format":"gif","frame_count":17"#, "frame_count"),
+        (r#","output_format":"gif","stream":true"#, "stream"),
+        (
+            r#","output_format":"gif","output_compression":50"#,
+            "output_compression",
+        ),
+        (
+            r#","output_format":"gif","background":"transparent""#,
+            "background",
+        ),
+        (r#","output_format":"svg","n":2"#, "n"),
+        (r#","output_format":"svg","stream":true"#, "stream"),
+        (r#","svg":{"model":"gpt-5"}"#, "svg"),
+        (
+            r#","output_format":"svg","svg":{"reasoning":{"effort":"low"}}"#,
+            "svg",
+        ),
+        (
+            r#","output_format":"svg","svg":{"model":"m","reasoning":{"effort":"huge"}}"#,
+            "svg",
+        ),
+        (r#","output_format":"svg","svg":"gpt-5""#, "svg"),
+    ] {
+        assert_eq!(param_of(&j(rest), g()).as_deref(), Some(param), "{rest}");
+    }
+    // gpt-image-2 has neither format.
+    assert_eq!(
+        param_of(&j(r#","output_format":"gif""#), named("gpt-image-2")).as_deref(),
+        Some("output_format")
+    );
+}
+
+#[test]
+fn unknown_fields_are_refused_or_passed_as_the_model_says() {
+    let body = r#"{"model":"m","prompt":"x","prompt_rewriter":{"mode":"off"},"seed":7}"#;
+    // dall-e-3 refuses, naming the field.
+    assert_eq!(
+        param_of(body, named("dall-e-3")).as_deref(),
+        Some("prompt_rewriter")
+    );
+    // A GPT image family passes both through, untouched and in order.
+    let req = validate(body, named("gpt-image-2")).unwrap();
+    let extra = req.gpt.unwrap().extra;
+    assert_eq!(
+        extra.keys().collect::<Vec<_>>(),
+        ["prompt_rewriter", "seed"]
+    );
+    assert_eq!(extra["prompt_rewriter"]["mode"], "off");
+    // A known field is still checked: a typo of a known value is a 400.
+    assert_eq!(
+        param_of(
+            r#"{"prompt":"x","quality":"ultra","seed":7}"#,
+            named("gpt-image-2")
+        )
+        .as_deref(),
+        Some("quality")
     );
 }

@@ -35,7 +35,7 @@ fn dalle_body_carries_exactly_the_requests_fields() {
     let parse = |preset: &str, body: &str| {
         crate::api::parse_request(body.as_bytes())
             .unwrap()
-            .validate(&crate::api::ModelRules::preset(preset).unwrap())
+            .validate(&crate::config::Catalog::builtin().rules(preset).unwrap())
             .unwrap()
     };
     let hd = parse(
