@@ -24,6 +24,12 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Today's UTC date, `YYYY-MM-DD` (model lifecycles compare dates as these strings).
+pub fn today() -> String {
+    let (y, m, d) = civil_from_days((now_unix() / 86_400) as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 /// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;

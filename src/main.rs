@@ -30,6 +30,18 @@ enum Command {
         #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
         config: PathBuf,
     },
+    /// The models a config serves (rules, operations, prices, lifecycle) or, with --catalog,
+    /// the whole model catalog; warns about routes to upstream models that are shut down.
+    Models {
+        #[arg(long, short, default_value = "gateway.yaml", env = "IMAGEGATE_CONFIG")]
+        config: PathBuf,
+        /// Every catalog entry (built in, plus the config's `catalog:` files), snapshots too.
+        #[arg(long)]
+        catalog: bool,
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the secret_sha256 of a key secret read from standard input.
     HashKey,
     /// Tenants in the configured store (SQLite or PostgreSQL).
@@ -418,8 +430,42 @@ fn runtime_block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Models {
+            config,
+            catalog,
+            json,
+        } => match load(&config) {
+            Ok(c) => {
+                use imagegate::server::models;
+                let today = imagegate::clock::today();
+                for w in models::shutdown_warnings(&c, &today) {
+                    eprintln!("warning: {w}");
+                }
+                let rows = if catalog {
+                    models::catalog_json(&c)
+                } else {
+                    models::served_json(&c)
+                };
+                if json {
+                    println!("{}", serde_json::Value::from(rows));
+                } else if catalog {
+                    for r in rows {
+                        println!("{r}");
+                    }
+                } else {
+                    print!("{}", models::served_text(&c));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::Check { config } => match load(&config).and_then(|c| compiles(&config, c)) {
             Ok(c) => {
+                for w in
+                    imagegate::server::models::shutdown_warnings(&c, &imagegate::clock::today())
+                {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} backends, {} models, {} tenants, {} keys)",
                     config.display(),

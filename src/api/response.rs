@@ -104,6 +104,9 @@ pub struct ModelObject {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: String,
+    /// The catalog's shutdown date for this name upstream (`YYYY-MM-DD`), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_date: Option<String>,
 }
 
 #[cfg(test)]

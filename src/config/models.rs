@@ -34,7 +34,7 @@ pub enum PriceConfig {
     Table(PriceTableConfig),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceTableConfig {
     #[serde(default)]
@@ -96,7 +96,7 @@ impl PriceConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceEntry {
     pub size: String,

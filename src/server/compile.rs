@@ -76,6 +76,9 @@ pub fn compile(
     };
     let router =
         Router::build(config, RouterParts { backends, prices }, previous).map_err(ConfigErrors)?;
+    for warning in super::models::shutdown_warnings(config, &crate::clock::today()) {
+        tracing::warn!("{warning}");
+    }
     Ok(Compiled {
         tls,
         admin_tls,

@@ -263,13 +263,55 @@ pub(super) fn model_route<'r>(
     log: &mut AccessLog,
 ) -> Result<&'r crate::routing::ModelRoute, ApiError> {
     log.model = Some(model_name.to_string());
+    let Some(route) = rt.router.model(model_name) else {
+        return Err(shut_down(rt, principal, model_name)
+            .unwrap_or_else(|| ApiError::model_not_found(model_name)));
+    };
     rt.policy.check_model(principal, model_name)?;
-    let route = rt
-        .router
-        .model(model_name)
-        .ok_or_else(|| ApiError::model_not_found(model_name))?;
     log.route = Some(route.name.clone());
     Ok(route)
+}
+
+/// A 400 when the model's rules do not list `operation` (the catalog's `operations`).
+pub(super) fn serves(
+    route: &crate::routing::ModelRoute,
+    operation: api::Operation,
+) -> Result<(), ApiError> {
+    if route.rules.serves(operation) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "model",
+        format!(
+            "The model '{}' does not do image {}s.",
+            route.name,
+            operation.as_str()
+        ),
+    )
+    .code("operation_not_supported"))
+}
+
+/// The 404 of a model this gateway does not route and the catalog says is shut down: it names
+/// the date and the replacement (and whether this key can use the replacement here).
+fn shut_down(rt: &Runtime, principal: &Principal, model: &str) -> Option<ApiError> {
+    let entry = rt.config.catalog.get(model)?;
+    let date = entry.lifecycle.shutdown_date.as_deref()?;
+    if !entry.is_shut_down(&crate::clock::today()) {
+        return None;
+    }
+    let mut message = format!("The model `{model}` was shut down on {date}.");
+    if let Some(r) = &entry.lifecycle.replacement {
+        let here = rt.router.model(r).is_some() && principal.may_use(r);
+        message.push_str(&format!(
+            " Use `{r}` instead{}.",
+            if here { " (served here)" } else { "" }
+        ));
+    }
+    Some(
+        ApiError::new(ErrorKind::NotFound, message)
+            .param("model")
+            .code("model_not_found"),
+    )
 }
 
 /// The checked `Idempotency-Key` header, if any.
@@ -297,6 +339,7 @@ async fn generations(
 
     let model_name = raw.model().to_string();
     let route = model_route(&rt, &principal, &model_name, log)?;
+    serves(route, api::Operation::Generation)?;
     let request = raw.validate(&route.rules)?;
     let idempotency = idem_key.as_deref().map(|key| (key, &body[..]));
     run(
@@ -486,6 +529,11 @@ fn model_object(rt: &Runtime, id: &str) -> ModelObject {
         object: "model",
         created: rt.created,
         owned_by: "imagegate".to_string(),
+        shutdown_date: rt
+            .config
+            .catalog
+            .get(id)
+            .and_then(|e| e.lifecycle.shutdown_date.clone()),
     }
 }
 

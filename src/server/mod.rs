@@ -3,6 +3,7 @@
 mod admin;
 pub mod compile;
 mod handlers;
+pub mod models;
 mod respond;
 mod state;
 pub mod tls;
@@ -129,8 +130,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Reloads the config on SIGHUP and when the file changes on disk (checked every
-/// `server.reload_poll`; 0 turns the file check off).
+/// Reloads the config on SIGHUP and when the file, or a catalog file it lists, changes on disk
+/// (checked every `server.reload_poll`; 0 turns the file check off).
 async fn watch_config(state: Arc<AppState>) {
     let Some(path) = state.config_path.clone() else {
         return;
@@ -140,8 +141,16 @@ async fn watch_config(state: Arc<AppState>) {
             .ok()
             .map(|m| (m.modified().ok(), m.len()))
     };
+    // The config file and the catalog files of the config now serving.
+    let stamps = || {
+        let rt = state.runtime.load();
+        std::iter::once(path.as_path())
+            .chain(rt.config.catalog_files.iter().map(|p| p.as_path()))
+            .map(stamp)
+            .collect::<Vec<_>>()
+    };
     let poll = state.runtime.load().config.server.reload_poll;
-    let mut last = stamp(&path);
+    let mut last = stamps();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -162,14 +171,16 @@ async fn watch_config(state: Arc<AppState>) {
         let reason = tokio::select! {
             () = by_signal => "SIGHUP",
             () = by_poll => {
-                let now = stamp(&path);
+                let now = stamps();
                 if now == last {
                     continue;
                 }
                 "file changed"
             }
         };
-        last = stamp(&path);
+        // Stamped before reading, so a change made meanwhile is seen at the next poll (a reload
+        // that changes the list of catalog files reloads once more, harmlessly).
+        last = stamps();
         match state.reload() {
             Ok(()) => {
                 crate::telemetry::metrics().config_reload(true);

@@ -66,6 +66,7 @@ pub(super) async fn handle(
 
     let model_name = form.model().to_string();
     let route = model_route(&rt, &principal, &model_name, log)?;
+    super::handlers::serves(route, operation)?;
     if !route.can(operation) {
         return Err(ApiError::invalid(
             "model",
