@@ -37,6 +37,8 @@ def png(width, height):
 
 # Every multipart request the fake received: {"path", "fields", "files": [(name, filename, bytes)]}.
 UPLOADS = []
+# Every JSON body the fake received, in order.
+JSON_BODIES = []
 
 
 def parse_multipart(content_type, raw):
@@ -78,7 +80,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         size = body.get("size", "auto")
         w, h = (1024, 1024) if size == "auto" else map(int, size.split("x"))
         image = base64.b64encode(png(w, h)).decode()
-        common = {"background": "opaque", "output_format": "png", "quality": "medium", "size": f"{w}x{h}"}
+        common = {"background": "opaque", "output_format": body.get("output_format", "png"),
+                  "quality": "medium", "size": f"{w}x{h}"}
         if not body.get("stream"):
             return self.reply(200, {"created": 1745000000, **common,
                                     "data": [{"b64_json": image}] * body.get("n", 1), "usage": USAGE})
@@ -103,6 +106,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             event = "image_edit"
         else:
             body, event = json.loads(raw), "image_generation"
+            JSON_BODIES.append(body)
         for key in ("n", "partial_images"):
             if key in body:
                 body[key] = int(body[key])
@@ -165,6 +169,8 @@ models:
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
   remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
   gpt-image-2: {{rules: gpt-image-2, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
+  gpt-image-1.5: {{rules: gpt-image-1.5, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
+  gpt-image-2.5-sunburst: {{rules: gpt-image-2.5-sunburst, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
   dall-e-3-on-gpt: {{rules: dall-e-3, route: {{targets: [{{backend: fake, model: gpt-image-2, dialect: gpt-image}}]}}}}
 tenants:
   demo: {{models: ["*"]}}

@@ -44,7 +44,8 @@ def test_generate_b64_json_returns_the_bytes(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-2", "remote", "remote-throttled", "slow"]
+    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-1.5", "gpt-image-2",
+                   "gpt-image-2.5-sunburst", "remote", "remote-throttled", "slow"]
 
 
 def test_400_is_bad_request_error_naming_the_param(client):
@@ -215,7 +216,8 @@ def test_edit_with_a_mask(client):
 
 def test_edit_with_three_images_reaches_the_upstream_as_image_array(client):
     images = [(f"{i}.png", png(64 + 16 * i, 64), "image/png") for i in range(3)]
-    resp = client.images.edit(model="gpt-image-2", image=images, prompt="combine them",
+    # input_fidelity: gpt-image-1.5 takes it (gpt-image-2 does not, per the catalog).
+    resp = client.images.edit(model="gpt-image-1.5", image=images, prompt="combine them",
                               input_fidelity="high")
     assert png_size(base64.b64decode(resp.data[0].b64_json)) == (1024, 1024)
     sent = UPLOADS[-1]
