@@ -80,12 +80,13 @@ for i in df.structure:
             check((ROOT / src).exists(), f"Dockerfile COPY source {src} exists")
 
 # The build stage must copy everything `cargo build` reads: the manifest, the lock file, the
-# sources, the bench example and the migrations sqlx embeds at compile time.
+# sources, the bench example, the migrations sqlx embeds and the model catalog include_str!
+# embeds at compile time.
 copied = set()
 for i in df.structure:
     if i["instruction"] == "COPY" and "--from" not in i["value"]:
         copied.update(p.rstrip("/") for p in i["value"].split()[:-1])
-for needed in ["Cargo.toml", "Cargo.lock", "src", "bench", "migrations"]:
+for needed in ["Cargo.toml", "Cargo.lock", "src", "bench", "migrations", "catalog"]:
     check(needed in copied, f"Dockerfile copies {needed} for the build")
 
 compose = yaml.safe_load((ROOT / "deploy/docker/compose.yaml").read_text())
