@@ -7,6 +7,7 @@ pub mod comfyui;
 mod local;
 mod openai;
 mod pool;
+pub mod providers;
 mod sandbox;
 pub mod translate;
 
@@ -230,6 +231,10 @@ pub enum BackendError {
     /// A local node refused or failed the workflow (ComfyUI `node_errors`, execution error).
     #[error("workflow failed on the node: {0}")]
     Workflow(String),
+    /// The provider account is out of credits (BFL 402 and the like): an ops problem that a
+    /// retry does not fix.
+    #[error("upstream account out of credits: {0}")]
+    Exhausted(String),
 }
 
 impl From<BackendError> for ApiError {
@@ -289,6 +294,13 @@ impl From<BackendError> for ApiError {
             )
             .code("upstream_workflow_error")
             .should_retry(false),
+            BackendError::Exhausted(_) => ApiError::new(
+                ErrorKind::BadGateway,
+                "The upstream provider's account for this model is out of credits. This is a \
+                 gateway billing problem; please contact its operators.",
+            )
+            .code("upstream_credits_exhausted")
+            .should_retry(false),
             BackendError::BadResponse(detail) => ApiError::new(
                 ErrorKind::BadGateway,
                 format!("The upstream provider returned an unusable answer: {detail}."),
@@ -316,5 +328,27 @@ pub fn build(
             http.reqwest().clone(),
             &format!("backends.{name}"),
         )?),
+        BackendConfig::Gemini(c) => Arc::new(
+            providers::gemini::GeminiBackend::new(c, http.reqwest().clone()).map_err(|e| {
+                vec![ConfigError::new(
+                    format!("backends.{name}.service_account"),
+                    e,
+                )]
+            })?,
+        ),
+        BackendConfig::Bfl(c) => {
+            Arc::new(providers::bfl::BflBackend::new(c, http.reqwest().clone()))
+        }
+        BackendConfig::Fal(c) => {
+            Arc::new(providers::fal::FalBackend::new(c, http.reqwest().clone()))
+        }
+        BackendConfig::Stability(c) => Arc::new(providers::stability::StabilityBackend::new(
+            c,
+            http.reqwest().clone(),
+        )),
+        BackendConfig::Replicate(c) => Arc::new(providers::replicate::ReplicateBackend::new(
+            c,
+            http.reqwest().clone(),
+        )),
     })
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use super::providers::{ProviderConfig, ProviderKind};
 use super::types::*;
 
 /// One upstream. Adding a kind means a variant here and a file in `backends/`.
@@ -20,6 +21,16 @@ pub enum BackendConfig {
     /// AUTOMATIC1111, Forge, SD.Next (`/sdapi/v1/txt2img`).
     Automatic1111(A1111Config),
     Comfyui(ComfyConfig),
+    /// Google Gemini image models and Imagen (Gemini API or Vertex AI).
+    Gemini(ProviderConfig),
+    /// Black Forest Labs FLUX (submit, then poll).
+    Bfl(ProviderConfig),
+    /// fal.ai's queue (submit, status, result, cancel).
+    Fal(ProviderConfig),
+    /// Stability AI's v2beta stable-image endpoints.
+    Stability(ProviderConfig),
+    /// Replicate predictions (`Prefer: wait`, then polling).
+    Replicate(ProviderConfig),
 }
 
 impl Default for SandboxConfig {
@@ -75,13 +86,29 @@ fn default_queue_timeout() -> Duration {
 }
 
 impl BackendConfig {
+    /// The provider kinds' shared config, with which kind it is.
+    pub fn provider(&self) -> Option<(ProviderKind, &ProviderConfig)> {
+        match self {
+            BackendConfig::Gemini(c) => Some((ProviderKind::Gemini, c)),
+            BackendConfig::Bfl(c) => Some((ProviderKind::Bfl, c)),
+            BackendConfig::Fal(c) => Some((ProviderKind::Fal, c)),
+            BackendConfig::Stability(c) => Some((ProviderKind::Stability, c)),
+            BackendConfig::Replicate(c) => Some((ProviderKind::Replicate, c)),
+            _ => None,
+        }
+    }
+
     pub fn capacity(&self) -> Capacity {
+        if let Some((_, c)) = self.provider() {
+            return c.capacity();
+        }
         let (max_concurrency, max_queue, queue_timeout) = match self {
             BackendConfig::Openai(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Azure(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Sandbox(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Automatic1111(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
             BackendConfig::Comfyui(c) => (c.max_concurrency, c.max_queue, c.queue_timeout),
+            _ => unreachable!("provider kinds answered above"),
         };
         Capacity {
             max_concurrency,
@@ -98,6 +125,9 @@ impl BackendConfig {
                 .into_iter()
                 .collect::<Vec<_>>()
         };
+        if let Some((kind, c)) = self.provider() {
+            return c.image_url_policy(kind);
+        }
         match self {
             BackendConfig::Openai(c) => ImageUrlPolicy {
                 mode: c.image_urls.unwrap_or(ImageUrlMode::Passthrough),
@@ -129,6 +159,7 @@ impl BackendConfig {
                 max_bytes: default_max_image_bytes(),
                 timeout: Duration::from_secs(30),
             },
+            _ => unreachable!("provider kinds answered above"),
         }
     }
 
@@ -139,6 +170,11 @@ impl BackendConfig {
             BackendConfig::Sandbox(c) => &c.health,
             BackendConfig::Automatic1111(c) => &c.health,
             BackendConfig::Comfyui(c) => &c.health,
+            BackendConfig::Gemini(c)
+            | BackendConfig::Bfl(c)
+            | BackendConfig::Fal(c)
+            | BackendConfig::Stability(c)
+            | BackendConfig::Replicate(c) => &c.health,
         }
     }
 
@@ -149,6 +185,11 @@ impl BackendConfig {
             BackendConfig::Sandbox(_) => "sandbox",
             BackendConfig::Automatic1111(_) => "automatic1111",
             BackendConfig::Comfyui(_) => "comfyui",
+            BackendConfig::Gemini(_) => "gemini",
+            BackendConfig::Bfl(_) => "bfl",
+            BackendConfig::Fal(_) => "fal",
+            BackendConfig::Stability(_) => "stability",
+            BackendConfig::Replicate(_) => "replicate",
         }
     }
 }

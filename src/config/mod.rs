@@ -9,6 +9,7 @@ mod backends;
 mod catalog;
 mod interpolate;
 mod models;
+mod providers;
 mod types;
 mod validate;
 
@@ -19,6 +20,7 @@ pub use backends::*;
 pub use catalog::*;
 pub use interpolate::expand;
 pub use models::*;
+pub use providers::*;
 pub use types::*;
 
 /// One problem in the configuration, at a dotted path such as

@@ -138,6 +138,17 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                     ));
                 }
             }
+            BackendConfig::Gemini(c)
+            | BackendConfig::Bfl(c)
+            | BackendConfig::Fal(c)
+            | BackendConfig::Stability(c)
+            | BackendConfig::Replicate(c) => {
+                if let Some(url) = &c.base_url {
+                    check_http_url(path("base_url"), url, &mut errors);
+                }
+                let (kind, _) = backend.provider().expect("a provider kind");
+                errors.extend(c.problems(kind, &format!("backends.{name}")));
+            }
             BackendConfig::Comfyui(c) => {
                 check_http_url(path("base_url"), &c.base_url, &mut errors);
                 check_comfy_inputs(c, &path("inputs"), &mut errors);

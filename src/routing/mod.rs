@@ -185,7 +185,7 @@ impl ModelRoute {
             BackendError::Status { .. }
             | BackendError::BadResponse(_)
             | BackendError::Workflow(_) => RetryOn::ServerError,
-            BackendError::Unauthorized { .. } => RetryOn::UpstreamAuth,
+            BackendError::Unauthorized { .. } | BackendError::Exhausted(_) => RetryOn::UpstreamAuth,
         };
         self.retry_on.contains(&class)
     }
@@ -361,6 +361,7 @@ fn outcome_label(result: &Result<(), &BackendError>) -> &'static str {
         Err(BackendError::Connect(_)) => "connect_error",
         Err(BackendError::RateLimited { .. }) => "rate_limited",
         Err(BackendError::Unauthorized { .. }) => "auth_error",
+        Err(BackendError::Exhausted(_)) => "credits_exhausted",
         Err(BackendError::Workflow(_)) => "workflow_error",
         Err(BackendError::Status { .. } | BackendError::BadResponse(_)) => "server_error",
     }
