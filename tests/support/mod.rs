@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 pub mod gpt;
 pub mod local_nodes;
+pub mod providers;
 
 pub const DEMO_KEY: &str = "sk-imagegate-demo";
 
