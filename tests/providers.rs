@@ -19,11 +19,12 @@ fn config(fake: &str, account: &str) -> String {
   gemini: {{kind: gemini, base_url: "{fake}/gemini/v1beta", api_key: {GEMINI_KEY}}}
   vertex: {{kind: gemini, base_url: "{fake}/vertex/v1", service_account: "{account}", project: p1, location: us-central1}}"#
     );
+    // Each model's rules and price come from its catalog entry.
     let target = |name: &str, backend: &str, model: &str| {
-        format!("  {name}: {{rules: dall-e-3, price: dall-e-3, timeout: 3s, route: {{retry_on: [], targets: [{{backend: {backend}, model: {model}}}]}}}}")
+        format!("  {name}: {{rules: \"{model}\", timeout: 3s, route: {{retry_on: [], targets: [{{backend: {backend}, model: \"{model}\"}}]}}}}")
     };
     let models = [
-        target("flux", "bfl", "flux-pro-1.1"),
+        target("flux", "bfl", "flux-kontext-pro"),
         target("fal-flux", "fal", "fal-ai/flux/dev"),
         target("rep-flux", "replicate", "black-forest-labs/flux-schnell"),
         target("sd", "stability", "sd3.5-large"),
@@ -130,7 +131,7 @@ async fn every_kind_generates_in_both_formats_at_the_exact_size() {
     let reqs = s.fake.requests();
     let bfl = reqs
         .iter()
-        .find(|r| r.path_and_query.starts_with("/bfl/v1/flux-pro-1.1"))
+        .find(|r| r.path_and_query.starts_with("/bfl/v1/flux-kontext-pro"))
         .unwrap();
     assert_eq!(
         (bfl.body["width"].as_u64(), bfl.body["height"].as_u64()),
@@ -329,7 +330,7 @@ async fn edits_reach_gemini_and_flux_kontext_with_the_image() {
     let image = tiny_png(64, 64);
     for (model, path) in [
         ("banana", ":generateContent"),
-        ("flux", "/bfl/v1/flux-pro-1.1"),
+        ("flux", "/bfl/v1/flux-kontext-pro"),
     ] {
         let form = reqwest::multipart::Form::new()
             .text("model", model.to_string())
