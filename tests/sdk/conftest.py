@@ -98,8 +98,58 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.close_connection = True
 
+    # Black Forest Labs (submit, then poll) and Gemini (generateContent), as section 7 of
+    # UPSTREAMS.md describes them: enough for the SDK to generate through both kinds.
+    BFL_TASKS = {}
+
+    def bfl_submit(self, body):
+        if self.headers.get("x-key") != "bfl-sdk-key":
+            return self.reply(403, {"detail": "Not authenticated"})
+        task = f"t{len(self.BFL_TASKS) + 1}"
+        self.BFL_TASKS[task] = {"w": body["width"], "h": body["height"], "polls": 0}
+        host = self.headers["host"]
+        self.reply(200, {"id": task, "polling_url": f"http://{host}/bfl/v1/get_result?id={task}"})
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/bfl/v1/get_result":
+            task = self.BFL_TASKS.get(query.removeprefix("id="))
+            if task is None or self.headers.get("x-key") != "bfl-sdk-key":
+                return self.reply(404, {"detail": "Task not found"})
+            task["polls"] += 1
+            if task["polls"] < 2:
+                return self.reply(200, {"id": query, "status": "Pending"})
+            sample = f"http://{self.headers['host']}/bfl/files/{task['w']}x{task['h']}.png"
+            return self.reply(200, {"id": query, "status": "Ready", "result": {"sample": sample}})
+        if path.startswith("/bfl/files/"):
+            w, h = map(int, path.rsplit("/", 1)[1].removesuffix(".png").split("x"))
+            data = png(w, h)
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.reply(404, {"detail": "Not Found"})
+
+    def gemini(self, body):
+        if self.headers.get("x-goog-api-key") != "gemini-sdk-key":
+            return self.reply(403, {"error": {"code": 403, "message": "denied", "status": "PERMISSION_DENIED"}})
+        ratio = body["generationConfig"]["imageConfig"]["aspectRatio"]
+        w, h = {"1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344)}.get(ratio, (1024, 1024))
+        image = base64.b64encode(png(w, h)).decode()
+        self.reply(200, {"candidates": [{"content": {"parts": [{"text": "A calm sea."},
+                                                               {"inlineData": {"mimeType": "image/png", "data": image}}]},
+                                         "finishReason": "STOP"}],
+                         "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 1290,
+                                           "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1290}]}})
+
     def do_POST(self):
         raw = self.rfile.read(int(self.headers["content-length"]))
+        if self.path.startswith("/bfl/v1/"):
+            return self.bfl_submit(json.loads(raw))
+        if self.path.startswith("/gemini/"):
+            return self.gemini(json.loads(raw))
         if self.headers["content-type"].startswith("multipart/form-data"):
             body, files = parse_multipart(self.headers["content-type"], raw)
             UPLOADS.append({"path": self.path, "fields": body, "files": files})
@@ -162,6 +212,9 @@ backends:
   slow-sandbox: {{kind: sandbox, delay: 1500ms}}
   fake: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
   fake-throttled: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: sk-upstream}}
+  fake-bfl: {{kind: bfl, base_url: "{fake_upstream}/bfl/v1", api_key: bfl-sdk-key, poll_interval: 50ms,
+              image_hosts: ["127.0.0.1"], allow_private_image_hosts: true}}
+  fake-gemini: {{kind: gemini, base_url: "{fake_upstream}/gemini/v1beta", api_key: gemini-sdk-key}}
 models:
   dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: sandbox}}]}}}}
   dall-e-3: {{rules: dall-e-3, route: {{targets: [{{backend: sandbox}}]}}}}
@@ -169,6 +222,8 @@ models:
   remote: {{rules: dall-e-3, route: {{targets: [{{backend: fake}}]}}}}
   remote-throttled: {{rules: dall-e-3, route: {{targets: [{{backend: fake-throttled}}]}}}}
   gpt-image-2: {{rules: gpt-image-2, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
+  flux-kontext-pro: {{rules: flux-kontext-pro, route: {{targets: [{{backend: fake-bfl}}]}}}}
+  gemini-3-pro-image: {{rules: gemini-3-pro-image, route: {{targets: [{{backend: fake-gemini}}]}}}}
   gpt-image-1.5: {{rules: gpt-image-1.5, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
   gpt-image-2.5-sunburst: {{rules: gpt-image-2.5-sunburst, route: {{targets: [{{backend: fake, dialect: gpt-image}}]}}}}
   dall-e-3-on-gpt: {{rules: dall-e-3, route: {{targets: [{{backend: fake, model: gpt-image-2, dialect: gpt-image}}]}}}}

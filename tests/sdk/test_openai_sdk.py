@@ -44,8 +44,9 @@ def test_generate_b64_json_returns_the_bytes(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "gpt-image-1.5", "gpt-image-2",
-                   "gpt-image-2.5-sunburst", "remote", "remote-throttled", "slow"]
+    assert ids == ["dall-e-2", "dall-e-3", "dall-e-3-on-gpt", "flux-kontext-pro", "gemini-3-pro-image",
+                   "gpt-image-1.5", "gpt-image-2", "gpt-image-2.5-sunburst", "remote", "remote-throttled",
+                   "slow"]
 
 
 def test_400_is_bad_request_error_naming_the_param(client):
@@ -270,3 +271,22 @@ def test_node_sdk_generates_edits_and_varies(gateway, tmp_path):
                            str(tmp_path / "mask.png")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "ok" in done.stdout
+
+
+# === other providers, through the same SDK calls ===
+
+@pytest.mark.parametrize("model", ["flux-kontext-pro", "gemini-3-pro-image"])
+def test_generate_through_a_provider_in_both_formats(client, model):
+    resp = client.images.generate(model=model, prompt="a calm sea", size="1792x1024",
+                                  response_format="b64_json")
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (1792, 1024)
+    resp = client.images.generate(model=model, prompt="a calm sea", size="1024x1024", n=2)
+    assert len(resp.data) == 2
+    with urllib.request.urlopen(resp.data[0].url) as r:
+        assert png_size(r.read()) == (1024, 1024)
+
+
+def test_edit_through_gemini(client):
+    resp = client.images.edit(model="gemini-3-pro-image", image=("in.png", png(256, 256), "image/png"),
+                              prompt="make it night", response_format="b64_json")
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (1024, 1024)
