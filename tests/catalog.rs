@@ -297,6 +297,8 @@ async fn usage_is_priced_per_token_kind_to_the_micro_dollar() {
         .unwrap();
     let row = &rows["data"][0];
     assert_eq!(row["cost_micro_usd"].as_u64(), Some(want), "{row}");
+    // The upstream cost (no upstream_price set) is the catalog's price of the same usage.
+    assert_eq!(row["upstream_cost_micro_usd"].as_u64(), Some(want), "{row}");
     // The hold was the catalog's per-image estimate: 2 x $0.053 (1024x1024, auto = medium).
     assert_eq!(row["reserved_micro_usd"].as_u64(), Some(106_000), "{row}");
 }

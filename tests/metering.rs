@@ -475,7 +475,8 @@ async fn prices_reserved_settled_upstream_cost_and_the_usage_report() {
         (
             json!({"model": "dall-e-2", "prompt": "p", "size": "512x512", "n": 2, "response_format": "b64_json"}),
             36_000,
-            0,
+            // No upstream_price: the catalog's price of what the target asks OpenAI for.
+            36_000,
         ),
         // 100 input tokens at $5/M + 4000 output tokens at $40/M = $0.1605.
         (

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::api::{ApiError, ErrorKind, ImageRequest, Operation};
-use crate::config::{BackendConfig, ConfigError, Dialect};
+use crate::config::{BackendConfig, ConfigError, Dialect, ProviderKind};
 
 pub use client::HttpClient;
 use translate::Translation;
@@ -27,6 +27,18 @@ pub use automatic1111::A1111Backend;
 pub use comfyui::ComfyBackend;
 pub use openai::OpenAiBackend;
 pub use sandbox::SandboxBackend;
+
+/// Downloads a provider's output URL under a backend's URL policy (the SSRF-guarded fetcher of
+/// `images::`, handed to the backends by the compile step so they need not import it).
+#[async_trait]
+pub trait Download: Send + Sync {
+    async fn download(
+        &self,
+        url: &str,
+        policy: &crate::config::ImageUrlPolicy,
+        deadline: Instant,
+    ) -> Result<Bytes, String>;
+}
 
 /// Server-sent event bytes for the client, as they arrive.
 pub type EventStream = std::pin::Pin<Box<dyn futures_core::Stream<Item = Bytes> + Send>>;
@@ -317,7 +329,12 @@ pub fn build(
     name: &str,
     config: &BackendConfig,
     http: &HttpClient,
+    download: &Arc<dyn Download>,
 ) -> Result<Arc<dyn Backend>, Vec<ConfigError>> {
+    let remote = |kind| {
+        let (_, c) = config.provider().expect("a provider kind");
+        providers::Remote::new(kind, c, http.reqwest().clone(), download.clone())
+    };
     Ok(match config {
         BackendConfig::Openai(c) => Arc::new(OpenAiBackend::openai(c, http.clone())),
         BackendConfig::Azure(c) => Arc::new(OpenAiBackend::azure(c, http.clone())),
@@ -329,26 +346,27 @@ pub fn build(
             &format!("backends.{name}"),
         )?),
         BackendConfig::Gemini(c) => Arc::new(
-            providers::gemini::GeminiBackend::new(c, http.reqwest().clone()).map_err(|e| {
-                vec![ConfigError::new(
-                    format!("backends.{name}.service_account"),
-                    e,
-                )]
-            })?,
+            providers::gemini::GeminiBackend::new(c, remote(ProviderKind::Gemini)).map_err(
+                |e| {
+                    vec![ConfigError::new(
+                        format!("backends.{name}.service_account"),
+                        e,
+                    )]
+                },
+            )?,
         ),
-        BackendConfig::Bfl(c) => {
-            Arc::new(providers::bfl::BflBackend::new(c, http.reqwest().clone()))
+        BackendConfig::Bfl(_) => {
+            Arc::new(providers::bfl::BflBackend::new(remote(ProviderKind::Bfl)))
         }
-        BackendConfig::Fal(c) => {
-            Arc::new(providers::fal::FalBackend::new(c, http.reqwest().clone()))
+        BackendConfig::Fal(_) => {
+            Arc::new(providers::fal::FalBackend::new(remote(ProviderKind::Fal)))
         }
-        BackendConfig::Stability(c) => Arc::new(providers::stability::StabilityBackend::new(
-            c,
-            http.reqwest().clone(),
+        BackendConfig::Stability(_) => Arc::new(providers::stability::StabilityBackend::new(
+            remote(ProviderKind::Stability),
         )),
         BackendConfig::Replicate(c) => Arc::new(providers::replicate::ReplicateBackend::new(
             c,
-            http.reqwest().clone(),
+            remote(ProviderKind::Replicate),
         )),
     })
 }

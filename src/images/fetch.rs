@@ -219,6 +219,20 @@ fn classify(e: reqwest::Error, host: &str) -> FetchError {
     FetchError::Failed(e.without_url().to_string())
 }
 
+#[async_trait::async_trait]
+impl crate::backends::Download for ImageFetcher {
+    async fn download(
+        &self,
+        url: &str,
+        policy: &ImageUrlPolicy,
+        deadline: Instant,
+    ) -> Result<Bytes, String> {
+        self.fetch(url, policy, deadline)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

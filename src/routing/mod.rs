@@ -31,6 +31,8 @@ pub struct Target {
     pub health: Arc<BackendHealth>,
     pub capacity: Arc<CapacityGate>,
     pub url_policy: Arc<ImageUrlPolicy>,
+    /// What an image costs us on this target (the ledger's upstream cost).
+    pub upstream_price: Arc<PriceTable>,
     pub upstream_model: Option<String>,
     pub dialect: Dialect,
     pub translation: Arc<Translation>,
@@ -45,8 +47,6 @@ pub struct ModelRoute {
     pub images: prometheus_client::metrics::counter::Counter,
     pub rules: ModelRules,
     pub prices: PriceTable,
-    /// What an image costs us upstream (for the ledger's margin).
-    pub upstream_prices: PriceTable,
     pub timeout: Duration,
     strategy: Strategy,
     max_attempts: u32,
@@ -86,6 +86,8 @@ pub struct Dispatch {
     pub attempts: u32,
     /// How the answering backend's image URLs are treated.
     pub url_policy: Option<Arc<ImageUrlPolicy>>,
+    /// What the answer cost us on the answering target.
+    pub upstream_price: Option<Arc<PriceTable>>,
     /// Time spent in upstream calls (the rest is the gateway's overhead).
     pub upstream_time: Duration,
 }
@@ -229,6 +231,7 @@ impl ModelRoute {
                             backend: None,
                             attempts,
                             url_policy: None,
+                            upstream_price: None,
                             upstream_time,
                         };
                     }
@@ -318,6 +321,7 @@ impl ModelRoute {
                         backend: Some(target.backend_name.clone()),
                         attempts,
                         url_policy: Some(target.url_policy.clone()),
+                        upstream_price: Some(target.upstream_price.clone()),
                         upstream_time,
                     }
                 }
@@ -347,6 +351,7 @@ impl ModelRoute {
             backend,
             attempts,
             url_policy: None,
+            upstream_price: None,
             upstream_time,
         }
     }
@@ -406,17 +411,38 @@ pub struct Router {
     configs: BTreeMap<String, crate::config::BackendConfig>,
 }
 
+/// What an image costs us on a remote target by default: the catalog's price of the model the
+/// target asks for (local nodes and unknown names: free).
+fn catalog_price(config: &Config, t: &crate::config::TargetConfig, public: &str) -> PriceTable {
+    use crate::config::BackendConfig as B;
+    let local = matches!(
+        config.backends.get(&t.backend),
+        None | Some(B::Sandbox(_) | B::Automatic1111(_) | B::Comfyui(_))
+    );
+    if local {
+        return PriceTable::default();
+    }
+    let name = t.model.as_deref().unwrap_or(public);
+    config
+        .catalog
+        .get(name)
+        .and_then(|e| e.price.as_ref())
+        .and_then(|p| PriceTable::explicit(p, &config.catalog).ok())
+        .unwrap_or_default()
+}
+
 /// What the compile step built for the router: each backend, and each model's prices.
 pub struct RouterParts {
     pub backends: BTreeMap<String, Arc<dyn Backend>>,
     pub prices: HashMap<String, ModelPrices>,
 }
 
-/// What a model's images cost the tenant, and what they cost us upstream.
+/// What a model's images cost the tenant, and what they cost us upstream when the config
+/// says (`upstream_price`; else each remote target's catalog price, see [`Router::build`]).
 #[derive(Debug, Clone, Default)]
 pub struct ModelPrices {
     pub charged: PriceTable,
-    pub upstream: PriceTable,
+    pub upstream: Option<PriceTable>,
 }
 
 impl Router {
@@ -462,11 +488,16 @@ impl Router {
                 .rules
                 .resolve(&config.catalog)
                 .map_err(|e| vec![ConfigError::new(format!("models.{name}.rules"), e)])?;
+            let ModelPrices { charged, upstream } = prices.remove(name).unwrap_or_default();
+            let explicit = upstream.map(Arc::new);
             let mut targets = m
                 .route
                 .targets
                 .iter()
                 .map(|t| {
+                    let upstream_price = explicit
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(catalog_price(config, t, name)));
                     let (Some(backend), Some(h), Some(cap), Some(policy)) = (
                         backends.get(&t.backend),
                         health.get(&t.backend),
@@ -485,6 +516,7 @@ impl Router {
                         health: h.clone(),
                         capacity: cap.clone(),
                         url_policy: policy.clone(),
+                        upstream_price,
                         upstream_model: t.model.clone(),
                         dialect: t.dialect,
                         translation: Arc::new(Translation::from_config(&t.translation)),
@@ -506,7 +538,6 @@ impl Router {
                 .max_attempts
                 .unwrap_or(3)
                 .clamp(1, targets.len() as u32);
-            let ModelPrices { charged, upstream } = prices.remove(name).unwrap_or_default();
             // One `Arc` for the route's name and its metrics label.
             let model_name: Arc<str> = Arc::from(name.as_str());
             models.insert(
@@ -516,7 +547,6 @@ impl Router {
                     name: model_name,
                     rules,
                     prices: charged,
-                    upstream_prices: upstream,
                     timeout: m.timeout,
                     strategy: m.route.strategy,
                     max_attempts,

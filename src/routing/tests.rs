@@ -23,6 +23,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
             url_policy: Arc::new(
                 crate::config::BackendConfig::Sandbox(SandboxConfig::default()).image_url_policy(),
             ),
+            upstream_price: Default::default(),
             upstream_model: None,
             dialect: crate::config::Dialect::DallE,
             translation: Arc::new(crate::backends::translate::Translation::default()),
@@ -36,7 +37,6 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
         name: Arc::from("dall-e-2"),
         rules: ModelRules::dalle2(),
         prices: crate::metering::PriceTable::default(),
-        upstream_prices: crate::metering::PriceTable::default(),
         timeout: Duration::from_secs(5),
         strategy,
         max_attempts: 3,

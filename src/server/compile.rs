@@ -46,9 +46,10 @@ pub fn compile(
     let keys = StaticKeyStore::build(config)
         .map_err(|e| errors.extend(e))
         .ok();
+    let downloader = downloader();
     let mut backends = BTreeMap::new();
     for (name, c) in &config.backends {
-        match crate::backends::build(name, c, http) {
+        match crate::backends::build(name, c, http, &downloader) {
             Ok(b) => {
                 backends.insert(name.clone(), b);
             }
@@ -63,12 +64,11 @@ pub fn compile(
         let charged = PriceTable::for_model(m.price.as_ref(), &m.rules, &config.catalog)
             .map_err(|e| problem("price", e))
             .unwrap_or_default();
-        let upstream = match &m.upstream_price {
-            Some(p) => PriceTable::explicit(p, &config.catalog)
+        let upstream = m.upstream_price.as_ref().map(|p| {
+            PriceTable::explicit(p, &config.catalog)
                 .map_err(|e| problem("upstream_price", e))
-                .unwrap_or_default(),
-            None => PriceTable::default(),
-        };
+                .unwrap_or_default()
+        });
         prices.insert(name.clone(), ModelPrices { charged, upstream });
     }
     let (Some(keys), true) = (keys, errors.is_empty()) else {
@@ -86,6 +86,20 @@ pub fn compile(
         keys,
         router,
     })
+}
+
+/// The SSRF-guarded image fetcher the provider backends download their outputs with (one per
+/// process: its clients pool connections across reloads).
+fn downloader() -> std::sync::Arc<dyn crate::backends::Download> {
+    static FETCHER: std::sync::OnceLock<std::sync::Arc<crate::images::ImageFetcher>> =
+        std::sync::OnceLock::new();
+    FETCHER
+        .get_or_init(|| {
+            std::sync::Arc::new(
+                crate::images::ImageFetcher::new().expect("the image fetcher's HTTP client"),
+            )
+        })
+        .clone()
 }
 
 /// Load + compile without serving: what `imagegate check` runs on a loaded config.

@@ -416,25 +416,33 @@ pub(super) async fn run(
             return Err(e);
         }
     };
-    let (delivered, usage, resp, stored) = match relayed {
-        Relayed::Events(resp) => {
+    let (delivered, usage, resp, stored, upstream_price) = match relayed {
+        Relayed::Events(resp, upstream_price) => {
             // Charged as asked once the upstream has started answering.
-            (request.n, None, resp, None)
+            (request.n, None, resp, None, upstream_price)
         }
-        Relayed::Images { response, usage } => {
+        Relayed::Images {
+            response,
+            usage,
+            upstream_price,
+        } => {
             let chunks = response.to_chunks();
             let stored = charge
                 .has_idempotency_key()
                 .then(|| String::from_utf8_lossy(&chunks.concat()).into_owned());
             let resp = respond::with_type(StatusCode::OK, Body::chunks(chunks), "application/json");
-            (response.data.len() as u32, usage, resp, stored)
+            (
+                response.data.len() as u32,
+                usage,
+                resp,
+                stored,
+                upstream_price,
+            )
         }
     };
     let tokens = crate::metering::usage_tokens(usage.as_ref());
     let cost = route.prices.cost(&request, delivered, usage.as_ref());
-    let upstream_cost = route
-        .upstream_prices
-        .cost(&request, delivered, usage.as_ref());
+    let upstream_cost = upstream_price.map_or(0, |p| p.cost(&request, delivered, usage.as_ref()));
     log.cost = Some(cost);
     log.usage = usage;
     route.images.inc_by(delivered as u64);
@@ -457,10 +465,11 @@ pub(super) async fn run(
 
 /// What the upstream gave, ready for the client.
 enum Relayed {
-    Events(Response<Body>),
+    Events(Response<Body>, Option<Arc<crate::metering::PriceTable>>),
     Images {
         response: ImagesResponse,
         usage: Option<serde_json::Value>,
+        upstream_price: Option<Arc<crate::metering::PriceTable>>,
     },
 }
 
@@ -490,7 +499,7 @@ async fn relay(
                 http::header::CACHE_CONTROL,
                 HeaderValue::from_static("no-cache"),
             );
-            return Ok(Relayed::Events(resp));
+            return Ok(Relayed::Events(resp, dispatch.upstream_price));
         }
     };
     let url_policy = dispatch
@@ -520,6 +529,7 @@ async fn relay(
             gpt: gpt_fields,
         },
         usage,
+        upstream_price: dispatch.upstream_price,
     })
 }
 

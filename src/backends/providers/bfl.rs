@@ -13,7 +13,7 @@ use super::{exact, fan_out, plain_images_only, policy_violation, prompt, unsuppo
 use crate::api::{Operation, Size};
 use crate::backends::local::CancelOnDrop;
 use crate::backends::{Backend, BackendError, GeneratedImage, Generation, UpstreamCall};
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::ProviderKind;
 
 pub struct BflBackend {
     remote: Remote,
@@ -28,10 +28,8 @@ pub fn bfl_size(want: Size) -> Size {
 }
 
 impl BflBackend {
-    pub fn new(c: &ProviderConfig, http: reqwest::Client) -> Self {
-        BflBackend {
-            remote: Remote::new(ProviderKind::Bfl, c, http),
-        }
+    pub fn new(remote: Remote) -> Self {
+        BflBackend { remote }
     }
 
     fn model<'a>(&self, call: &UpstreamCall<'a>) -> &'a str {

@@ -14,7 +14,7 @@ use super::{exact, fan_out, plain_images_only, policy_violation, prompt, unsuppo
 use crate::api::Operation;
 use crate::backends::local::CancelOnDrop;
 use crate::backends::{Backend, BackendError, GeneratedImage, Generation, UpstreamCall};
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::ProviderKind;
 
 const PER_JOB: u32 = 4;
 
@@ -23,10 +23,8 @@ pub struct FalBackend {
 }
 
 impl FalBackend {
-    pub fn new(c: &ProviderConfig, http: reqwest::Client) -> Self {
-        FalBackend {
-            remote: Remote::new(ProviderKind::Fal, c, http),
-        }
+    pub fn new(remote: Remote) -> Self {
+        FalBackend { remote }
     }
 
     fn body(&self, call: &UpstreamCall<'_>, images: u32) -> Result<Value, BackendError> {

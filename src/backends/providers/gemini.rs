@@ -54,8 +54,7 @@ pub struct GeminiBackend {
 }
 
 impl GeminiBackend {
-    pub fn new(c: &ProviderConfig, http: reqwest::Client) -> Result<Self, String> {
-        let mut remote = Remote::new(ProviderKind::Gemini, c, http);
+    pub fn new(c: &ProviderConfig, mut remote: Remote) -> Result<Self, String> {
         let vertex = match &c.service_account {
             None => None,
             Some(path) => {

@@ -20,10 +20,10 @@ use serde_json::Value;
 
 use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
 use super::translate::resize_exact;
+use super::Download;
 use super::{BackendError, GeneratedImage, ImagePayload, UpstreamCall};
 use crate::api::{ImageRequest, Size, Style};
 use crate::config::{ImageUrlPolicy, ProviderConfig, ProviderKind, Secret};
-use crate::images::ImageFetcher;
 use poll::PollPolicy;
 
 /// What every provider backend holds.
@@ -35,7 +35,7 @@ pub struct Remote {
     pub timeout: Duration,
     pub poll: PollPolicy,
     pub policy: ImageUrlPolicy,
-    pub fetcher: Arc<ImageFetcher>,
+    pub fetcher: Arc<dyn Download>,
 }
 
 /// A whole answer.
@@ -54,7 +54,12 @@ impl Answer {
 }
 
 impl Remote {
-    pub fn new(kind: ProviderKind, c: &ProviderConfig, http: reqwest::Client) -> Self {
+    pub fn new(
+        kind: ProviderKind,
+        c: &ProviderConfig,
+        http: reqwest::Client,
+        fetcher: Arc<dyn Download>,
+    ) -> Self {
         Remote {
             kind,
             http,
@@ -66,7 +71,7 @@ impl Remote {
                 max: c.max_poll_interval,
             },
             policy: c.image_url_policy(kind),
-            fetcher: shared_fetcher(),
+            fetcher,
         }
     }
 
@@ -127,7 +132,7 @@ impl Remote {
                 .map_err(|_| BackendError::BadResponse("an output data URI is not base64".into()));
         }
         self.fetcher
-            .fetch(url, &self.policy, call.deadline)
+            .download(url, &self.policy, call.deadline)
             .await
             .map_err(|e| BackendError::BadResponse(format!("cannot download the output: {e}")))
     }
@@ -145,14 +150,6 @@ impl Remote {
             _ => fallback,
         }
     }
-}
-
-/// One image fetcher for every provider backend (its clients pool connections).
-fn shared_fetcher() -> Arc<ImageFetcher> {
-    static FETCHER: std::sync::OnceLock<Arc<ImageFetcher>> = std::sync::OnceLock::new();
-    FETCHER
-        .get_or_init(|| Arc::new(ImageFetcher::new().expect("the image fetcher's HTTP client")))
-        .clone()
 }
 
 /// The request's prompt, with a DALL·E `style` as a sentence (providers have no style field);

@@ -29,9 +29,9 @@ pub struct ReplicateBackend {
 }
 
 impl ReplicateBackend {
-    pub fn new(c: &ProviderConfig, http: reqwest::Client) -> Self {
+    pub fn new(c: &ProviderConfig, remote: Remote) -> Self {
         ReplicateBackend {
-            remote: Remote::new(ProviderKind::Replicate, c, http),
+            remote,
             wait: c.wait_seconds,
         }
     }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::api::{Operation, Quality};
 use crate::backends::{Backend, BackendError, GeneratedImage, Generation, UpstreamCall};
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::ProviderKind;
 
 const RATIOS: &[&str] = &[
     "1:1", "16:9", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21",
@@ -26,10 +26,8 @@ pub struct StabilityBackend {
 }
 
 impl StabilityBackend {
-    pub fn new(c: &ProviderConfig, http: reqwest::Client) -> Self {
-        StabilityBackend {
-            remote: Remote::new(ProviderKind::Stability, c, http),
-        }
+    pub fn new(remote: Remote) -> Self {
+        StabilityBackend { remote }
     }
 
     /// The endpoint and, for sd3, the model field. DALL·E `hd` asks for ultra when the target
