@@ -157,14 +157,7 @@ impl HttpClient {
                     .send()
                     .await
                     .map_err(transport_error)?;
-                let status = resp.status().as_u16();
-                let headers = resp.headers().clone();
-                let body = read_capped(resp, cap).await?;
-                Ok(Reply {
-                    status,
-                    headers,
-                    body,
-                })
+                read_reply(resp, cap).await
             }
         }
     }
@@ -261,6 +254,18 @@ fn too_large(cap: usize) -> BackendError {
 }
 
 /// A reqwest answer's whole body, refused past `cap` bytes.
+/// A whole answer: status, headers, and the body up to `cap` bytes.
+pub(crate) async fn read_reply(resp: reqwest::Response, cap: usize) -> Result<Reply, BackendError> {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = read_capped(resp, cap).await?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
 pub(crate) async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,

@@ -10,7 +10,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::poll::{until_done, Poll};
-use super::{exact, fan_out, plain_images_only, policy_violation, prompt, unsupported, Remote};
+use super::{batched, plain_images_only, policy_violation, prompt, unsupported, Remote};
 use crate::api::Operation;
 use crate::backends::local::CancelOnDrop;
 use crate::backends::{Backend, BackendError, GeneratedImage, Generation, UpstreamCall};
@@ -122,12 +122,7 @@ impl FalBackend {
         if clean.is_empty() {
             return Err(policy_violation(ProviderKind::Fal, "has_nsfw_concepts"));
         }
-        let mut out = Vec::with_capacity(clean.len());
-        for url in clean {
-            let bytes = r.download(url, call).await?;
-            out.push(exact(bytes, call.request.size, None)?);
-        }
-        Ok(out)
+        r.download_all(&clean, call).await
     }
 }
 
@@ -144,16 +139,7 @@ impl Backend for FalBackend {
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         plain_images_only(call.request, ProviderKind::Fal)?;
-        let n = call.request.n;
-        let jobs = n.div_ceil(PER_JOB);
-        let batches = fan_out(jobs, |j| {
-            let images = (n - j * PER_JOB).min(PER_JOB);
-            self.job(&call, images)
-        })
-        .await?;
-        Ok(Generation {
-            images: batches.into_iter().flatten().collect(),
-            meta: None,
-        })
+        let images = batched(call.request.n, PER_JOB, |count| self.job(&call, count)).await?;
+        Ok(Generation { images, meta: None })
     }
 }

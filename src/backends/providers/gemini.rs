@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    aspect_ratio, exact, fan_out, plain_images_only, policy_violation, prompt, unsupported, Remote,
+    aspect_ratio, batched, exact, fan_out, plain_images_only, policy_violation, prompt,
+    unsupported, Remote,
 };
 use crate::api::Operation;
 use crate::backends::{
@@ -314,12 +315,8 @@ impl Backend for GeminiBackend {
         let model = call.upstream_model.unwrap_or(&call.request.model);
         let n = call.request.n;
         if model.starts_with("imagen") {
-            let batches =
-                fan_out(n.div_ceil(4), |j| self.imagen(&call, (n - j * 4).min(4))).await?;
-            return Ok(Generation {
-                images: batches.into_iter().flatten().collect(),
-                meta: None,
-            });
+            let images = batched(n, 4, |count| self.imagen(&call, count)).await?;
+            return Ok(Generation { images, meta: None });
         }
         let made = fan_out(n, |_| self.native(&call)).await?;
         let mut meta: Option<AnswerMeta> = None;

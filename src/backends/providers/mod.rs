@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::client::{read_capped, transport_error, MAX_ANSWER_BYTES};
+use super::client::{read_reply, transport_error, MAX_ANSWER_BYTES};
 use super::translate::resize_exact;
 use super::Download;
 use super::{BackendError, GeneratedImage, ImagePayload, UpstreamCall};
@@ -39,11 +39,7 @@ pub struct Remote {
 }
 
 /// A whole answer.
-pub struct Answer {
-    pub status: u16,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Bytes,
-}
+pub type Answer = super::client::Reply;
 
 impl Answer {
     pub fn json(&self) -> Result<Value, BackendError> {
@@ -95,14 +91,7 @@ impl Remote {
             .send()
             .await
             .map_err(transport_error)?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = read_capped(resp, MAX_ANSWER_BYTES).await?;
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
+        read_reply(resp, MAX_ANSWER_BYTES).await
     }
 
     /// Sends a call and maps a non-2xx answer to its error.
@@ -135,6 +124,22 @@ impl Remote {
             .download(url, &self.policy, call.deadline)
             .await
             .map_err(|e| BackendError::BadResponse(format!("cannot download the output: {e}")))
+    }
+
+    /// Downloads every output URL at once, each scaled to the exact size asked.
+    pub async fn download_all(
+        &self,
+        urls: &[impl AsRef<str>],
+        call: &UpstreamCall<'_>,
+    ) -> Result<Vec<GeneratedImage>, BackendError> {
+        let each = urls.iter().map(|u| async move {
+            let bytes = self.download(u.as_ref(), call).await?;
+            exact(bytes, call.request.size, None)
+        });
+        futures_util::future::join_all(each)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// A URL the provider handed back, used only when it points at the API's own host (the
@@ -191,6 +196,17 @@ pub fn aspect_ratio(size: Size, allowed: &[&'static str]) -> &'static str {
         .copied()
         .min_by(|a, b| (ratio(a) - want).abs().total_cmp(&(ratio(b) - want).abs()))
         .unwrap_or("1:1")
+}
+
+/// `n` images from a provider that makes up to `per` per call: the calls at once, each asked
+/// for its share (`one(count)`), the images in order.
+pub async fn batched<F, Fut>(n: u32, per: u32, one: F) -> Result<Vec<GeneratedImage>, BackendError>
+where
+    F: Fn(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<GeneratedImage>, BackendError>>,
+{
+    let batches = fan_out(n.div_ceil(per), |j| one((n - j * per).min(per))).await?;
+    Ok(batches.into_iter().flatten().collect())
 }
 
 /// Runs `one(i)` for each of `n` images at once; the first failure fails the request.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::poll::{until_done, Poll};
 use super::{
-    aspect_ratio, exact, fan_out, plain_images_only, policy_violation, prompt, unsupported, Remote,
+    aspect_ratio, batched, plain_images_only, policy_violation, prompt, unsupported, Remote,
 };
 use crate::api::Operation;
 use crate::backends::local::CancelOnDrop;
@@ -149,12 +149,7 @@ impl ReplicateBackend {
                 .await?
             }
         };
-        let mut out = Vec::with_capacity(urls.len());
-        for url in urls {
-            let bytes = r.download(&url, call).await?;
-            out.push(exact(bytes, call.request.size, None)?);
-        }
-        Ok(out)
+        r.download_all(&urls, call).await
     }
 }
 
@@ -171,14 +166,10 @@ impl Backend for ReplicateBackend {
 
     async fn generate(&self, call: UpstreamCall<'_>) -> Result<Generation, BackendError> {
         plain_images_only(call.request, ProviderKind::Replicate)?;
-        let n = call.request.n;
-        let batches = fan_out(n.div_ceil(PER_PREDICTION), |j| {
-            self.prediction(&call, (n - j * PER_PREDICTION).min(PER_PREDICTION))
+        let images = batched(call.request.n, PER_PREDICTION, |count| {
+            self.prediction(&call, count)
         })
         .await?;
-        Ok(Generation {
-            images: batches.into_iter().flatten().collect(),
-            meta: None,
-        })
+        Ok(Generation { images, meta: None })
     }
 }
