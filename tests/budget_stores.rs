@@ -127,6 +127,7 @@ impl Backing {
     /// A caller whose tenant has a total budget of `micro_usd`.
     fn principal(&self, name: &str, micro_usd: u64) -> Principal {
         Principal {
+            share: Default::default(),
             key_id: Arc::from(format!("{}-{name}-key", self.tag)),
             tenant: Arc::from(format!("{}-{name}", self.tag)),
             models: ModelSet::All,

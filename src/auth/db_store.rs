@@ -185,6 +185,7 @@ impl KeyStore for DbKeyStore {
             models,
             limits: Arc::new(tenant.effective_limits()),
             key_limits: key.limits.clone().map(Arc::new),
+            share: Arc::new(super::Share::from_labels(&tenant.labels)),
         })
     }
 }

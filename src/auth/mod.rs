@@ -70,6 +70,44 @@ pub struct Principal {
     pub limits: Arc<crate::config::LimitsConfig>,
     /// The key's (or token's) own limits, applied on top of the tenant's.
     pub key_limits: Option<Arc<crate::config::LimitsConfig>>,
+    /// The tenant's labels and its share of a scarce pool.
+    pub share: Arc<Share>,
+}
+
+/// A tenant's labels (which select route overrides) and what they say of its share of a
+/// backend's queue: `weight` (default 1) and `max_share` (`50%` or `0.5`; default none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Share {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub weight: u32,
+    pub max_share: Option<f64>,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share {
+            labels: Default::default(),
+            weight: 1,
+            max_share: None,
+        }
+    }
+}
+
+impl Share {
+    /// From a tenant's labels (checked by the config for gateway.yaml's tenants; a store
+    /// tenant's bad value falls back to the default).
+    pub fn from_labels(labels: &std::collections::BTreeMap<String, String>) -> Self {
+        Share {
+            weight: labels
+                .get("weight")
+                .and_then(|w| crate::config::parse_weight(w).ok())
+                .unwrap_or(1),
+            max_share: labels
+                .get("max_share")
+                .and_then(|s| crate::config::parse_share(s).ok()),
+            labels: labels.clone(),
+        }
+    }
 }
 
 impl Principal {
@@ -149,8 +187,13 @@ impl KeyStores {
             .get(&cfg.tenant_claim)
             .and_then(|v| v.as_str())
             .ok_or(AuthError::Unknown)?;
-        let (models, limits, disabled) = match self.tenants.get(tenant_id) {
-            Some(t) => (ModelSet::from_list(&t.models), t.limits.clone(), t.disabled),
+        let (models, limits, disabled, share) = match self.tenants.get(tenant_id) {
+            Some(t) => (
+                ModelSet::from_list(&t.models),
+                t.limits.clone(),
+                t.disabled,
+                Share::from_labels(&t.labels),
+            ),
             None => {
                 let db = self.db.as_ref().ok_or(AuthError::Unknown)?;
                 let t = db.tenant(tenant_id).await?.ok_or(AuthError::Unknown)?;
@@ -158,6 +201,7 @@ impl KeyStores {
                     ModelSet::from_list(&t.models),
                     t.effective_limits(),
                     t.disabled,
+                    Share::from_labels(&t.labels),
                 )
             }
         };
@@ -189,6 +233,7 @@ impl KeyStores {
             models,
             limits: Arc::new(limits),
             key_limits,
+            share: Arc::new(share),
         })
     }
 

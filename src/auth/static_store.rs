@@ -52,6 +52,7 @@ impl StaticKeyStore {
                         models,
                         limits: Arc::new(tenant.limits.clone()),
                         key_limits: key.limits.clone().map(Arc::new),
+                        share: Arc::new(super::Share::from_labels(&tenant.labels)),
                     },
                     disabled: key.disabled || tenant.disabled,
                 },

@@ -201,6 +201,25 @@ pub struct RouteConfig {
     #[serde(default = "default_retry_on")]
     pub retry_on: Vec<RetryOn>,
     pub targets: Vec<TargetConfig>,
+    /// Other targets for some tenants (by id or labels), first match wins.
+    #[serde(default)]
+    pub overrides: Vec<RouteOverride>,
+}
+
+/// Targets a route uses for the tenants it selects: those named in `tenants` (if any) that
+/// have every label in `labels` (if any).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteOverride {
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -293,6 +293,14 @@ pub struct ServerConfig {
     /// on one core is faster than a work-stealing scheduler with one worker.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Backend queues serve waiting requests by tenant weight (deficit round robin); `false`:
+    /// one FIFO per class, as before (kept for comparison).
+    #[serde(default = "yes")]
+    pub fair_queues: bool,
+    /// Refuse at once (503 `backend_busy`, honest `retry-after`) a request whose expected
+    /// wait plus one job would pass its deadline, instead of queueing it until 504.
+    #[serde(default = "yes")]
+    pub shed_before_deadline: bool,
 }
 
 fn default_reload_poll() -> Duration {
@@ -309,6 +317,8 @@ impl Default for ServerConfig {
             header_timeout: default_header_timeout(),
             reload_poll: default_reload_poll(),
             worker_threads: 0,
+            fair_queues: true,
+            shed_before_deadline: true,
         }
     }
 }
@@ -452,6 +462,31 @@ pub struct TenantConfig {
     pub disabled: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// A `weight` label: 1 to 1000.
+pub fn parse_weight(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(w) if (1..=1000).contains(&w) => Ok(w),
+        _ => Err(format!(
+            "weight \"{s}\" must be a whole number from 1 to 1000"
+        )),
+    }
+}
+
+/// A `max_share` label: `50%` or `0.5`, above 0 and at most 100%.
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => t.parse::<f64>(),
+    };
+    match v {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!(
+            "max_share \"{s}\" must be a share above 0 and at most 100% (e.g. 50%)"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]

@@ -24,6 +24,65 @@ fn check_http_url(path: String, url: &str, errors: &mut Vec<ConfigError>) {
     }
 }
 
+/// The checks of one list of route targets, at `at` (`models.NAME.route.targets`).
+fn check_targets(
+    config: &Config,
+    targets: &[super::TargetConfig],
+    at: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (i, target) in targets.iter().enumerate() {
+        let path = format!("{at}[{i}]");
+        if !config.backends.contains_key(&target.backend) {
+            errors.push(ConfigError::new(
+                format!("{path}.backend"),
+                format!("unknown backend \"{}\"", target.backend),
+            ));
+        }
+        if target.dialect == super::Dialect::GptImage {
+            let remote = matches!(
+                config.backends.get(&target.backend),
+                Some(BackendConfig::Openai(_) | BackendConfig::Azure(_))
+            );
+            if !remote {
+                errors.push(ConfigError::new(
+                    format!("{path}.dialect"),
+                    "the gpt-image dialect applies to openai and azure backends only",
+                ));
+            }
+        }
+        let t = &target.translation;
+        for (dalle, gpt) in &t.quality {
+            if Quality::parse(dalle).is_none() || crate::api::GptQuality::parse(gpt).is_none() {
+                errors.push(ConfigError::new(
+                    format!("{path}.translation.quality.{dalle}"),
+                    "maps a DALL·E quality (standard, hd) to a GPT image one (low, medium, high, xhigh, max, auto)",
+                ));
+            }
+        }
+        if t.max_n == 0 || t.max_n > 10 {
+            errors.push(ConfigError::new(
+                format!("{path}.translation.max_n"),
+                "must be between 1 and 10",
+            ));
+        }
+        for (j, size) in t.sizes.iter().flatten().enumerate() {
+            if size.parse::<Size>().is_err() {
+                errors.push(ConfigError::new(
+                    format!("{path}.translation.sizes[{j}]"),
+                    format!("\"{size}\" is not a size of the form WIDTHxHEIGHT"),
+                ));
+            }
+        }
+        if target.weight == 0 {
+            errors.push(ConfigError::new(
+                format!("{path}.weight"),
+                "must be at least 1",
+            ));
+        }
+    }
+}
+
 pub fn validate(config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
 
@@ -167,55 +226,36 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 "a route needs at least one target",
             ));
         }
-        for (i, target) in model.route.targets.iter().enumerate() {
-            let path = format!("models.{name}.route.targets[{i}]");
-            if !config.backends.contains_key(&target.backend) {
+        check_targets(
+            config,
+            &model.route.targets,
+            &format!("models.{name}.route.targets"),
+            &mut errors,
+        );
+        for (i, o) in model.route.overrides.iter().enumerate() {
+            let path = format!("models.{name}.route.overrides[{i}]");
+            if o.tenants.is_empty() && o.labels.is_empty() {
                 errors.push(ConfigError::new(
-                    format!("{path}.backend"),
-                    format!("unknown backend \"{}\"", target.backend),
+                    path.clone(),
+                    "an override selects its tenants by `tenants`, `labels` or both",
                 ));
             }
-            if target.dialect == super::Dialect::GptImage {
-                let remote = matches!(
-                    config.backends.get(&target.backend),
-                    Some(BackendConfig::Openai(_) | BackendConfig::Azure(_))
-                );
-                if !remote {
+            for (j, t) in o.tenants.iter().enumerate() {
+                if !config.tenants.contains_key(t) && config.state.store == super::StoreChoice::None
+                {
                     errors.push(ConfigError::new(
-                        format!("{path}.dialect"),
-                        "the gpt-image dialect applies to openai and azure backends only",
+                        format!("{path}.tenants[{j}]"),
+                        format!("unknown tenant \"{t}\""),
                     ));
                 }
             }
-            let t = &target.translation;
-            for (dalle, gpt) in &t.quality {
-                if Quality::parse(dalle).is_none() || crate::api::GptQuality::parse(gpt).is_none() {
-                    errors.push(ConfigError::new(
-                        format!("{path}.translation.quality.{dalle}"),
-                        "maps a DALL·E quality (standard, hd) to a GPT image one (low, medium, high, xhigh, max, auto)",
-                    ));
-                }
-            }
-            if t.max_n == 0 || t.max_n > 10 {
+            if o.targets.is_empty() {
                 errors.push(ConfigError::new(
-                    format!("{path}.translation.max_n"),
-                    "must be between 1 and 10",
+                    format!("{path}.targets"),
+                    "an override needs at least one target",
                 ));
             }
-            for (j, size) in t.sizes.iter().flatten().enumerate() {
-                if size.parse::<Size>().is_err() {
-                    errors.push(ConfigError::new(
-                        format!("{path}.translation.sizes[{j}]"),
-                        format!("\"{size}\" is not a size of the form WIDTHxHEIGHT"),
-                    ));
-                }
-            }
-            if target.weight == 0 {
-                errors.push(ConfigError::new(
-                    format!("{path}.weight"),
-                    "must be at least 1",
-                ));
-            }
+            check_targets(config, &o.targets, &format!("{path}.targets"), &mut errors);
         }
         if model.route.max_attempts == Some(0) {
             errors.push(ConfigError::new(
@@ -232,6 +272,19 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
     }
 
     for (name, tenant) in &config.tenants {
+        if let Some(w) = tenant.labels.get("weight") {
+            if let Err(e) = super::parse_weight(w) {
+                errors.push(ConfigError::new(format!("tenants.{name}.labels.weight"), e));
+            }
+        }
+        if let Some(m) = tenant.labels.get("max_share") {
+            if let Err(e) = super::parse_share(m) {
+                errors.push(ConfigError::new(
+                    format!("tenants.{name}.labels.max_share"),
+                    e,
+                ));
+            }
+        }
         check_model_refs(
             config,
             &tenant.models,

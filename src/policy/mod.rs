@@ -445,6 +445,7 @@ mod tests {
     fn headers_count_down_and_the_tighter_limit_wins() {
         let policy = Policy::new();
         let principal = Principal {
+            share: Default::default(),
             key_id: Arc::from("k"),
             tenant: Arc::from("t"),
             models: crate::auth::ModelSet::All,

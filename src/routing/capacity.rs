@@ -2,25 +2,60 @@
 //! `max_queue` more wait (at most `queue_timeout`, never past the request's deadline); beyond
 //! that the node is full and the request goes elsewhere or gets 503 — never an unbounded pile.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
+use super::fair::{Caller, Scheduler};
 use crate::config::Capacity;
+
+/// How the queue picks its next waiter, and whether hopeless requests are refused early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Weighted fair queuing by tenant (else one FIFO per class).
+    pub fair: bool,
+    /// Refuse at once a request whose expected wait plus job time passes its deadline.
+    pub shed: bool,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        QueuePolicy {
+            fair: true,
+            shed: true,
+        }
+    }
+}
 
 pub struct CapacityGate {
     name: String,
-    slots: Option<Arc<Semaphore>>,
+    max: Option<u32>,
     max_queue: u32,
     queue_timeout: Duration,
+    policy: QueuePolicy,
+    state: Mutex<State>,
+    /// Mirrors the queue's length for lock-free reads (metrics, /readyz).
     waiting: AtomicU32,
 }
 
-/// Held while the request runs on the backend.
+struct State {
+    in_use: u32,
+    per_tenant: HashMap<Arc<str>, u32>,
+    /// Each waiting tenant's cap on slots held (from its `max_share`).
+    caps: HashMap<Arc<str>, u32>,
+    queue: Scheduler<oneshot::Sender<Slot>>,
+    next_id: u64,
+    /// Moving average of how long a job holds a slot, in seconds (`None` until one finished).
+    job_secs: Option<f64>,
+}
+
+/// Held while the request runs on the backend; dropping it gives the slot to the next waiter.
 pub struct Slot {
-    _permit: Option<OwnedSemaphorePermit>,
+    gate: Option<(Arc<CapacityGate>, Arc<str>)>,
+    since: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,75 +64,239 @@ pub enum Busy {
     QueueFull,
     /// Waited `queue_timeout` (or until the deadline) without a slot.
     QueueTimeout,
+    /// The expected wait plus one job would pass the deadline (or a higher class needed the
+    /// place in the queue): refused at once.
+    Shed { retry_after: Duration },
 }
 
-struct Waiting<'a>(&'a CapacityGate);
+/// The weight of one new job time in the moving average.
+const EWMA_ALPHA: f64 = 0.2;
 
-impl Drop for Waiting<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        let depth = self.0.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
-        crate::telemetry::metrics().queue_depth(&self.0.name, depth);
+        let Some((gate, tenant)) = self.gate.take() else {
+            return;
+        };
+        let held = self.since.elapsed().as_secs_f64();
+        let mut st = gate.lock();
+        st.in_use -= 1;
+        if let Some(n) = st.per_tenant.get_mut(&tenant) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_tenant.remove(&tenant);
+            }
+        }
+        st.job_secs = Some(match st.job_secs {
+            None => held,
+            Some(avg) => avg + EWMA_ALPHA * (held - avg),
+        });
+        gate.dispatch(&mut st);
+    }
+}
+
+/// Takes a waiter out of the queue if its request gives up (timeout, client gone).
+struct Queued<'a> {
+    gate: &'a CapacityGate,
+    caller: &'a Caller,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut st = self.gate.lock();
+        if st.queue.remove(self.caller, self.id).is_some() {
+            self.gate.publish(&st);
+        }
     }
 }
 
 impl CapacityGate {
     pub fn new(name: &str, c: Capacity) -> Self {
+        Self::with_policy(name, c, QueuePolicy::default())
+    }
+
+    pub fn with_policy(name: &str, c: Capacity, policy: QueuePolicy) -> Self {
         CapacityGate {
             name: name.to_string(),
-            slots: c
-                .max_concurrency
-                .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+            max: c.max_concurrency.map(|n| n.max(1)),
             max_queue: c.max_queue,
             queue_timeout: c.queue_timeout,
+            policy,
+            state: Mutex::new(State {
+                in_use: 0,
+                per_tenant: HashMap::new(),
+                caps: HashMap::new(),
+                queue: Scheduler::default(),
+                next_id: 0,
+                job_secs: None,
+            }),
             waiting: AtomicU32::new(0),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn queue_depth(&self) -> u32 {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    /// Whether a request would run at once (no queueing).
-    pub fn has_free_slot(&self) -> bool {
-        self.slots
-            .as_ref()
-            .is_none_or(|s| s.available_permits() > 0)
+    /// Waiting requests by tenant (`/readyz`).
+    pub fn queued_by_tenant(&self) -> std::collections::BTreeMap<String, usize> {
+        self.lock().queue.by_tenant()
     }
 
-    /// Takes a slot, waiting in the bounded queue if needed.
-    pub async fn acquire(&self, deadline: Instant) -> Result<(Slot, Duration), Busy> {
-        let Some(slots) = &self.slots else {
-            return Ok((Slot { _permit: None }, Duration::ZERO));
-        };
-        if let Ok(permit) = slots.clone().try_acquire_owned() {
+    /// The moving average job time, once a job has finished.
+    pub fn job_time(&self) -> Option<Duration> {
+        self.lock().job_secs.map(Duration::from_secs_f64)
+    }
+
+    /// Whether a request would run at once (no queueing).
+    pub fn has_free_slot(&self) -> bool {
+        match self.max {
+            None => true,
+            Some(max) => {
+                let st = self.lock();
+                st.in_use < max && st.queue.is_empty()
+            }
+        }
+    }
+
+    fn publish(&self, st: &State) {
+        let depth = st.queue.len() as u32;
+        self.waiting.store(depth, Ordering::SeqCst);
+        crate::telemetry::metrics().queue_depth(&self.name, depth);
+    }
+
+    /// Hands free slots to waiters in the scheduler's order, skipping tenants at their cap.
+    fn dispatch(self: &Arc<Self>, st: &mut State) {
+        let Some(max) = self.max else { return };
+        while st.in_use < max {
+            let State {
+                queue,
+                per_tenant,
+                caps,
+                ..
+            } = &mut *st;
+            let Some((tenant, tx)) = queue.pop(|t| {
+                per_tenant.get(t).copied().unwrap_or(0) < caps.get(t).copied().unwrap_or(max)
+            }) else {
+                break;
+            };
+            let slot = Slot {
+                gate: Some((self.clone(), tenant.clone())),
+                since: Instant::now(),
+            };
+            match tx.send(slot) {
+                Ok(()) => {
+                    st.in_use += 1;
+                    *st.per_tenant.entry(tenant).or_insert(0) += 1;
+                }
+                // The waiter is gone: the slot was never counted, so it must not be released.
+                Err(mut slot) => slot.gate = None,
+            }
+        }
+        self.publish(st);
+    }
+
+    /// Takes a slot for `caller`, waiting in the bounded queue if needed (served by class, then
+    /// by tenant weight), or refuses at once when the wait cannot end before `deadline`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        caller: &Caller,
+        deadline: Instant,
+    ) -> Result<(Slot, Duration), Busy> {
+        let started = Instant::now();
+        let Some(max) = self.max else {
             return Ok((
                 Slot {
-                    _permit: Some(permit),
+                    gate: None,
+                    since: started,
                 },
                 Duration::ZERO,
             ));
-        }
-        // Reserve a place in the queue atomically, so max_queue holds under concurrency.
-        let admitted = self
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                (w < self.max_queue).then_some(w + 1)
-            });
-        let Ok(before) = admitted else {
-            return Err(Busy::QueueFull);
         };
-        crate::telemetry::metrics().queue_depth(&self.name, before + 1);
-        let _waiting = Waiting(self);
-        let started = Instant::now();
+        let fifo;
+        let caller = if self.policy.fair {
+            caller
+        } else {
+            fifo = Caller {
+                class: caller.class,
+                ..Caller::anonymous()
+            };
+            &fifo
+        };
+        let (id, mut rx) = {
+            let mut st = self.lock();
+            let cap = caller
+                .max_share
+                .map_or(max, |s| ((f64::from(max) * s).ceil() as u32).clamp(1, max));
+            let held = st.per_tenant.get(&caller.tenant).copied().unwrap_or(0);
+            if st.in_use < max && st.queue.is_empty() && held < cap {
+                st.in_use += 1;
+                *st.per_tenant.entry(caller.tenant.clone()).or_insert(0) += 1;
+                let slot = Slot {
+                    gate: Some((self.clone(), caller.tenant.clone())),
+                    since: started,
+                };
+                return Ok((slot, Duration::ZERO));
+            }
+            if let (true, Some(job)) = (self.policy.shed, st.job_secs) {
+                let ahead = st.queue.ahead_of(caller);
+                let free = max.saturating_sub(st.in_use) as usize;
+                let turns = (ahead + 1).saturating_sub(free).div_ceil(max as usize);
+                let wait = Duration::from_secs_f64(turns as f64 * job);
+                if started + wait + Duration::from_secs_f64(job) > deadline {
+                    crate::telemetry::metrics().queue_shed(
+                        &self.name,
+                        &caller.tenant,
+                        caller.class.as_str(),
+                    );
+                    return Err(Busy::Shed {
+                        retry_after: wait.max(Duration::from_secs(1)),
+                    });
+                }
+            }
+            if st.queue.len() >= self.max_queue as usize {
+                // A full queue sheds its lowest class first.
+                if st.queue.evict_below(caller.class).is_none() {
+                    return Err(Busy::QueueFull);
+                }
+            }
+            st.caps.insert(caller.tenant.clone(), cap);
+            let id = st.next_id;
+            st.next_id += 1;
+            let (tx, rx) = oneshot::channel();
+            st.queue.push(caller, id, tx);
+            self.dispatch(&mut st);
+            (id, rx)
+        };
+        let queued = Queued {
+            gate: self,
+            caller,
+            id,
+        };
         let until = deadline.min(started + self.queue_timeout);
-        match tokio::time::timeout_at(until.into(), slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok((
-                Slot {
-                    _permit: Some(permit),
-                },
-                started.elapsed(),
-            )),
-            _ => Err(Busy::QueueTimeout),
+        let outcome = tokio::time::timeout_at(until.into(), &mut rx).await;
+        drop(queued);
+        let waited = started.elapsed();
+        crate::telemetry::metrics().queue_wait(
+            &self.name,
+            &caller.tenant,
+            caller.class.as_str(),
+            waited,
+        );
+        match outcome {
+            Ok(Ok(slot)) => Ok((slot, waited)),
+            Ok(Err(_)) => Err(Busy::Shed {
+                retry_after: Duration::from_secs(1),
+            }),
+            // A slot granted just as the wait ended is taken, not lost.
+            Err(_) => rx
+                .try_recv()
+                .map(|s| (s, started.elapsed()))
+                .map_err(|_| Busy::QueueTimeout),
         }
     }
 }
@@ -124,13 +323,13 @@ mod tests {
     #[tokio::test]
     async fn queue_is_bounded_and_served_in_order() {
         let g = gate(1, 2, 10_000);
-        let (first, _) = g.acquire(far()).await.unwrap();
+        let (first, _) = g.acquire(&Caller::anonymous(), far()).await.unwrap();
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
         for i in 0..2 {
             let (g2, order) = (g.clone(), order.clone());
             waiters.push(tokio::spawn(async move {
-                let (slot, _) = g2.acquire(far()).await.unwrap();
+                let (slot, _) = g2.acquire(&Caller::anonymous(), far()).await.unwrap();
                 order.lock().unwrap().push(i);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(slot);
@@ -140,7 +339,10 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        assert_eq!(g.acquire(far()).await.err(), Some(Busy::QueueFull));
+        assert_eq!(
+            g.acquire(&Caller::anonymous(), far()).await.err(),
+            Some(Busy::QueueFull)
+        );
         drop(first);
         for w in waiters {
             w.await.unwrap();
@@ -152,8 +354,11 @@ mod tests {
     #[tokio::test]
     async fn waiting_ends_at_the_queue_timeout() {
         let g = gate(1, 4, 50);
-        let _held = g.acquire(far()).await.unwrap();
-        assert_eq!(g.acquire(far()).await.err(), Some(Busy::QueueTimeout));
+        let _held = g.acquire(&Caller::anonymous(), far()).await.unwrap();
+        assert_eq!(
+            g.acquire(&Caller::anonymous(), far()).await.err(),
+            Some(Busy::QueueTimeout)
+        );
         assert_eq!(g.queue_depth(), 0);
     }
 }

@@ -4,23 +4,25 @@
 //! deadline. Every attempt's outcome feeds the backend's passive health ([`health`]).
 
 pub mod capacity;
+pub mod fair;
 pub mod health;
+mod pool;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use fair::{Caller, Class};
+pub use pool::{Dispatch, Output, Pool};
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use tracing::Instrument;
-
-use crate::api::{ApiError, ErrorKind, ImageRequest, ModelRules};
+use crate::api::{ImageRequest, ModelRules};
 use crate::backends::translate::Translation;
-use crate::backends::{Backend, BackendError, EventStream, Generation, UpstreamCall};
-use crate::config::{Config, ConfigError, Dialect, ImageUrlPolicy, RetryOn, Strategy};
+use crate::backends::Backend;
+use crate::config::{Config, ConfigError, Dialect, ImageUrlPolicy};
 use crate::metering::PriceTable;
 
 use capacity::CapacityGate;
-use health::{BackendHealth, HealthSnapshot, Outcome, Permit, Unavailable};
+use health::{BackendHealth, HealthSnapshot};
 use serde::Serialize;
 
 pub struct Target {
@@ -48,350 +50,69 @@ pub struct ModelRoute {
     pub rules: ModelRules,
     pub prices: PriceTable,
     pub timeout: Duration,
-    strategy: Strategy,
-    max_attempts: u32,
-    retry_on: HashSet<RetryOn>,
-    /// Sorted by priority.
-    targets: Vec<Target>,
+    /// The route's targets for every caller no override selects.
+    pub pool: Pool,
+    /// Pools for the tenants (or tenant labels) an override names, first match wins.
+    pub overrides: Vec<Override>,
 }
 
-/// What a dispatch produced: whole images, or server-sent events relayed as they arrive.
-pub enum Output {
-    Images(Generation),
-    Events(EventStream),
+/// Targets a route uses for some tenants instead of its own (`plan: gold` -> OpenAI).
+pub struct Override {
+    pub tenants: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub pool: Pool,
 }
 
-/// Keeps a backend's capacity slot for as long as its event stream runs.
-struct Guarded {
-    inner: EventStream,
-    _slot: capacity::Slot,
-}
-
-impl futures_core::Stream for Guarded {
-    type Item = bytes::Bytes;
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.get_mut().inner.as_mut().poll_next(cx)
+impl Override {
+    fn selects(&self, tenant: &str, labels: &BTreeMap<String, String>) -> bool {
+        (self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant))
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
-}
-
-/// The result of one dispatch, with what ops need to know about it.
-pub struct Dispatch {
-    pub result: Result<Output, ApiError>,
-    /// The backend that answered (or failed last).
-    pub backend: Option<Arc<str>>,
-    pub attempts: u32,
-    /// How the answering backend's image URLs are treated.
-    pub url_policy: Option<Arc<ImageUrlPolicy>>,
-    /// What the answer cost us on the answering target.
-    pub upstream_price: Option<Arc<PriceTable>>,
-    /// Time spent in upstream calls (the rest is the gateway's overhead).
-    pub upstream_time: Duration,
 }
 
 impl ModelRoute {
-    pub fn targets(&self) -> &[Target] {
-        &self.targets
-    }
-
-    /// Whether some target's backend can serve `operation` at all.
-    pub fn can(&self, operation: crate::api::Operation) -> bool {
-        self.targets.iter().any(|t| t.backend.can(operation))
-    }
-
-    /// Whether some target could take a request now.
-    pub fn available(&self, now: Instant) -> bool {
-        self.targets
+    /// The pool that serves this tenant.
+    pub fn pool_for(&self, tenant: &str, labels: &BTreeMap<String, String>) -> &Pool {
+        self.overrides
             .iter()
-            .any(|t| t.health.availability(now).is_ok())
+            .find(|o| o.selects(tenant, labels))
+            .map_or(&self.pool, |o| &o.pool)
     }
 
-    /// Picks and claims a target not yet `tried`: the lowest tier with an available target,
-    /// then by strategy within it. `Err` carries the earliest time one becomes available.
-    fn select(&self, tried: &mut [bool], now: Instant) -> Result<(usize, Permit), Option<Instant>> {
-        let mut earliest: Option<Instant> = None;
-        let mut start = 0;
-        while start < self.targets.len() {
-            let tier = self.targets[start].priority;
-            let end = start
-                + self.targets[start..]
-                    .iter()
-                    .take_while(|t| t.priority == tier)
-                    .count();
-            // Claiming can race with other requests; retry within the tier until it is empty.
-            loop {
-                let candidates: Vec<usize> = (start..end)
-                    .filter(|&i| !tried[i])
-                    .filter(|&i| match self.targets[i].health.availability(now) {
-                        Ok(()) => true,
-                        Err(Unavailable::Ejected(t) | Unavailable::Throttled(t)) => {
-                            earliest = Some(earliest.map_or(t, |e| e.min(t)));
-                            false
-                        }
-                        Err(Unavailable::Probing | Unavailable::ProbeFailed) => false,
-                    })
-                    .collect();
-                if candidates.is_empty() {
-                    break;
-                }
-                let i = self.choose(&candidates);
-                match self.targets[i].health.acquire(now) {
-                    Ok(permit) => return Ok((i, permit)),
-                    Err(_) => tried[i] = true,
-                }
-            }
-            start = end;
-        }
-        Err(earliest)
+    /// Every pool, the route's own first.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        std::iter::once(&self.pool).chain(self.overrides.iter().map(|o| &o.pool))
     }
 
-    fn choose(&self, candidates: &[usize]) -> usize {
-        let mut rng = rand::rng();
-        let weight = |i: usize| u64::from(self.targets[i].weight);
-        let mut by_weight = |pool: &[usize]| {
-            let total: u64 = pool.iter().map(|&i| weight(i)).sum();
-            let mut roll = rng.random_range(0..total.max(1));
-            for &i in pool {
-                if roll < weight(i) {
-                    return i;
-                }
-                roll -= weight(i);
-            }
-            pool[0]
-        };
-        let a = by_weight(candidates);
-        if self.strategy == Strategy::Weighted || candidates.len() == 1 {
-            return a;
-        }
-        // Power of two choices: a second, distinct candidate, also drawn by weight; the one
-        // with less load per unit of weight, (in_flight + 1) / weight, wins (ties: the first).
-        let rest: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
-        let b = by_weight(&rest);
-        let load = |i: usize| u64::from(self.targets[i].health.in_flight()) + 1;
-        if load(b) * weight(a) < load(a) * weight(b) {
-            b
-        } else {
-            a
-        }
-    }
-
-    fn retryable(&self, e: &BackendError) -> bool {
-        let class = match e {
-            BackendError::Rejected { .. } => return false,
-            BackendError::Connect(_) => RetryOn::Connect,
-            BackendError::Timeout => RetryOn::Timeout,
-            BackendError::RateLimited { .. } => RetryOn::RateLimited,
-            BackendError::Status { .. }
-            | BackendError::BadResponse(_)
-            | BackendError::Workflow(_) => RetryOn::ServerError,
-            BackendError::Unauthorized { .. } | BackendError::Exhausted(_) => RetryOn::UpstreamAuth,
-        };
-        self.retry_on.contains(&class)
-    }
-
-    /// Sends the request to the pool: at most `max_attempts` calls, each to a different target,
-    /// all inside `deadline`. 4xx answers of the upstream's own are never retried.
+    /// Sends the request to the pool that serves `caller` (see [`Pool::dispatch`]).
     pub async fn dispatch(
         &self,
         request: &ImageRequest,
+        caller: &Caller,
+        labels: &BTreeMap<String, String>,
         request_id: &str,
         deadline: Instant,
         stream: bool,
     ) -> Dispatch {
-        // A target that cannot serve this operation counts as tried already.
-        let operation = request.operation();
-        let mut tried: Vec<bool> = self
-            .targets
-            .iter()
-            .map(|t| !t.backend.can(operation))
-            .collect();
-        let mut attempts = 0;
-        let mut busy = false;
-        let mut upstream_time = Duration::ZERO;
-        let mut last: Option<(Arc<str>, BackendError)> = None;
-        while attempts < self.max_attempts {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let (index, permit) = match self.select(&mut tried, now) {
-                Ok(picked) => picked,
-                Err(earliest) => {
-                    if attempts == 0 {
-                        let error = if busy {
-                            at_capacity(&request.model)
-                        } else {
-                            no_target(&request.model, earliest, now)
-                        };
-                        return Dispatch {
-                            result: Err(error),
-                            backend: None,
-                            attempts,
-                            url_policy: None,
-                            upstream_price: None,
-                            upstream_time,
-                        };
-                    }
-                    break;
-                }
-            };
-            tried[index] = true;
-            let target = &self.targets[index];
-            // A full node sends the request to another target of the pool, not to a 503.
-            let slot = match target.capacity.acquire(deadline).await {
-                Ok((slot, waited)) => {
-                    if !waited.is_zero() {
-                        tracing::info!(request_id, backend = %target.backend_name, waited_ms = waited.as_millis() as u64, "waited for backend capacity");
-                    }
-                    slot
-                }
-                Err(why) => {
-                    tracing::info!(
-                        request_id,
-                        backend = %target.backend_name,
-                        reason = ?why,
-                        queue_depth = target.capacity.queue_depth(),
-                        "backend at capacity"
-                    );
-                    busy = true;
-                    drop(permit);
-                    continue;
-                }
-            };
-            attempts += 1;
-            if attempts > 1 {
-                crate::telemetry::metrics().failover(&request.model);
-            }
-            let attempt_span = tracing::info_span!(
-                "upstream_attempt",
-                backend = %target.backend_name,
-                attempt = attempts
-            );
-            let trace_headers = crate::telemetry::trace_headers(&attempt_span);
-            let call = UpstreamCall {
-                request,
-                upstream_model: target.upstream_model.as_deref(),
-                request_id,
-                deadline,
-                dialect: target.dialect,
-                translation: &target.translation,
-                trace_headers: &trace_headers,
-            };
-            let started = Instant::now();
-            let result = if stream {
-                // Only the start of a stream is bounded here; the upstream call itself
-                // carries the deadline for the rest.
-                let attempt = target
-                    .backend
-                    .generate_stream(call)
-                    .instrument(attempt_span);
-                tokio::time::timeout_at(deadline.into(), attempt)
-                    .await
-                    .unwrap_or(Err(BackendError::Timeout))
-                    .map(|events| {
-                        Output::Events(Box::pin(Guarded {
-                            inner: events,
-                            _slot: slot,
-                        }))
-                    })
-            } else {
-                let attempt = target.backend.generate(call).instrument(attempt_span);
-                let result = tokio::time::timeout_at(deadline.into(), attempt)
-                    .await
-                    .unwrap_or(Err(BackendError::Timeout))
-                    .map(Output::Images);
-                drop(slot);
-                result
-            };
-            let took = started.elapsed();
-            upstream_time += took;
-            crate::telemetry::metrics().attempt(
-                &target.series,
-                outcome_label(&result.as_ref().map(|_| ())),
-                took,
-            );
-            permit.record(Outcome::of(&result.as_ref().map(|_| ())));
-            match result {
-                Ok(output) => {
-                    return Dispatch {
-                        result: Ok(output),
-                        backend: Some(target.backend_name.clone()),
-                        attempts,
-                        url_policy: Some(target.url_policy.clone()),
-                        upstream_price: Some(target.upstream_price.clone()),
-                        upstream_time,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        request_id,
-                        backend = %target.backend_name,
-                        attempt = attempts,
-                        error = %e,
-                        "upstream attempt failed"
-                    );
-                    let retry = self.retryable(&e);
-                    last = Some((target.backend_name.clone(), e));
-                    if !retry {
-                        break;
-                    }
-                }
-            }
-        }
-        let (backend, error) = match last {
-            Some((b, e)) => (Some(b), e.into()),
-            None if busy && Instant::now() < deadline => (None, at_capacity(&request.model)),
-            None => (None, BackendError::Timeout.into()),
-        };
-        Dispatch {
-            result: Err(error),
-            backend,
-            attempts,
-            url_policy: None,
-            upstream_price: None,
-            upstream_time,
-        }
+        self.pool_for(&caller.tenant, labels)
+            .dispatch(request, caller, request_id, deadline, stream)
+            .await
     }
-}
 
-/// The `outcome` label of an upstream attempt.
-fn outcome_label(result: &Result<(), &BackendError>) -> &'static str {
-    match result {
-        Ok(()) => "success",
-        Err(BackendError::Rejected { .. }) => "rejected",
-        Err(BackendError::Timeout) => "timeout",
-        Err(BackendError::Connect(_)) => "connect_error",
-        Err(BackendError::RateLimited { .. }) => "rate_limited",
-        Err(BackendError::Unauthorized { .. }) => "auth_error",
-        Err(BackendError::Exhausted(_)) => "credits_exhausted",
-        Err(BackendError::Workflow(_)) => "workflow_error",
-        Err(BackendError::Status { .. } | BackendError::BadResponse(_)) => "server_error",
+    /// The default pool's targets.
+    pub fn targets(&self) -> &[Target] {
+        &self.pool.targets
     }
-}
 
-fn no_target(model: &str, earliest: Option<Instant>, now: Instant) -> ApiError {
-    let after = earliest
-        .map(|t| t.saturating_duration_since(now))
-        .unwrap_or(Duration::from_secs(1))
-        .max(Duration::from_millis(100));
-    ApiError::new(
-        ErrorKind::Unavailable,
-        format!("No backend is available for the model `{model}` right now. Please retry later."),
-    )
-    .code("no_backend_available")
-    .retry_after(after)
-}
+    /// Whether some pool's backend can serve `operation` at all.
+    pub fn can(&self, operation: crate::api::Operation) -> bool {
+        self.pools().any(|p| p.can(operation))
+    }
 
-fn at_capacity(model: &str) -> ApiError {
-    ApiError::new(
-        ErrorKind::Unavailable,
-        format!("Every backend for the model `{model}` is at capacity. Please retry shortly."),
-    )
-    .code("backend_busy")
-    .retry_after(Duration::from_secs(1))
+    /// Whether some target could take a request now.
+    pub fn available(&self, now: Instant) -> bool {
+        self.pools().any(|p| p.available(now))
+    }
 }
 
 /// One backend's state as `/readyz` shows it.
@@ -400,6 +121,12 @@ pub struct BackendState {
     #[serde(flatten)]
     pub health: HealthSnapshot,
     pub queue_depth: u32,
+    /// Waiting requests by tenant (only tenants with some).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub queued_by_tenant: BTreeMap<String, usize>,
+    /// The moving average of a job's time on the backend, once one has finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_time_ms: Option<u64>,
 }
 
 pub struct Router {
@@ -471,7 +198,14 @@ impl Router {
             let (h, cap) = reused.unwrap_or_else(|| {
                 (
                     BackendHealth::new(name, c.health().clone()),
-                    Arc::new(CapacityGate::new(name, c.capacity())),
+                    Arc::new(CapacityGate::with_policy(
+                        name,
+                        c.capacity(),
+                        capacity::QueuePolicy {
+                            fair: config.server.fair_queues,
+                            shed: config.server.shed_before_deadline,
+                        },
+                    )),
                 )
             });
             health.insert(name.clone(), h);
@@ -490,54 +224,84 @@ impl Router {
                 .map_err(|e| vec![ConfigError::new(format!("models.{name}.rules"), e)])?;
             let ModelPrices { charged, upstream } = prices.remove(name).unwrap_or_default();
             let explicit = upstream.map(Arc::new);
-            let mut targets = m
+            let pool = |path: String,
+                        targets: &[crate::config::TargetConfig],
+                        strategy: crate::config::Strategy,
+                        max_attempts: Option<u32>|
+             -> Result<Pool, Vec<ConfigError>> {
+                let mut built = targets
+                    .iter()
+                    .map(|t| {
+                        let upstream_price = explicit
+                            .clone()
+                            .unwrap_or_else(|| Arc::new(catalog_price(config, t, name)));
+                        let (Some(backend), Some(h), Some(cap), Some(policy)) = (
+                            backends.get(&t.backend),
+                            health.get(&t.backend),
+                            capacity.get(&t.backend),
+                            url_policies.get(t.backend.as_str()),
+                        ) else {
+                            return Err(ConfigError::new(
+                                path.clone(),
+                                format!("unknown backend \"{}\"", t.backend),
+                            ));
+                        };
+                        Ok(Target {
+                            series: crate::telemetry::metrics().backend_series(&h.name),
+                            backend_name: h.name.clone(),
+                            backend: backend.clone(),
+                            health: h.clone(),
+                            capacity: cap.clone(),
+                            url_policy: policy.clone(),
+                            upstream_price,
+                            upstream_model: t.model.clone(),
+                            dialect: t.dialect,
+                            translation: Arc::new(Translation::from_config(&t.translation)),
+                            weight: t.weight.max(1),
+                            priority: t.priority,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ConfigError>>()
+                    .map_err(|e| vec![e])?;
+                if built.is_empty() {
+                    return Err(vec![ConfigError::new(
+                        path,
+                        "a route needs at least one target",
+                    )]);
+                }
+                built.sort_by_key(|t| t.priority);
+                let max_attempts = max_attempts.unwrap_or(3).clamp(1, built.len() as u32);
+                Ok(Pool {
+                    targets: built,
+                    strategy,
+                    max_attempts,
+                    retry_on: m.route.retry_on.iter().copied().collect(),
+                })
+            };
+            let own = pool(
+                format!("models.{name}.route.targets"),
+                &m.route.targets,
+                m.route.strategy,
+                m.route.max_attempts,
+            )?;
+            let overrides = m
                 .route
-                .targets
+                .overrides
                 .iter()
-                .map(|t| {
-                    let upstream_price = explicit
-                        .clone()
-                        .unwrap_or_else(|| Arc::new(catalog_price(config, t, name)));
-                    let (Some(backend), Some(h), Some(cap), Some(policy)) = (
-                        backends.get(&t.backend),
-                        health.get(&t.backend),
-                        capacity.get(&t.backend),
-                        url_policies.get(t.backend.as_str()),
-                    ) else {
-                        return Err(ConfigError::new(
-                            format!("models.{name}.route.targets"),
-                            format!("unknown backend \"{}\"", t.backend),
-                        ));
-                    };
-                    Ok(Target {
-                        series: crate::telemetry::metrics().backend_series(&h.name),
-                        backend_name: h.name.clone(),
-                        backend: backend.clone(),
-                        health: h.clone(),
-                        capacity: cap.clone(),
-                        url_policy: policy.clone(),
-                        upstream_price,
-                        upstream_model: t.model.clone(),
-                        dialect: t.dialect,
-                        translation: Arc::new(Translation::from_config(&t.translation)),
-                        weight: t.weight.max(1),
-                        priority: t.priority,
+                .enumerate()
+                .map(|(i, o)| {
+                    Ok(Override {
+                        tenants: o.tenants.clone(),
+                        labels: o.labels.clone(),
+                        pool: pool(
+                            format!("models.{name}.route.overrides[{i}].targets"),
+                            &o.targets,
+                            o.strategy.unwrap_or(m.route.strategy),
+                            o.max_attempts.or(m.route.max_attempts),
+                        )?,
                     })
                 })
-                .collect::<Result<Vec<_>, ConfigError>>()
-                .map_err(|e| vec![e])?;
-            if targets.is_empty() {
-                return Err(vec![ConfigError::new(
-                    format!("models.{name}.route.targets"),
-                    "a route needs at least one target",
-                )]);
-            }
-            targets.sort_by_key(|t| t.priority);
-            let max_attempts = m
-                .route
-                .max_attempts
-                .unwrap_or(3)
-                .clamp(1, targets.len() as u32);
+                .collect::<Result<Vec<_>, Vec<ConfigError>>>()?;
             // One `Arc` for the route's name and its metrics label.
             let model_name: Arc<str> = Arc::from(name.as_str());
             models.insert(
@@ -548,10 +312,8 @@ impl Router {
                     rules,
                     prices: charged,
                     timeout: m.timeout,
-                    strategy: m.route.strategy,
-                    max_attempts,
-                    retry_on: m.route.retry_on.iter().copied().collect(),
-                    targets,
+                    pool: own,
+                    overrides,
                 },
             );
         }
@@ -599,9 +361,14 @@ impl Router {
         self.health
             .iter()
             .map(|(name, h)| {
+                let gate = self.capacity.get(name);
                 let state = BackendState {
                     health: h.snapshot(now),
-                    queue_depth: self.capacity.get(name).map_or(0, |c| c.queue_depth()),
+                    queue_depth: gate.map_or(0, |c| c.queue_depth()),
+                    queued_by_tenant: gate.map(|c| c.queued_by_tenant()).unwrap_or_default(),
+                    job_time_ms: gate
+                        .and_then(|c| c.job_time())
+                        .map(|t| t.as_millis() as u64),
                 };
                 (name.as_str(), state)
             })

@@ -1,8 +1,11 @@
 use super::*;
 use crate::backends::SandboxBackend;
+use crate::config::Strategy;
 use crate::config::{HealthConfig, SandboxConfig};
+use health::Outcome;
+use std::collections::HashSet;
 
-fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
+fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> Pool {
     let mut targets: Vec<Target> = targets
         .iter()
         .map(|&(name, weight, priority)| Target {
@@ -32,12 +35,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
         })
         .collect();
     targets.sort_by_key(|t| t.priority);
-    ModelRoute {
-        images: crate::telemetry::metrics().images_of(&Arc::from("dall-e-2")),
-        name: Arc::from("dall-e-2"),
-        rules: ModelRules::dalle2(),
-        prices: crate::metering::PriceTable::default(),
-        timeout: Duration::from_secs(5),
+    Pool {
         strategy,
         max_attempts: 3,
         retry_on: HashSet::new(),
@@ -45,7 +43,7 @@ fn route(strategy: Strategy, targets: &[(&str, u32, u32)]) -> ModelRoute {
     }
 }
 
-fn pick(r: &ModelRoute) -> &str {
+fn pick(r: &Pool) -> &str {
     let mut tried = vec![false; r.targets.len()];
     let (i, _permit) = r.select(&mut tried, Instant::now()).unwrap();
     &r.targets[i].backend_name

@@ -407,7 +407,7 @@ pub(super) async fn run(
     charge.reserve(principal, reserved, lease).await?;
     charge.relayed();
 
-    let relayed = match relay(state, route, &request, request_id, log).await {
+    let relayed = match relay(state, principal, route, &request, request_id, log).await {
         Ok(r) => r,
         Err(e) => {
             charge
@@ -476,14 +476,28 @@ enum Relayed {
 /// Route -> backend -> images: the part of a request that costs money.
 async fn relay(
     state: &Arc<AppState>,
+    principal: &Principal,
     route: &crate::routing::ModelRoute,
     request: &api::ImageRequest,
     request_id: &str,
     log: &mut AccessLog,
 ) -> Result<Relayed, ApiError> {
     let deadline = Instant::now() + route.timeout;
+    let caller = crate::routing::Caller {
+        tenant: principal.tenant.clone(),
+        weight: principal.share.weight,
+        class: crate::routing::Class::Interactive,
+        max_share: principal.share.max_share,
+    };
     let dispatch = route
-        .dispatch(request, request_id, deadline, request.streaming())
+        .dispatch(
+            request,
+            &caller,
+            &principal.share.labels,
+            request_id,
+            deadline,
+            request.streaming(),
+        )
         .await;
     log.backend = dispatch.backend;
     log.attempts = dispatch.attempts;

@@ -30,6 +30,13 @@ struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    backend: Arc<str>,
+    tenant: Arc<str>,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     backend: Arc<str>,
     outcome: &'static str,
@@ -79,7 +86,8 @@ pub struct Metrics {
     failovers: Family<ModelLabel, Counter>,
     ejections: Family<BackendLabel, Counter>,
     queue_depth: Family<BackendLabel, Gauge>,
-    queue_wait: HistogramFamily<BackendLabel>,
+    queue_wait: HistogramFamily<QueueLabels>,
+    queue_shed: Family<QueueLabels, Counter>,
     in_flight: Gauge,
     rate_limited: Family<LimitLabels, Counter>,
     over_budget: Family<LimitLabels, Counter>,
@@ -104,6 +112,7 @@ impl Metrics {
             ejections: Family::default(),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
+            queue_shed: Family::default(),
             in_flight: Gauge::default(),
             rate_limited: Family::default(),
             over_budget: Family::default(),
@@ -152,8 +161,14 @@ impl Metrics {
         );
         registry.register(
             "queue_wait_seconds",
-            "Time spent waiting for backend capacity",
+            "Time spent waiting for backend capacity, by backend, tenant and class",
             m.queue_wait.clone(),
+        );
+        registry.register(
+            "queue_shed",
+            "Requests refused at once because their wait would pass their deadline (or a \
+             higher class needed the place)",
+            m.queue_shed.clone(),
         );
         registry.register(
             "in_flight_requests",
@@ -298,12 +313,24 @@ impl Metrics {
             .set(i64::from(depth));
     }
 
-    pub fn queue_wait(&self, backend: &str, d: Duration) {
+    pub fn queue_wait(&self, backend: &str, tenant: &Arc<str>, class: &'static str, d: Duration) {
         self.queue_wait
-            .get_or_create(&BackendLabel {
+            .get_or_create(&QueueLabels {
                 backend: backend.into(),
+                tenant: self.tenant(Some(tenant)),
+                class,
             })
             .observe(d.as_secs_f64());
+    }
+
+    pub fn queue_shed(&self, backend: &str, tenant: &Arc<str>, class: &'static str) {
+        self.queue_shed
+            .get_or_create(&QueueLabels {
+                backend: backend.into(),
+                tenant: self.tenant(Some(tenant)),
+                class,
+            })
+            .inc();
     }
 
     pub fn in_flight(&self) -> &Gauge {
