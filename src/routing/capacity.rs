@@ -361,4 +361,43 @@ mod tests {
         );
         assert_eq!(g.queue_depth(), 0);
     }
+
+    /// Two tenants weighted 3:1 saturating a one-slot gate: 3:1 of the slots over 200 grants,
+    /// each tenant's requests in their arrival order.
+    #[tokio::test]
+    async fn weights_share_a_saturated_gate() {
+        let g = gate(1, 1000, 60_000);
+        let (first, _) = g.acquire(&Caller::anonymous(), far()).await.unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..150u32 {
+            for (tenant, weight) in [("a", 3), ("b", 1)] {
+                let (g2, order) = (g.clone(), order.clone());
+                let caller = Caller {
+                    tenant: Arc::from(tenant),
+                    weight,
+                    class: super::super::fair::Class::Interactive,
+                    max_share: None,
+                };
+                waiters.push(tokio::spawn(async move {
+                    let (slot, _) = g2.acquire(&caller, far()).await.unwrap();
+                    order.lock().unwrap().push((tenant, i));
+                    drop(slot);
+                }));
+                while g.queue_depth() < (2 * i + if tenant == "a" { 1 } else { 2 }) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        drop(first);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let a = order[..200].iter().filter(|(t, _)| *t == "a").count();
+        assert!((145..=155).contains(&a), "a got {a} of the first 200");
+        let a_seq: Vec<u32> = order.iter().filter(|(t, _)| *t == "a").map(|(_, i)| *i).collect();
+        assert!(a_seq.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(g.queue_depth(), 0);
+    }
 }
