@@ -56,6 +56,8 @@ struct State {
 pub struct Slot {
     gate: Option<(Arc<CapacityGate>, Arc<str>)>,
     since: Instant,
+    /// The holder's deadline: a job cut short by it says nothing of the job time.
+    deadline: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +88,15 @@ impl Drop for Slot {
                 st.per_tenant.remove(&tenant);
             }
         }
-        st.job_secs = Some(match st.job_secs {
-            None => held,
-            Some(avg) => avg + EWMA_ALPHA * (held - avg),
-        });
+        let cut_short = self
+            .deadline
+            .is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d);
+        if !cut_short {
+            st.job_secs = Some(match st.job_secs {
+                None => held,
+                Some(avg) => avg + EWMA_ALPHA * (held - avg),
+            });
+        }
         gate.dispatch(&mut st);
     }
 }
@@ -187,6 +194,7 @@ impl CapacityGate {
             let slot = Slot {
                 gate: Some((self.clone(), tenant.clone())),
                 since: Instant::now(),
+                deadline: None,
             };
             match tx.send(slot) {
                 Ok(()) => {
@@ -213,6 +221,7 @@ impl CapacityGate {
                 Slot {
                     gate: None,
                     since: started,
+                    deadline: None,
                 },
                 Duration::ZERO,
             ));
@@ -239,6 +248,7 @@ impl CapacityGate {
                 let slot = Slot {
                     gate: Some((self.clone(), caller.tenant.clone())),
                     since: started,
+                    deadline: Some(deadline),
                 };
                 return Ok((slot, Duration::ZERO));
             }
@@ -247,7 +257,9 @@ impl CapacityGate {
                 let free = max.saturating_sub(st.in_use) as usize;
                 let turns = (ahead + 1).saturating_sub(free).div_ceil(max as usize);
                 let wait = Duration::from_secs_f64(turns as f64 * job);
-                if started + wait + Duration::from_secs_f64(job) > deadline {
+                // One job of margin: tenants that arrive later may be served first (round
+                // robin), and a job is not always average.
+                if started + wait + Duration::from_secs_f64(2.0 * job) > deadline {
                     crate::telemetry::metrics().queue_shed(
                         &self.name,
                         &caller.tenant,
@@ -288,7 +300,10 @@ impl CapacityGate {
             waited,
         );
         match outcome {
-            Ok(Ok(slot)) => Ok((slot, waited)),
+            Ok(Ok(mut slot)) => {
+                slot.deadline = Some(deadline);
+                Ok((slot, waited))
+            }
             Ok(Err(_)) => Err(Busy::Shed {
                 retry_after: Duration::from_secs(1),
             }),
@@ -396,7 +411,11 @@ mod tests {
         let order = order.lock().unwrap().clone();
         let a = order[..200].iter().filter(|(t, _)| *t == "a").count();
         assert!((145..=155).contains(&a), "a got {a} of the first 200");
-        let a_seq: Vec<u32> = order.iter().filter(|(t, _)| *t == "a").map(|(_, i)| *i).collect();
+        let a_seq: Vec<u32> = order
+            .iter()
+            .filter(|(t, _)| *t == "a")
+            .map(|(_, i)| *i)
+            .collect();
         assert!(a_seq.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(g.queue_depth(), 0);
     }
