@@ -9,6 +9,7 @@ pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod backends;
+pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod images;

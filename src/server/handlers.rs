@@ -27,7 +27,7 @@ use crate::routing::Output;
 
 /// What the access log line says about a request, filled in as it goes.
 #[derive(Default)]
-pub(super) struct AccessLog {
+pub(crate) struct AccessLog {
     key_id: Option<Arc<str>>,
     tenant: Option<Arc<str>>,
     model: Option<String>,
@@ -45,6 +45,8 @@ pub(super) struct AccessLog {
     cost: Option<u64>,
     /// `generation`, `edit` or `variation`, once the request is validated.
     operation: Option<Operation>,
+    /// The batch a line belongs to (batch lines run in the batch class, below interactive).
+    pub(crate) batch: Option<String>,
 }
 
 const BACKEND: HeaderName = HeaderName::from_static("x-imagegate-backend");
@@ -164,6 +166,14 @@ async fn route(
         (&Method::GET, "/v1/models") => models(state, &req, log).await,
         (&Method::GET, p) if p.starts_with("/v1/models/") => {
             model(state, &req, &p["/v1/models/".len()..], log).await
+        }
+        (_, p)
+            if p == "/v1/files"
+                || p.starts_with("/v1/files/")
+                || p == "/v1/batches"
+                || p.starts_with("/v1/batches/") =>
+        {
+            super::batches::route(state, req, p, log).await
         }
         (&Method::GET | &Method::HEAD, "/healthz") => {
             Ok(respond::json(StatusCode::OK, &json!({"status": "ok"})))
@@ -359,7 +369,7 @@ async fn generations(
 /// limits, budget, relay and settlement. `idempotency`: the key and what must match on a
 /// repeat (the body, or a digest of a form's parts).
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn run(
+pub(crate) async fn run(
     state: &Arc<AppState>,
     rt: &Runtime,
     principal: &Principal,
@@ -486,7 +496,11 @@ async fn relay(
     let caller = crate::routing::Caller {
         tenant: principal.tenant.clone(),
         weight: principal.share.weight,
-        class: crate::routing::Class::Interactive,
+        class: if log.batch.is_some() {
+            crate::routing::Class::Batch
+        } else {
+            crate::routing::Class::Interactive
+        },
         max_share: principal.share.max_share,
     };
     let dispatch = route

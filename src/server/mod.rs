@@ -1,6 +1,8 @@
 //! The HTTP server: accept loop, per-connection hyper service, graceful drain.
 
 mod admin;
+mod batch_runner;
+pub mod batches;
 pub mod compile;
 mod handlers;
 pub mod models;
@@ -48,6 +50,7 @@ pub async fn serve(
     crate::telemetry::metrics().set_tenant_label(state.runtime.load().config.metrics.tenant_label);
     state.restart_probes();
     let reloader = tokio::spawn(watch_config(state.clone()));
+    let batch_runner = tokio::spawn(batch_runner::run(state.clone()));
     let key_watch = state.db_keys.clone().map(|k| tokio::spawn(k.watch()));
     tokio::pin!(shutdown);
 
@@ -114,6 +117,7 @@ pub async fn serve(
     sweeper.abort();
     trimmer.abort();
     reloader.abort();
+    batch_runner.abort();
     if let Some(w) = key_watch {
         w.abort();
     }

@@ -66,6 +66,8 @@ pub struct AppState {
     pub tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Tenants and `sk-ig-` keys in SQLite/PostgreSQL (kept across reloads).
     pub db_keys: Option<Arc<DbKeyStore>>,
+    /// The Batch API's store and files (`None` without a database).
+    pub batches: Option<Arc<super::batches::Batches>>,
     /// The admin listener's TLS, swapped on reload too.
     pub admin_tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Budgets, the usage ledger and idempotency records.
@@ -108,6 +110,28 @@ impl AppState {
             };
         let images = ImageService::new(store, signer, config.public_base(), config.images.url_ttl)?;
         let db = open_store(&config).await?;
+        let batches = match &db {
+            Some(db) => {
+                let files: Arc<dyn BlobStore> = match (&config.images.store, &config.images.s3) {
+                    (StoreKind::S3, Some(s3)) => {
+                        let mut c = s3.clone();
+                        c.prefix = format!("{}batch-files/", s3.prefix);
+                        Arc::new(S3Store::new(&c).map_err(|e| anyhow::anyhow!("images.s3: {e}"))?)
+                    }
+                    _ => {
+                        let dir = config.data_dir.join("files");
+                        Arc::new(LocalStore::new(dir.clone()).map_err(|e| {
+                            anyhow::anyhow!("batch files: cannot create {}: {e}", dir.display())
+                        })?)
+                    }
+                };
+                Some(Arc::new(super::batches::Batches {
+                    store: crate::batch::BatchStore::new(db.clone()),
+                    files,
+                }))
+            }
+            None => None,
+        };
         let db_keys = match &db {
             Some(db) => Some(DbKeyStore::new(db.clone(), config.state.key_cache_ttl).await?),
             None => None,
@@ -130,6 +154,7 @@ impl AppState {
         let (tls, admin_tls) = (compiled.tls.clone(), compiled.admin_tls.clone());
         let runtime = Runtime::new(config, compiled, db_keys.clone(), policy);
         Ok(Arc::new(AppState {
+            batches,
             db_keys,
             meter,
             tls: ArcSwapOption::new(tls),

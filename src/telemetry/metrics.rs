@@ -88,6 +88,8 @@ pub struct Metrics {
     queue_depth: Family<BackendLabel, Gauge>,
     queue_wait: HistogramFamily<QueueLabels>,
     queue_shed: Family<QueueLabels, Counter>,
+    batches: Family<ResultLabel, Counter>,
+    batch_lines: Family<ResultLabel, Counter>,
     in_flight: Gauge,
     rate_limited: Family<LimitLabels, Counter>,
     over_budget: Family<LimitLabels, Counter>,
@@ -113,6 +115,8 @@ impl Metrics {
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
             queue_shed: Family::default(),
+            batches: Family::default(),
+            batch_lines: Family::default(),
             in_flight: Gauge::default(),
             rate_limited: Family::default(),
             over_budget: Family::default(),
@@ -169,6 +173,16 @@ impl Metrics {
             "Requests refused at once because their wait would pass their deadline (or a \
              higher class needed the place)",
             m.queue_shed.clone(),
+        );
+        registry.register(
+            "batches_finished",
+            "Batches finalized, by final status",
+            m.batches.clone(),
+        );
+        registry.register(
+            "batch_lines",
+            "Batch lines run, by outcome (completed, failed)",
+            m.batch_lines.clone(),
         );
         registry.register(
             "in_flight_requests",
@@ -329,6 +343,22 @@ impl Metrics {
                 backend: backend.into(),
                 tenant: self.tenant(Some(tenant)),
                 class,
+            })
+            .inc();
+    }
+
+    pub fn batch_finished(&self, status: &str) {
+        self.batches
+            .get_or_create(&ResultLabel {
+                result: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn batch_line(&self, outcome: &str) {
+        self.batch_lines
+            .get_or_create(&ResultLabel {
+                result: outcome.to_string(),
             })
             .inc();
     }
