@@ -336,6 +336,35 @@ impl BatchStore {
         Ok(true)
     }
 
+    /// Gives a line back to the queue (its key is still held by an earlier run that may have
+    /// died): it is taken again after `retry_at`.
+    pub async fn release(&self, c: &Claimed, owner: &str, retry_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE batch_lines SET lease_until = $4 WHERE batch_id = $1 AND line = $2 \
+             AND state = 'leased' AND lease_owner = $3",
+        )
+        .bind(&c.batch_id)
+        .bind(c.line)
+        .bind(owner)
+        .bind(retry_at)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A single process owns a SQLite file: leases left by its previous life are void.
+    pub async fn release_all_leases(&self) -> Result<(), StoreError> {
+        if self.db.kind == Kind::Sqlite {
+            sqlx::query(
+                "UPDATE batch_lines SET state = 'pending', lease_owner = NULL, \
+                         lease_until = NULL WHERE state = 'leased'",
+            )
+            .execute(&self.db.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Batches past their window: lines not yet run become `expired`, uncharged.
     pub async fn expire(&self, now: i64) -> Result<(), StoreError> {
         sqlx::query(

@@ -28,6 +28,9 @@ pub async fn run(state: Arc<AppState>) {
         return;
     };
     let owner = batch::new_id("runner_");
+    if let Err(e) = b.store.release_all_leases().await {
+        tracing::warn!(error = %e, "cannot release the batch leases of a previous run");
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     loop {
         if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -70,7 +73,16 @@ pub async fn run(state: Arc<AppState>) {
             };
             let (state, b, owner) = (state.clone(), b.clone(), owner.clone());
             tokio::spawn(async move {
-                let result = run_line(&state, &line).await;
+                let Some(result) = run_line(&state, &line).await else {
+                    // Its key is held by a run that died with its replica: try again once
+                    // that run's lock has lapsed.
+                    let retry_at = crate::clock::now_unix() as i64 + 5;
+                    if let Err(e) = b.store.release(&line, &owner, retry_at).await {
+                        tracing::warn!(error = %e, "cannot release a batch line");
+                    }
+                    drop(permit);
+                    return;
+                };
                 match b.store.finish(&line, &owner, &result).await {
                     Ok(true) => {}
                     Ok(false) => {
@@ -167,14 +179,16 @@ async fn write_file(
     Ok(Some(f.id))
 }
 
-/// One line through the interactive pipeline; its output line whatever happens.
-async fn run_line(state: &Arc<AppState>, c: &Claimed) -> LineResult {
+/// One line through the interactive pipeline; its output line whatever happens, or `None`
+/// when an earlier run still holds the line's key (it is tried again later).
+async fn run_line(state: &Arc<AppState>, c: &Claimed) -> Option<LineResult> {
     let request_id = format!("req_{}", hex::encode(rand::random::<[u8; 12]>()));
     let started = std::time::Instant::now();
     let mut log = AccessLog::default();
     log.batch = Some(c.batch_id.clone());
     let answer = execute(state, c, &request_id, &mut log).await;
     let (status, body) = match answer {
+        Err(e) if e.code.as_deref() == Some("idempotency_key_in_use") => return None,
         Ok((status, body)) => (status, body),
         Err(e) => (
             e.status().as_u16(),
@@ -197,7 +211,7 @@ async fn run_line(state: &Arc<AppState>, c: &Claimed) -> LineResult {
         custom_id = %c.custom_id,
         "batch line"
     );
-    LineResult {
+    Some(LineResult {
         status_code: Some(status),
         output: json!({
             "id": batch::new_id("batch_req_"),
@@ -206,7 +220,7 @@ async fn run_line(state: &Arc<AppState>, c: &Claimed) -> LineResult {
             "error": null,
         })
         .to_string(),
-    }
+    })
 }
 
 async fn execute(
