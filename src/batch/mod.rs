@@ -4,6 +4,7 @@
 
 pub mod input;
 mod store;
+pub mod webhooks;
 
 use serde::Serialize;
 use serde_json::Value;

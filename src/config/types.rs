@@ -42,6 +42,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
+    /// Tenants' webhook endpoints (batch events).
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     /// Catalog files merged over the built-in model catalog, in order (hot-reloaded).
     #[serde(default, rename = "catalog")]
     pub catalog_files: Vec<PathBuf>,
@@ -237,6 +240,19 @@ pub struct TlsConfig {
 
 fn default_admin_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
+}
+
+/// Where the gateway may call tenants' webhook endpoints: public HTTPS addresses, unless
+/// ops allow more (a local receiver in development).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Allow loopback, private and link-local addresses (checked on every resolved address).
+    #[serde(default)]
+    pub allow_private_hosts: bool,
+    /// Allow `http://` endpoints.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -122,6 +122,20 @@ fn host_trusted(host: &str, trusted: &[String]) -> bool {
     })
 }
 
+/// A client for calls the gateway makes to addresses a tenant chose (webhooks): every
+/// resolved address must be public unless `allow_private`; redirects are not followed.
+pub fn outbound_client(allow_private: bool, timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")));
+    if !allow_private {
+        b = b.dns_resolver(Arc::new(PublicOnly));
+    }
+    b.build()
+}
+
 impl ImageFetcher {
     pub fn new() -> reqwest::Result<Self> {
         Ok(ImageFetcher {

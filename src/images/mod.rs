@@ -18,7 +18,7 @@ use crate::api::{ApiError, ErrorKind, ImageData, ResponseFormat};
 use crate::backends::{Generation, ImagePayload};
 use crate::config::{ImageUrlMode, ImageUrlPolicy};
 
-pub use fetch::{is_private, FetchError, ImageFetcher};
+pub use fetch::{is_private, outbound_client, FetchError, ImageFetcher};
 pub use s3::S3Store;
 pub use signing::{SignatureError, UrlSigner};
 pub use store::{BlobStore, LocalStore};

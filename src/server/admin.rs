@@ -116,6 +116,13 @@ struct Rotate {
     grace: Option<String>,
 }
 
+fn no_batches() -> ApiError {
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "Webhooks need a database (state.store).",
+    )
+}
+
 async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     authorized(state, &req)?;
     let db: Database = state
@@ -190,6 +197,52 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         (Method::POST, ["tenants", id, action @ ("disable" | "enable")]) => {
             db.set_tenant_disabled(id, *action == "disable").await?;
             Ok(respond::json(StatusCode::OK, &db.get_tenant(id).await?))
+        }
+        (Method::GET, ["tenants", id, "webhooks"]) => {
+            let b = state.batches.as_ref().ok_or_else(no_batches)?;
+            let hooks = b.webhooks.list(id).await?;
+            Ok(respond::json(
+                StatusCode::OK,
+                &json!({"object": "list", "data": hooks}),
+            ))
+        }
+        (Method::POST, ["tenants", id, "webhooks"]) => {
+            let b = state.batches.as_ref().ok_or_else(no_batches)?;
+            let known = state.runtime.load().config.tenants.contains_key(*id)
+                || db.get_tenant(id).await.is_ok();
+            if !known {
+                return Err(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("tenant {id} not found"),
+                ));
+            }
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct NewHook {
+                url: String,
+            }
+            let hook: NewHook = body(req).await?;
+            let rules = state.runtime.load().config.webhooks.clone();
+            super::batches::check_webhook_url(&hook.url, &rules)
+                .map_err(|why| ApiError::invalid("url", format!("Invalid 'url': {why}.")))?;
+            let now = crate::clock::now_unix() as i64;
+            Ok(respond::json(
+                StatusCode::OK,
+                &b.webhooks.add(id, &hook.url, now).await?,
+            ))
+        }
+        (Method::DELETE, ["tenants", id, "webhooks", hook]) => {
+            let b = state.batches.as_ref().ok_or_else(no_batches)?;
+            if !b.webhooks.delete(id, hook).await? {
+                return Err(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("webhook {hook} not found"),
+                ));
+            }
+            Ok(respond::json(
+                StatusCode::OK,
+                &json!({"id": hook, "deleted": true}),
+            ))
         }
         (Method::DELETE, ["tenants", id]) => {
             db.delete_tenant(id).await?;

@@ -37,7 +37,7 @@ pub async fn run(state: Arc<AppState>) {
             return;
         }
         let now = crate::clock::now_unix() as i64;
-        if let Err(e) = housekeeping(&b, now).await {
+        if let Err(e) = housekeeping(&state, &b, now).await {
             tracing::warn!(error = %e, "batch housekeeping failed");
         }
         let free = slots.available_permits();
@@ -98,13 +98,57 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
-/// Expires batches past their window and finalizes those whose lines have all ended.
-async fn housekeeping(b: &Batches, now: i64) -> Result<(), crate::store::StoreError> {
+/// Expires batches past their window, finalizes those whose lines have all ended, and sends
+/// the webhook deliveries that are due.
+async fn housekeeping(
+    state: &Arc<AppState>,
+    b: &Arc<Batches>,
+    now: i64,
+) -> Result<(), crate::store::StoreError> {
     b.store.expire(now).await?;
     for (id, end) in b.store.to_finalize(now).await? {
         finalize(b, &id, end, now).await?;
     }
+    let allow_private = state.runtime.load().config.webhooks.allow_private_hosts;
+    for d in b.webhooks.due(now, 60, 16).await? {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let (ok, error) = deliver(&d, allow_private).await;
+            let now = crate::clock::now_unix() as i64;
+            if let Err(e) = b.webhooks.attempted(&d, ok, error.as_deref(), now).await {
+                tracing::warn!(error = %e, "cannot record a webhook delivery");
+            }
+        });
+    }
     Ok(())
+}
+
+/// One attempt at a webhook delivery, signed as Standard Webhooks.
+async fn deliver(d: &crate::batch::webhooks::Due, allow_private: bool) -> (bool, Option<String>) {
+    let client = match crate::images::outbound_client(allow_private, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => return (false, Some(e.to_string())),
+    };
+    let id = serde_json::from_str::<Value>(&d.payload)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| d.id.clone());
+    let ts = crate::clock::now_unix() as i64;
+    let signature = crate::batch::webhooks::sign(&d.secret, &id, ts, &d.payload);
+    let sent = client
+        .post(&d.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", signature)
+        .body(d.payload.clone())
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => (true, None),
+        Ok(r) => (false, Some(format!("HTTP {}", r.status().as_u16()))),
+        Err(e) => (false, Some(e.without_url().to_string())),
+    }
 }
 
 /// Writes the output file (2xx answers) and the error file (the rest: refused lines, and
@@ -141,6 +185,9 @@ async fn finalize(
     let errors = write_file(b, &tenant, err, format!("{id}_error.jsonl"), now).await?;
     b.store
         .close(id, end, now, output.as_deref(), errors.as_deref())
+        .await?;
+    b.webhooks
+        .enqueue(&tenant, &super::batches::event(end, id, now), now)
         .await?;
     crate::telemetry::metrics().batch_finished(end);
     tracing::info!(batch = %id, status = end, "batch finalized");

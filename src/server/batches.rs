@@ -23,6 +23,40 @@ use crate::images::BlobStore;
 pub struct Batches {
     pub store: batch::BatchStore,
     pub files: Arc<dyn BlobStore>,
+    pub webhooks: batch::webhooks::WebhookStore,
+}
+
+/// A batch event as OpenAI sends it (`batch.completed`, `batch.failed`, ...).
+pub fn event(kind: &str, batch_id: &str, now: i64) -> Value {
+    json!({"id": batch::new_id("evt_"), "object": "event", "created_at": now,
+           "type": format!("batch.{kind}"), "data": {"id": batch_id}})
+}
+
+/// Why `url` may not receive webhooks, if it may not.
+pub fn check_webhook_url(url: &str, c: &crate::config::WebhooksConfig) -> Result<(), String> {
+    let u = url::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+    match u.scheme() {
+        "https" => {}
+        "http" if c.allow_http => {}
+        s => {
+            return Err(format!(
+                "the scheme must be https, not {s} (webhooks.allow_http allows http)"
+            ))
+        }
+    }
+    let host = u.host_str().ok_or("the URL has no host")?;
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+        if crate::images::is_private(ip) && !c.allow_private_hosts {
+            return Err(format!("{host} is a private, loopback or link-local address (webhooks.allow_private_hosts allows it)"));
+        }
+    }
+    if host.eq_ignore_ascii_case("localhost") && !c.allow_private_hosts {
+        return Err(
+            "localhost is a loopback address (webhooks.allow_private_hosts allows it)".into(),
+        );
+    }
+    Ok(())
 }
 
 fn unavailable() -> ApiError {
@@ -387,5 +421,38 @@ async fn create(
         .create(tenant, &principal_json(principal), &batch, &lines)
         .await
         .map_err(store_error)?;
+    if batch.status == "failed" {
+        b.webhooks
+            .enqueue(tenant, &event("failed", &batch.id, now), now)
+            .await
+            .map_err(store_error)?;
+    }
     Ok(respond::json(StatusCode::OK, &batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls_must_be_public_https_unless_allowed() {
+        let strict = crate::config::WebhooksConfig::default();
+        assert!(check_webhook_url("https://hooks.example.com/x", &strict).is_ok());
+        for bad in [
+            "http://hooks.example.com/x",
+            "https://127.0.0.1/x",
+            "https://10.1.2.3/x",
+            "https://[::1]/x",
+            "https://169.254.169.254/latest",
+            "https://localhost/x",
+            "ftp://hooks.example.com/x",
+        ] {
+            assert!(check_webhook_url(bad, &strict).is_err(), "{bad}");
+        }
+        let dev = crate::config::WebhooksConfig {
+            allow_private_hosts: true,
+            allow_http: true,
+        };
+        assert!(check_webhook_url("http://127.0.0.1:9000/hook", &dev).is_ok());
+    }
 }

@@ -128,6 +128,7 @@ impl AppState {
                 Some(Arc::new(super::batches::Batches {
                     store: crate::batch::BatchStore::new(db.clone()),
                     files,
+                    webhooks: crate::batch::webhooks::WebhookStore::new(db.clone()),
                 }))
             }
             None => None,

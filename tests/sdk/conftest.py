@@ -2,6 +2,7 @@
 (stdlib HTTP server speaking the Images API and its error shapes)."""
 
 import base64
+import hashlib
 import json
 import os
 import struct
@@ -37,6 +38,9 @@ def png(width, height):
 
 # Every multipart request the fake received: {"path", "fields", "files": [(name, filename, bytes)]}.
 UPLOADS = []
+# The gateway's admin API (filled in by the gateway fixture).
+ADMIN = {"base": None, "token": "sdk-admin-token"}
+
 # Every JSON body the fake received, in order.
 JSON_BODIES = []
 
@@ -200,10 +204,14 @@ def fake_upstream():
 def gateway(tmp_path_factory, fake_upstream):
     tmp = tmp_path_factory.mktemp("gw")
     port = free_port()
+    admin_port = free_port()
+    ADMIN["base"] = f"http://127.0.0.1:{admin_port}"
+    token_sha = hashlib.sha256(ADMIN["token"].encode()).hexdigest()
     config = tmp / "gateway.yaml"
     config.write_text(f"""
 listen: 127.0.0.1:{port}
-admin: {{listen: null}}
+admin: {{listen: 127.0.0.1:{admin_port}, tokens_sha256: [{token_sha}]}}
+webhooks: {{allow_private_hosts: true, allow_http: true}}
 public_url: http://127.0.0.1:{port}
 data_dir: {tmp / "data"}
 log: {{level: warn}}

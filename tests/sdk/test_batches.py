@@ -109,3 +109,48 @@ def test_another_tenants_file_and_batch_are_404(client, gateway):
             call()
     assert f.id not in [x.id for x in other.files.list()]
     wait_for(client, b.id, {"completed"})
+
+
+def test_a_batch_webhook_verifies_with_the_sdks_unwrap(client):
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from conftest import ADMIN, free_port
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        req = urllib.request.Request(f"{ADMIN['base']}/admin/v1/tenants/demo/webhooks", method="POST",
+                                     data=json.dumps({"url": f"http://127.0.0.1:{port}/hook"}).encode(),
+                                     headers={"authorization": f"Bearer {ADMIN['token']}",
+                                              "content-type": "application/json"})
+        hook = json.loads(urllib.request.urlopen(req).read())
+        assert hook["secret"].startswith("whsec_")
+        f = client.files.create(file=("one.jsonl", jsonl([line("w-1")])), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/images/generations", completion_window="24h")
+        wait_for(client, b.id, {"completed"})
+        end = time.time() + 30
+        while time.time() < end and not any(json.loads(body)["data"]["id"] == b.id for _, body in received):
+            time.sleep(0.1)
+        headers, body = next((h, body) for h, body in received if json.loads(body)["data"]["id"] == b.id)
+        event = client.webhooks.unwrap(body, headers, secret=hook["secret"])
+        assert (event.type, event.data.id) == ("batch.completed", b.id)
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            client.webhooks.unwrap(body, headers, secret="whsec_" + base64.b64encode(b"x" * 32).decode())
+    finally:
+        server.shutdown()
