@@ -14,20 +14,25 @@ const KEY: &str = "sk-batch-crash";
 const ADMIN: &str = "batch-admin-token";
 
 fn config(port: u16, admin: u16, dir: &std::path::Path) -> String {
+    config_with(port, admin, dir, "{}", "t")
+}
+
+fn config_with(port: u16, admin: u16, dir: &std::path::Path, state: &str, tenant: &str) -> String {
     format!(
         r#"
 listen: 127.0.0.1:{port}
 admin: {{listen: 127.0.0.1:{admin}, tokens_sha256: [{token}]}}
 data_dir: {data}
+state: {state}
 log: {{level: warn}}
 backends:
   slow: {{kind: sandbox, delay: 400ms}}
 models:
   dall-e-2: {{rules: dall-e-2, timeout: 2s, route: {{targets: [{{backend: slow}}]}}}}
 tenants:
-  t: {{models: ["*"], limits: {{budget: {{micro_usd: 10000000, period: total}}}}}}
+  {tenant}: {{models: ["*"], limits: {{budget: {{micro_usd: 10000000, period: total}}}}}}
 keys:
-  - {{id: k, tenant: t, secret: {KEY}}}
+  - {{id: k-{tenant}, tenant: {tenant}, secret: {KEY}}}
 "#,
         data = dir.join("data").display(),
         token = hex::encode(imagegate::auth::hash_secret(ADMIN)),
@@ -50,21 +55,19 @@ async fn get(url: String) -> Option<Value> {
     r.json().await.ok()
 }
 
-#[tokio::test]
-async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    let path = dir.path().join("gw.yaml");
-    std::fs::write(&path, config(port, admin, dir.path())).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut gw = spawn(&path);
+async fn wait_healthy(base: &str) {
     for _ in 0..200 {
         if client().get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lines: Vec<String> = (0..40)
+    panic!("{base} did not come up");
+}
+
+/// Uploads `n` lines and creates their batch; its id.
+async fn submit(base: &str, n: usize) -> String {
+    let lines: Vec<String> = (0..n)
         .map(|i| {
             json!({"custom_id": format!("c-{i}"), "method": "POST", "url": "/v1/images/generations",
                    "body": {"model": "dall-e-2", "prompt": "p", "size": "256x256", "response_format": "b64_json"}})
@@ -97,33 +100,28 @@ async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
         .json()
         .await
         .unwrap();
-    let id = batch["id"].as_str().unwrap().to_string();
-    // Kill it with some lines done and some in flight.
-    for _ in 0..200 {
-        let b = get(format!("{base}/v1/batches/{id}")).await.unwrap();
-        if b["request_counts"]["completed"].as_i64().unwrap() >= 8 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    gw.start_kill().unwrap();
-    gw.wait().await.unwrap();
+    batch["id"].as_str().unwrap().to_string()
+}
 
-    let _gw = spawn(&path);
-    let mut done = Value::Null;
-    for _ in 0..1200 {
+async fn wait_until(base: &str, id: &str, done: impl Fn(&Value) -> bool, tries: usize) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..tries {
         if let Some(b) = get(format!("{base}/v1/batches/{id}")).await {
-            if b["status"] == "completed" {
-                done = b;
-                break;
+            if done(&b) {
+                return b;
             }
+            last = b;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(done["status"], "completed", "{done}");
+    panic!("batch {id} never got there: {last}");
+}
+
+/// Every line once in the output file, and charged once in the ledger.
+async fn exactly_once(base: &str, admin: u16, tenant: &str, done: &Value, n: usize) {
     assert_eq!(
         done["request_counts"],
-        json!({"total": 40, "completed": 40, "failed": 0})
+        json!({"total": n, "completed": n, "failed": 0})
     );
     let out = client()
         .get(format!(
@@ -147,13 +145,12 @@ async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
         })
         .collect();
     ids.sort();
-    let mut want: Vec<String> = (0..40).map(|i| format!("c-{i}")).collect();
+    let mut want: Vec<String> = (0..n).map(|i| format!("c-{i}")).collect();
     want.sort();
     assert_eq!(ids, want, "every line once in the output");
-    // Every line charged exactly once: 40 ledger rows, 40 x $0.016.
     let usage: Value = client()
         .get(format!(
-            "http://127.0.0.1:{admin}/admin/v1/usage?tenant=t&limit=1000"
+            "http://127.0.0.1:{admin}/admin/v1/usage?tenant={tenant}&limit=1000"
         ))
         .bearer_auth(ADMIN)
         .send()
@@ -164,10 +161,75 @@ async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
         .unwrap();
     let rows = usage["data"].as_array().unwrap();
     let charged: Vec<&Value> = rows.iter().filter(|r| r["status"] == 200).collect();
-    assert_eq!(charged.len(), 40, "{usage}");
+    assert_eq!(charged.len(), n, "{usage}");
     let total: u64 = charged
         .iter()
         .map(|r| r["cost_micro_usd"].as_u64().unwrap())
         .sum();
-    assert_eq!(total, 40 * 16_000);
+    assert_eq!(
+        total,
+        n as u64 * 16_000,
+        "dall-e-2 256x256 is $0.016 a line"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(&path, config(port, admin, dir.path())).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut gw = spawn(&path);
+    wait_healthy(&base).await;
+    let id = submit(&base, 40).await;
+    // Killed with some lines done and some in flight.
+    wait_until(
+        &base,
+        &id,
+        |b| b["request_counts"]["completed"].as_i64().unwrap() >= 8,
+        200,
+    )
+    .await;
+    gw.start_kill().unwrap();
+    gw.wait().await.unwrap();
+
+    let _gw = spawn(&path);
+    let done = wait_until(&base, &id, |b| b["status"] == "completed", 1200).await;
+    exactly_once(&base, admin, "t", &done, 40).await;
+}
+
+/// Two replicas on one PostgreSQL share a batch's lines by lease; one is killed mid-batch and
+/// the other finishes it, every line once.
+#[tokio::test]
+async fn two_replicas_on_postgres_share_a_batch_and_survive_one_dying() {
+    let Some(pg) = pg_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = unique("bt");
+    let state = format!("{{store: postgres, postgres: \"{pg}\"}}");
+    let (pa, aa, pb, ab) = (free_port(), free_port(), free_port(), free_port());
+    let (ca, cb) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    // One data_dir: the replicas share the batch files (S3 does this across machines).
+    std::fs::write(&ca, config_with(pa, aa, dir.path(), &state, &tenant)).unwrap();
+    std::fs::write(&cb, config_with(pb, ab, dir.path(), &state, &tenant)).unwrap();
+    let (base_a, base_b) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb}"),
+    );
+    let mut a = spawn(&ca);
+    let _b = spawn(&cb);
+    wait_healthy(&base_a).await;
+    wait_healthy(&base_b).await;
+    let id = submit(&base_a, 40).await;
+    wait_until(
+        &base_b,
+        &id,
+        |b| b["request_counts"]["completed"].as_i64().unwrap() >= 8,
+        200,
+    )
+    .await;
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+    let done = wait_until(&base_b, &id, |b| b["status"] == "completed", 1200).await;
+    exactly_once(&base_b, ab, &tenant, &done, 40).await;
 }

@@ -54,7 +54,7 @@ pub async fn run(state: Arc<AppState>) {
                 .map(|m| m.timeout.as_secs() as i64)
                 .max()
                 .unwrap_or(120)
-                + 60;
+                + 10;
             b.store
                 .claim(&owner, now, lease, free as i64)
                 .await
