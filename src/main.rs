@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand};
 use imagegate::config::Config;
 use imagegate::server::{self, AppState};
 
+#[path = "cli/batches.rs"]
+mod cli_batches;
+
 #[derive(Parser)]
 #[command(
     name = "imagegate",
@@ -48,6 +51,13 @@ enum Command {
     Tenants {
         #[command(subcommand)]
         command: TenantCommand,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// Batches in the configured store: list a tenant's, show one, cancel one.
+    Batches {
+        #[command(subcommand)]
+        command: cli_batches::BatchCommand,
         #[command(flatten)]
         store: StoreConfig,
     },
@@ -492,6 +502,12 @@ fn main() -> ExitCode {
         }
         Command::Tenants { command, store } => runtime_block_on(async move {
             store_command(&store.config, async move |db| tenants(db, command).await).await
+        }),
+        Command::Batches { command, store } => runtime_block_on(async move {
+            store_command(&store.config, async move |db| {
+                cli_batches::run(db, command).await
+            })
+            .await
         }),
         Command::Keys { command, store } => runtime_block_on(async move {
             store_command(&store.config, async move |db| keys(db, command).await).await
