@@ -248,6 +248,7 @@ async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Resu
                     concurrent_requests: concurrent,
                     budget: budget_micro_usd
                         .map(|micro_usd| imagegate::config::BudgetConfig { micro_usd, period }),
+                    batch: None,
                 },
                 labels,
                 ..TenantInput::default()

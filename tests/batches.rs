@@ -233,3 +233,42 @@ async fn two_replicas_on_postgres_share_a_batch_and_survive_one_dying() {
     let done = wait_until(&base_b, &id, |b| b["status"] == "completed", 1200).await;
     exactly_once(&base_b, ab, &tenant, &done, 40).await;
 }
+
+/// A tenant's batch lines are limited apart from its interactive requests: a batch larger
+/// than the interactive allowance completes, and leaves that allowance untouched.
+#[tokio::test]
+async fn batch_lines_do_not_take_the_interactive_allowance() {
+    let gw = Gateway::start(&format!(
+        r#"
+listen: 127.0.0.1:${{PORT}}
+data_dir: ${{DATA_DIR}}
+log: {{level: warn}}
+backends:
+  sandbox: {{kind: sandbox}}
+models:
+  dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: sandbox}}]}}}}
+tenants:
+  t: {{models: ["*"], limits: {{requests_per_minute: 2, burst: 2, batch: {{requests_per_minute: 600}}}}}}
+keys:
+  - {{id: k, tenant: t, secret: {KEY}}}
+"#
+    ))
+    .await;
+    let base = gw.url("");
+    let id = submit(&base, 6).await;
+    let done = wait_until(&base, &id, |b| b["status"] == "completed", 300).await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 6, "completed": 6, "failed": 0})
+    );
+    for _ in 0..2 {
+        let resp = gw
+            .generate_as(KEY, json!({"prompt": "p", "size": "256x256"}))
+            .await;
+        assert_eq!(resp.status(), 200, "the interactive allowance is whole");
+    }
+    assert_eq!(
+        gw.generate_as(KEY, json!({"prompt": "p"})).await.status(),
+        429
+    );
+}

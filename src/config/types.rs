@@ -522,6 +522,12 @@ pub struct LimitsConfig {
     /// What may be spent per period, reserved before relaying and settled per image delivered.
     #[serde(default)]
     pub budget: Option<BudgetConfig>,
+    /// The tenant's (or key's) batch lines' own rate and concurrency, apart from its
+    /// interactive ones (so a batch never takes the interactive allowance); default: no rate
+    /// limit (a replica runs 8 lines at a time, in the batch class of the queues). Its budget
+    /// is the tenant's.
+    #[serde(default)]
+    pub batch: Option<Box<LimitsConfig>>,
 }
 
 /// A spending cap in micro-dollars per period.

@@ -409,9 +409,29 @@ pub(crate) async fn run(
             return Ok(resp);
         }
     };
+    // Batch lines are limited apart from the tenant's interactive traffic (`limits.batch`).
+    let batch_view;
+    let limited = if log.batch.is_some() {
+        batch_view = Principal {
+            tenant: Arc::from(format!("{}#batch", principal.tenant)),
+            limits: Arc::new(
+                principal
+                    .limits
+                    .batch
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+            key_limits: None,
+            ..principal.clone()
+        };
+        &batch_view
+    } else {
+        principal
+    };
     let _permits = rt
         .policy
-        .admit_request(principal, request.n, charge.id(), lease, &mut log.rate)
+        .admit_request(limited, request.n, charge.id(), lease, &mut log.rate)
         .await?;
     let reserved = route.prices.estimate(&request, request.n);
     charge.reserve(principal, reserved, lease).await?;
