@@ -272,3 +272,62 @@ keys:
         429
     );
 }
+
+/// A webhook endpoint on a loopback or private address, or over plain HTTP, is refused when
+/// registered unless the config allows it.
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused_unless_allowed() {
+    let token = hex::encode(imagegate::auth::hash_secret(ADMIN));
+    let yaml = |webhooks: &str| {
+        format!(
+            r#"
+listen: 127.0.0.1:${{PORT}}
+data_dir: ${{DATA_DIR}}
+log: {{level: warn}}
+admin: {{tokens_sha256: [{token}]}}
+{webhooks}
+backends:
+  sandbox: {{kind: sandbox}}
+models:
+  dall-e-2: {{rules: dall-e-2, route: {{targets: [{{backend: sandbox}}]}}}}
+tenants:
+  t: {{models: ["*"]}}
+keys:
+  - {{id: k, tenant: t, secret: {KEY}}}
+"#
+        )
+    };
+    let add = |gw: &Gateway, url: &str| {
+        client()
+            .post(format!("{}/admin/v1/tenants/t/webhooks", gw.admin_base))
+            .bearer_auth(ADMIN)
+            .json(&json!({"url": url}))
+            .send()
+    };
+    let strict = Gateway::start(&yaml("")).await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.7/hook",
+        "https://[::1]/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "http://hooks.example.com/hook",
+    ] {
+        let resp = add(&strict, url).await.unwrap();
+        assert_eq!(resp.status(), 400, "{url}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["param"], "url", "{url}");
+    }
+    let ok = add(&strict, "https://hooks.example.com/imagegate")
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let dev = Gateway::start(&yaml(
+        "webhooks: {allow_private_hosts: true, allow_http: true}",
+    ))
+    .await;
+    assert_eq!(
+        add(&dev, "http://127.0.0.1:9/hook").await.unwrap().status(),
+        200
+    );
+}
