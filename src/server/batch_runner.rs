@@ -40,6 +40,13 @@ pub async fn run(state: Arc<AppState>) {
         if let Err(e) = housekeeping(&state, &b, now).await {
             tracing::warn!(error = %e, "batch housekeeping failed");
         }
+        if slots.available_permits() == 0 {
+            // Every slot busy: wake when a line ends, not after a fixed sleep.
+            match slots.clone().acquire_owned().await {
+                Ok(permit) => drop(permit),
+                Err(_) => return,
+            }
+        }
         let free = slots.available_permits();
         let claimed = if free == 0 {
             Vec::new()
