@@ -32,13 +32,17 @@ pub async fn run(state: Arc<AppState>) {
         tracing::warn!(error = %e, "cannot release the batch leases of a previous run");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut last_housekeeping = std::time::Instant::now() - IDLE_POLL;
     loop {
         if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let now = crate::clock::now_unix() as i64;
-        if let Err(e) = housekeeping(&state, &b, now).await {
-            tracing::warn!(error = %e, "batch housekeeping failed");
+        if last_housekeeping.elapsed() >= IDLE_POLL {
+            last_housekeeping = std::time::Instant::now();
+            if let Err(e) = housekeeping(&state, &b, now).await {
+                tracing::warn!(error = %e, "batch housekeeping failed");
+            }
         }
         if slots.available_permits() == 0 {
             // Every slot busy: wake when a line ends, not after a fixed sleep.
