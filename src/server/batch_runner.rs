@@ -32,7 +32,9 @@ pub async fn run(state: Arc<AppState>) {
         tracing::warn!(error = %e, "cannot release the batch leases of a previous run");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let mut last_housekeeping = std::time::Instant::now() - IDLE_POLL;
+    let mut last_housekeeping = std::time::Instant::now()
+        .checked_sub(IDLE_POLL)
+        .unwrap_or_else(std::time::Instant::now);
     loop {
         if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return;
