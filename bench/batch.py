@@ -9,31 +9,21 @@ second from `in_progress` to `completed`, the gateway's CPU per line and its pea
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pycommon import batch_file_form, free_port, proc_stats, wait_up  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def proc(pid):
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def call(url, data=None, headers=None, method=None):
@@ -68,28 +58,20 @@ keys:
     gw = subprocess.Popen([os.path.join(RELEASE, "imagegate"), "serve", "--config", config],
                           stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_up(f"{base}/healthz")
     auth = {"authorization": "Bearer sk-bench"}
     lines = "\n".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/images/generations",
                                   "body": {"model": "dall-e-2", "prompt": f"p{i}", "size": "256x256"}})
                       for i in range(args.lines)).encode()
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\r\n").encode() \
-        + lines + f"\r\n--{boundary}--\r\n".encode()
-    f = call(f"{base}/v1/files", body, {**auth, "content-type": f"multipart/form-data; boundary={boundary}"})
-    rss0, cpu0 = proc(gw.pid)
+    body, content_type = batch_file_form(lines)
+    f = call(f"{base}/v1/files", body, {**auth, "content-type": content_type})
+    rss0, cpu0 = proc_stats(gw.pid)[:2]
     peak = [rss0]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], proc(gw.pid)[0])
+            peak[0] = max(peak[0], proc_stats(gw.pid)[:2][0])
             time.sleep(0.2)
     threading.Thread(target=sample, daemon=True).start()
     b = call(f"{base}/v1/batches", json.dumps({"input_file_id": f["id"], "endpoint": "/v1/images/generations",
@@ -99,7 +81,7 @@ keys:
         time.sleep(0.5)
         b = call(f"{base}/v1/batches/{b['id']}", headers=auth)
     stop.set()
-    _, cpu1 = proc(gw.pid)
+    _, cpu1 = proc_stats(gw.pid)[:2]
     took = b["completed_at"] - b["in_progress_at"]
     print(json.dumps({"lines": args.lines, "status": b["status"], "counts": b["request_counts"],
                       "in_progress_to_completed_s": took,

@@ -10,21 +10,19 @@ model. The batch may only take the capacity interactive traffic leaves.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
-import uuid
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pycommon import batch_file_form, free_port, wait_up  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "imagegate")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url, data=None, headers=None):
@@ -53,23 +51,15 @@ keys:
 """)
     gw = subprocess.Popen([BIN, "serve", "--config", config], stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_up(f"{base}/healthz")
     auth = {"authorization": "Bearer sk-bench"}
     batch_id = None
     if with_batch:
         lines = "\n".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/images/generations",
                                       "body": {"model": "sd", "prompt": "p", "size": "256x256"}})
                           for i in range(2000)).encode()
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\r\n").encode() \
-            + lines + f"\r\n--{boundary}--\r\n".encode()
-        f = call(f"{base}/v1/files", body, {**auth, "content-type": f"multipart/form-data; boundary={boundary}"})
+        body, content_type = batch_file_form(lines)
+        f = call(f"{base}/v1/files", body, {**auth, "content-type": content_type})
         b = call(f"{base}/v1/batches", json.dumps({"input_file_id": f["id"], "endpoint": "/v1/images/generations",
                                                     "completion_window": "24h"}).encode(),
                  {**auth, "content-type": "application/json"})

@@ -12,21 +12,19 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pycommon import free_port, wait_up  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "imagegate")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def post(port, key):
@@ -92,12 +90,7 @@ keys:
   - {{id: b, tenant: b, secret: sk-tenant-b}}
 """)
     gw = subprocess.Popen([BIN, "serve", "--config", config], stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_up(f"http://127.0.0.1:{port}/healthz")
     a, b = asyncio.run(load(port, seconds))
     gw.terminate()
     gw.wait()

@@ -3,13 +3,11 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
 const KEY: &str = "sk-batch-crash";
 const ADMIN: &str = "batch-admin-token";
 
@@ -39,30 +37,9 @@ keys:
     )
 }
 
-fn spawn(config: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 async fn get(url: String) -> Option<Value> {
     let r = client().get(url).bearer_auth(KEY).send().await.ok()?;
     r.json().await.ok()
-}
-
-async fn wait_healthy(base: &str) {
-    for _ in 0..200 {
-        if client().get(format!("{base}/healthz")).send().await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} did not come up");
 }
 
 /// Uploads `n` lines and creates their batch; its id.
@@ -180,7 +157,7 @@ async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
     let path = dir.path().join("gw.yaml");
     std::fs::write(&path, config(port, admin, dir.path())).unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut gw = spawn(&path);
+    let mut gw = serve_binary(&path);
     wait_healthy(&base).await;
     let id = submit(&base, 40).await;
     // Killed with some lines done and some in flight.
@@ -194,7 +171,7 @@ async fn a_batch_killed_mid_way_completes_after_a_restart_each_line_once() {
     gw.start_kill().unwrap();
     gw.wait().await.unwrap();
 
-    let _gw = spawn(&path);
+    let _gw = serve_binary(&path);
     let done = wait_until(&base, &id, |b| b["status"] == "completed", 1200).await;
     exactly_once(&base, admin, "t", &done, 40).await;
 }
@@ -216,8 +193,8 @@ async fn two_replicas_on_postgres_share_a_batch_and_survive_one_dying() {
         format!("http://127.0.0.1:{pa}"),
         format!("http://127.0.0.1:{pb}"),
     );
-    let mut a = spawn(&ca);
-    let _b = spawn(&cb);
+    let mut a = serve_binary(&ca);
+    let _b = serve_binary(&cb);
     wait_healthy(&base_a).await;
     wait_healthy(&base_b).await;
     let id = submit(&base_a, 40).await;

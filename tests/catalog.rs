@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -80,14 +80,7 @@ async fn an_override_catalog_is_hot_reloaded_without_a_restart() {
     let config = dir.path().join("gw.yaml");
     let studio = "  studio: {rules: studio-xl, route: {targets: [{backend: sandbox}]}}";
     std::fs::write(&config, gateway_yaml(port, dir.path(), studio)).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = serve_binary(&config);
 
     let two = json!({"model": "studio", "prompt": "p", "n": 2, "size": "512x512", "response_format": "b64_json"});
     let err = until_status(port, two.clone(), 400).await;

@@ -4,13 +4,10 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
 
 fn one_node(delay_ms: u64, timeout: &str, extra_tenants: &str) -> String {
     format!(
@@ -196,14 +193,7 @@ async fn overrides_follow_tenant_labels_across_a_reload() {
     let (port, admin) = (free_port(), free_port());
     let config = dir.path().join("gw.yaml");
     std::fs::write(&config, override_config(port, admin, dir.path(), "gold")).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = serve_binary(&config);
     for _ in 0..200 {
         if post(port, "sk-acme-tenant").await == 200 {
             break;

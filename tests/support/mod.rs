@@ -335,6 +335,29 @@ impl Drop for FakeUpstream {
     }
 }
 
+/// `imagegate serve --config <config>` as ops run it (the real binary); killed when dropped.
+pub fn serve_binary(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to 10 s) until `{base}/healthz` answers.
+pub async fn wait_healthy(base: &str) {
+    for _ in 0..200 {
+        if client().get(format!("{base}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} did not come up");
+}
+
 /// A small real PNG, as an upstream would return it.
 pub fn tiny_png(width: u32, height: u32) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(width, height, image::Rgb([10, 200, 30]));
