@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::fair::{Caller, Scheduler};
+use super::fair::{Caller, Class, Scheduler};
 use crate::config::Capacity;
 
 /// How the queue picks its next waiter, and whether hopeless requests are refused early.
@@ -180,13 +180,20 @@ impl CapacityGate {
     fn dispatch(self: &Arc<Self>, st: &mut State) {
         let Some(max) = self.max else { return };
         while st.in_use < max {
+            // The batch class never takes a pool's last free slot (unless it has only one):
+            // an interactive request arriving finds it free instead of waiting out a batch job.
+            let lowest = if st.in_use + 1 < max || max == 1 {
+                Class::Batch
+            } else {
+                Class::Interactive
+            };
             let State {
                 queue,
                 per_tenant,
                 caps,
                 ..
             } = &mut *st;
-            let Some((tenant, tx)) = queue.pop(|t| {
+            let Some((tenant, tx)) = queue.pop_up_to(lowest, |t| {
                 per_tenant.get(t).copied().unwrap_or(0) < caps.get(t).copied().unwrap_or(max)
             }) else {
                 break;
@@ -242,7 +249,11 @@ impl CapacityGate {
                 .max_share
                 .map_or(max, |s| ((f64::from(max) * s).ceil() as u32).clamp(1, max));
             let held = st.per_tenant.get(&caller.tenant).copied().unwrap_or(0);
-            if st.in_use < max && st.queue.is_empty() && held < cap {
+            let room = match caller.class {
+                Class::Interactive => st.in_use < max,
+                Class::Batch => st.in_use + 1 < max || (max == 1 && st.in_use == 0),
+            };
+            if room && st.queue.is_empty() && held < cap {
                 st.in_use += 1;
                 *st.per_tenant.entry(caller.tenant.clone()).or_insert(0) += 1;
                 let slot = Slot {
@@ -418,5 +429,35 @@ mod tests {
             .collect();
         assert!(a_seq.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(g.queue_depth(), 0);
+    }
+
+    /// Batch requests leave a pool's last slot to interactive ones: an interactive request
+    /// arriving while batch work waits starts at once.
+    #[tokio::test]
+    async fn batch_work_leaves_the_last_slot_free() {
+        let g = gate(2, 10, 60_000);
+        let batch = Caller {
+            class: Class::Batch,
+            ..Caller::anonymous()
+        };
+        let (first, waited) = g.acquire(&batch, far()).await.unwrap();
+        assert_eq!(waited, Duration::ZERO);
+        let g2 = g.clone();
+        let second = tokio::spawn(async move { g2.acquire(&batch, far()).await.map(|s| s.0) });
+        while g.queue_depth() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let (interactive, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            g.acquire(&Caller::anonymous(), far()),
+        )
+        .await
+        .expect("the interactive request got the free slot at once")
+        .unwrap();
+        drop(interactive);
+        // Still one batch job running: the second batch request waits for the first to end.
+        assert_eq!(g.queue_depth(), 1);
+        drop(first);
+        second.await.unwrap().unwrap();
     }
 }

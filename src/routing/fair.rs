@@ -152,7 +152,16 @@ impl<W> Scheduler<W> {
     /// The next waiter whose tenant `eligible` allows (a tenant at its share cap is skipped
     /// and keeps its place), highest class first.
     pub fn pop(&mut self, eligible: impl Fn(&str) -> bool) -> Option<(Arc<str>, W)> {
-        for class in &mut self.classes {
+        self.pop_up_to(Class::Batch, eligible)
+    }
+
+    /// As [`Scheduler::pop`], taking no class below `lowest`.
+    pub fn pop_up_to(
+        &mut self,
+        lowest: Class,
+        eligible: impl Fn(&str) -> bool,
+    ) -> Option<(Arc<str>, W)> {
+        for class in &mut self.classes[..=lowest as usize] {
             let mut skipped = 0;
             while skipped < class.active.len() {
                 let Some(tenant) = class.active.front().cloned() else {
