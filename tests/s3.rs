@@ -103,13 +103,43 @@ async fn the_sweeper_deletes_expired_objects() {
         .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(object_keys(&endpoint, &bucket).await.len(), 1);
+    // A batch file in the same bucket is never swept.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"{}\n".to_vec()).file_name("in.jsonl"),
+        );
+    let file: serde_json::Value = client()
+        .post(gw.url("/v1/files"))
+        .bearer_auth(DEMO_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let mut gone = false;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if object_keys(&endpoint, &bucket).await.is_empty() {
+        let keys = object_keys(&endpoint, &bucket).await;
+        if keys.len() == 1 {
+            assert!(keys[0].contains("batch-files/"), "{keys:?}");
             gone = true;
             break;
         }
     }
     assert!(gone, "expired object still in the bucket");
+    let content = client()
+        .get(gw.url(&format!(
+            "/v1/files/{}/content",
+            file["id"].as_str().unwrap()
+        )))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(content.status(), 200);
+    assert_eq!(content.bytes().await.unwrap().as_ref(), b"{}\n");
 }

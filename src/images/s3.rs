@@ -75,8 +75,13 @@ impl BlobStore for S3Store {
         let prefix = Path::from(self.prefix.trim_end_matches('/'));
         let mut listing = self.store.list(Some(&prefix));
         let mut removed = 0;
+        // Batch files live beside the images, under `{prefix}batch-files/`: never swept.
+        let keep = Path::from(format!("{}batch-files", self.prefix));
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(io)?;
+            if meta.location.prefix_matches(&keep) {
+                continue;
+            }
             if meta.last_modified.timestamp() < cutoff
                 && self.store.delete(&meta.location).await.is_ok()
             {
