@@ -173,7 +173,11 @@ impl CapacityGate {
     fn publish(&self, st: &State) {
         let depth = st.queue.len() as u32;
         self.waiting.store(depth, Ordering::SeqCst);
-        crate::telemetry::metrics().queue_depth(&self.name, depth);
+        let m = crate::telemetry::metrics();
+        m.queue_depth(&self.name, depth);
+        for class in [Class::Interactive, Class::Batch] {
+            m.queue_depth_of_class(&self.name, class.as_str(), st.queue.len_of(class));
+        }
     }
 
     /// Hands free slots to waiters in the scheduler's order, skipping tenants at their cap.

@@ -30,6 +30,12 @@ struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    backend: Arc<str>,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
     backend: Arc<str>,
     tenant: Arc<str>,
@@ -86,6 +92,7 @@ pub struct Metrics {
     failovers: Family<ModelLabel, Counter>,
     ejections: Family<BackendLabel, Counter>,
     queue_depth: Family<BackendLabel, Gauge>,
+    queue_depth_by_class: Family<ClassLabels, Gauge>,
     queue_wait: HistogramFamily<QueueLabels>,
     queue_shed: Family<QueueLabels, Counter>,
     batches: Family<ResultLabel, Counter>,
@@ -113,6 +120,7 @@ impl Metrics {
             failovers: Family::default(),
             ejections: Family::default(),
             queue_depth: Family::default(),
+            queue_depth_by_class: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
             queue_shed: Family::default(),
             batches: Family::default(),
@@ -162,6 +170,11 @@ impl Metrics {
             "queue_depth",
             "Requests waiting for backend capacity",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_depth_by_class",
+            "Requests waiting for backend capacity, by class (interactive, batch)",
+            m.queue_depth_by_class.clone(),
         );
         registry.register(
             "queue_wait_seconds",
@@ -325,6 +338,15 @@ impl Metrics {
                 backend: backend.into(),
             })
             .set(i64::from(depth));
+    }
+
+    pub fn queue_depth_of_class(&self, backend: &str, class: &'static str, depth: usize) {
+        self.queue_depth_by_class
+            .get_or_create(&ClassLabels {
+                backend: backend.into(),
+                class,
+            })
+            .set(depth as i64);
     }
 
     pub fn queue_wait(&self, backend: &str, tenant: &Arc<str>, class: &'static str, d: Duration) {
