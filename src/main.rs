@@ -372,6 +372,9 @@ fn probe(url: &str) -> Result<(), String> {
 /// (bench/README.md). Freed pages go back to the OS on their own after a short delay, and
 /// answers of megabytes reuse its pages instead of a fresh mmap (a page fault per 4 KiB) each.
 /// Built without transparent huge pages: with them idle RSS grew from 18 to 24 MiB.
+/// `--features system-allocator` leaves the system's malloc in place, for heap profilers that
+/// interpose on it (valgrind's massif, heaptrack; bench/README.md, "Memory per request in flight").
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: imagegate::allocator::MiMalloc = imagegate::allocator::MiMalloc;
 

@@ -16,8 +16,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderMap, HeaderValue};
 
 use super::pool::{Failure, Origin, Pool};
 use super::BackendError;
@@ -51,7 +50,7 @@ pub struct Endpoint {
 struct PlainTarget {
     origin: Origin,
     /// Path and query (origin-form), as the request line carries them.
-    path: http::Uri,
+    path: String,
     /// The `Host` header: the URL's host, and its port when it names one.
     host: HeaderValue,
 }
@@ -76,9 +75,7 @@ impl PlainTarget {
                 host: connect_to.into(),
                 port: url.port_or_known_default()?,
             },
-            path: url[url::Position::BeforePath..url::Position::AfterQuery]
-                .parse()
-                .ok()?,
+            path: url[url::Position::BeforePath..url::Position::AfterQuery].to_string(),
             host: HeaderValue::from_str(&host).ok()?,
         })
     }
@@ -166,87 +163,37 @@ impl HttpClient {
 async fn post_plain(
     pool: &Pool,
     target: &PlainTarget,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
     cap: usize,
 ) -> Result<Reply, BackendError> {
-    let mut req = Request::post(target.path.clone())
-        .body(Full::new(body))
-        .map_err(|e| BackendError::Connect(e.to_string()))?;
-    *req.headers_mut() = headers;
-    let h = req.headers_mut();
     // A `Host` the backend's configured headers name wins (an ingress routing by name).
-    h.entry(http::header::HOST)
+    headers
+        .entry(http::header::HOST)
         .or_insert_with(|| target.host.clone());
-    h.insert(
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if !h.contains_key(http::header::USER_AGENT) {
-        h.insert(
+    if !headers.contains_key(http::header::USER_AGENT) {
+        headers.insert(
             http::header::USER_AGENT,
             HeaderValue::from_static(USER_AGENT),
         );
     }
-    let (resp, conn) = pool.send(&target.origin, req).await.map_err(|e| match e {
-        Failure::Connect(why) => BackendError::Connect(why),
-        Failure::Broken(e) => broken(&e),
-    })?;
-    let (parts, mut incoming) = resp.into_parts();
-    let expected = http_body::Body::size_hint(&incoming)
-        .exact()
-        .unwrap_or(0)
-        .min(cap as u64) as usize;
-    // A small answer arrives as one chunk: kept as it is, not copied.
-    let (mut whole, mut buf, mut len) = (None::<Bytes>, None::<BytesMut>, 0usize);
-    while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| broken(&e))?;
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
-        len += chunk.len();
-        if len > cap {
-            return Err(too_large(cap));
-        }
-        match (buf.as_mut(), whole.take()) {
-            (Some(b), _) => b.extend_from_slice(&chunk),
-            (None, None) => whole = Some(chunk),
-            (None, Some(first)) => {
-                // Sized once from Content-Length, so a 20 MB answer is not regrown.
-                let mut b = BytesMut::with_capacity(expected.max(len));
-                b.extend_from_slice(&first);
-                b.extend_from_slice(&chunk);
-                buf = Some(b);
-            }
-        }
-    }
-    // Read whole: the connection can take the next request.
-    pool.put(&target.origin, conn);
+    let answer = pool
+        .post(&target.origin, &target.path, &headers, &body, cap)
+        .await
+        .map_err(|e| match e {
+            Failure::Connect(why) => BackendError::Connect(why),
+            Failure::Broken(message) => BackendError::Status { status: 0, message },
+            Failure::TooLarge => too_large(cap),
+        })?;
     Ok(Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: buf.map(BytesMut::freeze).or(whole).unwrap_or_default(),
+        status: answer.status,
+        headers: answer.headers,
+        body: answer.body,
     })
-}
-
-/// The error and its causes, without the URL (it may carry credentials).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// The exchange broke after the connection was made.
-fn broken(e: &(dyn std::error::Error + 'static)) -> BackendError {
-    BackendError::Status {
-        status: 0,
-        message: error_chain(e),
-    }
 }
 
 fn too_large(cap: usize) -> BackendError {

@@ -4,6 +4,7 @@
 mod automatic1111;
 pub mod client;
 pub mod comfyui;
+mod h1;
 mod local;
 mod openai;
 mod pool;

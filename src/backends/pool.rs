@@ -1,16 +1,14 @@
 //! Keep-alive HTTP/1.1 connections to plain `http://` upstreams, kept per origin.
 //!
-//! hyper-util's pooled client did this before, at ~9.5k instructions a request of its own on
-//! top of hyper's exchange (callgrind, bench/README.md): per request it hashed the origin
-//! twice with SipHash, built a lazy connect future to race against the pool checkout, stamped
-//! connection metadata and cloned the URI twice. Here an upstream connection is hyper's own
-//! `SendRequest` handle in a short list per origin: a request takes the most recently used
-//! one, waits until hyper says it can take a request, and puts it back once the answer's body
-//! is read whole. What hyper-util gave and this keeps:
-//! - a connection the upstream closed is dropped when it is next taken;
-//! - a request hyper did not send because its reused connection was already closing (the
-//!   keep-alive race) is sent again on another connection; one that was sent is never
-//!   repeated (an image costs money);
+//! An upstream connection here is a bare `TcpStream` in a short list per origin; the
+//! exchange on it is [`super::h1`] (no buffer and no task while the upstream works: that is
+//! what an image request does for seconds). A request takes the most recently used
+//! connection, and hands it back once its answer was read whole and the answer allows
+//! another. What this keeps of hyper-util's pooled client, which it replaced:
+//! - a connection the upstream closed while idle is dropped when it is next taken (a
+//!   non-blocking peek reads its end-of-file), so a request is not sent on it;
+//! - a request written on a connection is never sent again, whatever became of it (an image
+//!   costs money): the caller gets the failure;
 //! - idle connections are closed after [`IDLE`] (swept every [`SWEEP`]);
 //! - TCP_NODELAY, and a connect timeout.
 
@@ -18,20 +16,15 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::HeaderMap;
 use tokio::net::TcpStream;
+
+use super::h1;
 
 /// How long a connection may sit idle before it is closed.
 pub const IDLE: Duration = Duration::from_secs(60);
 /// How often idle connections are looked over.
 const SWEEP: Duration = Duration::from_secs(15);
-
-type Sender = SendRequest<Full<Bytes>>;
 
 /// Where a plain upstream listens, parsed once: `host` as `connect` takes it (an IPv6
 /// address without its brackets) and the origin it is pooled under.
@@ -42,7 +35,7 @@ pub struct Origin {
 }
 
 struct Idle {
-    sender: Sender,
+    stream: TcpStream,
     since: Instant,
 }
 
@@ -61,11 +54,14 @@ pub struct Pool {
 }
 
 /// Why an exchange failed.
+#[derive(Debug)]
 pub enum Failure {
     /// No connection could be made: nothing was sent.
     Connect(String),
     /// The connection broke or the upstream's answer could not be read.
-    Broken(hyper::Error),
+    Broken(String),
+    /// The answer's body is over the cap.
+    TooLarge,
 }
 
 impl Pool {
@@ -76,36 +72,37 @@ impl Pool {
         }
     }
 
-    /// Sends `req` on an idle connection to `origin`, or a new one, and returns the answer's
-    /// head; hand the connection back with [`Pool::put`] once the body is read whole.
-    pub async fn send(
+    /// POSTs `body` to `path` with `headers` on an idle connection to `origin`, or a new one,
+    /// and reads the answer whole (a body over `cap` bytes is refused). The connection goes
+    /// back to the pool when the answer allows.
+    pub async fn post(
         &self,
         origin: &Origin,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(hyper::Response<Incoming>, Sender), Failure> {
-        loop {
-            let (mut sender, reused) = match self.take(origin).await {
-                Some(s) => (s, true),
-                None => (self.connect(origin).await?, false),
-            };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Not sent: the reused connection closed under it. Another one.
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(Failure::Broken(e.into_error())),
-                },
-            }
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        cap: usize,
+    ) -> Result<h1::Answer, Failure> {
+        let mut stream = match self.take(origin) {
+            Some(s) => s,
+            None => self.connect(origin).await?,
+        };
+        let head = h1::request_head(path, headers, body.len());
+        let answer = h1::exchange(&mut stream, head, body, cap)
+            .await
+            .map_err(|e| match e {
+                h1::Error::Broken(why) => Failure::Broken(why),
+                h1::Error::TooLarge => Failure::TooLarge,
+            })?;
+        if answer.reusable {
+            self.put(origin, stream);
         }
+        Ok(answer)
     }
 
-    /// Hands back a connection whose last answer was read whole.
-    pub fn put(&self, origin: &Origin, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, origin: &Origin, stream: TcpStream) {
         let idle = Idle {
-            sender,
+            stream,
             since: Instant::now(),
         };
         let mut shelves = self.lock();
@@ -121,27 +118,19 @@ impl Pool {
         self.shelves.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used live connection to `origin`, ready for a request.
-    async fn take(&self, origin: &Origin) -> Option<Sender> {
-        loop {
-            let idle = {
-                let mut shelves = self.lock();
-                let (_, shelf) = shelves.by_origin.iter_mut().find(|(o, _)| o == origin)?;
-                shelf.pop_back()?
-            };
-            let mut sender = idle.sender;
-            if idle.since.elapsed() >= IDLE || sender.is_closed() {
-                continue;
-            }
-            // Usually ready at once; just after its last answer hyper may still be finishing
-            // it. A connection closing meanwhile fails here and is dropped.
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+    /// The most recently used connection to `origin` that is still open.
+    fn take(&self, origin: &Origin) -> Option<TcpStream> {
+        let mut shelves = self.lock();
+        let (_, shelf) = shelves.by_origin.iter_mut().find(|(o, _)| o == origin)?;
+        while let Some(idle) = shelf.pop_back() {
+            if idle.since.elapsed() < IDLE && h1::idle_and_open(&idle.stream) {
+                return Some(idle.stream);
             }
         }
+        None
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<Sender, Failure> {
+    async fn connect(&self, origin: &Origin) -> Result<TcpStream, Failure> {
         self.start_sweeping();
         let host = &*origin.host;
         let stream = match tokio::time::timeout(
@@ -160,18 +149,11 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| Failure::Connect(format!("http handshake: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(stream)
     }
 
-    /// Starts the task that closes connections idle for [`IDLE`]; it ends with the pool.
+    /// Starts the task that closes connections idle for [`IDLE`] or closed by the upstream;
+    /// it ends with the pool.
     fn start_sweeping(&self) {
         {
             let mut shelves = self.lock();
@@ -190,7 +172,7 @@ impl Pool {
                 };
                 let mut s = shelves.lock().unwrap_or_else(|e| e.into_inner());
                 for (_, shelf) in &mut s.by_origin {
-                    shelf.retain(|i| i.since.elapsed() < IDLE && !i.sender.is_closed());
+                    shelf.retain(|i| i.since.elapsed() < IDLE && h1::idle_and_open(&i.stream));
                 }
             }
         });
@@ -210,7 +192,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use bytes::Bytes;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -273,26 +255,19 @@ mod tests {
         (origin, conns, reqs)
     }
 
-    fn get() -> Request<Full<Bytes>> {
-        Request::get("/")
-            .header("host", "upstream")
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    }
-
-    /// One exchange, body read whole, connection handed back.
+    /// One exchange, answer read whole.
     async fn exchange(pool: &Pool, origin: &Origin) -> Result<Bytes, String> {
-        let (resp, sender) = pool.send(origin, get()).await.map_err(|e| match e {
-            Failure::Connect(why) => format!("connect: {why}"),
-            Failure::Broken(e) => format!("broken: {e}"),
-        })?;
-        let body = resp
-            .into_body()
-            .collect()
+        let mut headers = HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_static("upstream"));
+        let answer = pool
+            .post(origin, "/", &headers, b"", 1024)
             .await
-            .map_err(|e| e.to_string())?;
-        pool.put(origin, sender);
-        Ok(body.to_bytes())
+            .map_err(|e| match e {
+                Failure::Connect(why) => format!("connect: {why}"),
+                Failure::Broken(why) => format!("broken: {why}"),
+                Failure::TooLarge => "too large".into(),
+            })?;
+        Ok(answer.body)
     }
 
     #[tokio::test]
