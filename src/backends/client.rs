@@ -182,7 +182,7 @@ async fn post_plain(
         );
     }
     let answer = pool
-        .post(&target.origin, &target.path, &headers, &body, cap)
+        .post(&target.origin, &target.path, headers, &body, cap)
         .await
         .map_err(|e| match e {
             Failure::Connect(why) => BackendError::Connect(why),

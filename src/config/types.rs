@@ -301,6 +301,13 @@ pub struct ServerConfig {
     /// Time a client has to send its request headers.
     #[serde(default = "default_header_timeout", deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// Largest request head (HTTP/1.1: request line and headers; HTTP/2: the header list as
+    /// RFC 9113 counts it); larger ones get 431. nginx's default allows 4 x 8 KiB lines.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most headers in a request; more get 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
     /// How often the config file is checked for changes (0: only on SIGHUP).
     #[serde(default = "default_reload_poll", deserialize_with = "duration")]
     pub reload_poll: Duration,
@@ -331,6 +338,8 @@ impl Default for ServerConfig {
             max_upload_memory: default_max_upload_memory(),
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
             reload_poll: default_reload_poll(),
             worker_threads: 0,
             fair_queues: true,
@@ -339,6 +348,14 @@ impl Default for ServerConfig {
     }
 }
 
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+/// hyper's own default (its parser keeps this many slots on the stack).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+fn default_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
 fn default_max_body() -> usize {
     1024 * 1024
 }

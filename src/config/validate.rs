@@ -115,6 +115,18 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             "must be at least 1024 bytes",
         ));
     }
+    if !(1024..=1024 * 1024).contains(&config.server.max_header_bytes) {
+        errors.push(ConfigError::new(
+            "server.max_header_bytes",
+            "must be between 1024 bytes and 1 MiB",
+        ));
+    }
+    if !(8..=1000).contains(&config.server.max_headers) {
+        errors.push(ConfigError::new(
+            "server.max_headers",
+            "must be between 8 and 1000",
+        ));
+    }
     if config.server.max_upload_memory < config.server.max_upload_bytes {
         errors.push(ConfigError::new(
             "server.max_upload_memory",

@@ -255,7 +255,11 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
         return Err(too_large(limit));
     }
     match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        // A body that came in one read with its head is a view of hyper's read buffer:
+        // copied, so the buffer is not pinned while the request waits on its upstream (hyper
+        // would then take another 8 KiB for the connection's next read; bench/README.md,
+        // "Memory per request in flight"). Bodies of several reads are already their own.
+        Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Err(_) => Err(ApiError::new(
             ErrorKind::InvalidRequest,

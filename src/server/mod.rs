@@ -4,6 +4,7 @@ mod admin;
 mod batch_runner;
 pub mod batches;
 pub mod compile;
+mod conn;
 mod handlers;
 pub mod models;
 mod respond;
@@ -17,8 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -39,11 +39,7 @@ pub async fn serve(
             rt.config.server.shutdown_timeout,
         )
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+    let http = Arc::new(conn::Http::new(&state.runtime.load().config.server));
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_images(state.clone()));
     let trimmer = tokio::spawn(trim_allocator());
@@ -75,22 +71,14 @@ pub async fn serve(
             // whole into its dispatcher.
             service_fn(move |req| Box::pin(handlers::handle(state.clone(), req)))
         };
+        let http = http.clone();
+        let watcher = graceful.watcher();
         match state.tls.load_full() {
             None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(async move { http.serve_tcp(stream, service, Some(watcher)).await });
             }
             Some(acceptor) => {
                 // The handshake runs in the connection's own task, never in the accept loop.
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
                 let timeout = header_timeout;
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -101,12 +89,9 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    http.serve(TokioIo::new(tls), h2, service, Some(watcher))
+                        .await;
                 });
             }
         }
@@ -215,7 +200,7 @@ async fn sweep_images(state: Arc<AppState>) {
 
 /// The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
 pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let http = Arc::new(conn::Http::new(&state.runtime.load().config.server));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -249,22 +234,17 @@ pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let builder = builder.clone();
+        let http = http.clone();
         let tls = state.admin_tls.load_full();
         tokio::spawn(async move {
             match tls {
-                None => {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                }
+                None => http.serve_tcp(stream, service, None).await,
                 Some(acceptor) => {
-                    if let Ok(Ok(stream)) =
+                    if let Ok(Ok(tls)) =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
                     {
-                        let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        http.serve(TokioIo::new(tls), h2, service, None).await;
                     }
                 }
             }

@@ -1,0 +1,138 @@
+//! Request heads on the wire: their size and count are capped (431) on HTTP/1.1 and HTTP/2
+//! alike, at `server.max_header_bytes` / `server.max_headers`, and the gateway goes on
+//! serving others; both versions are served on one plain listener.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `head` (a whole HTTP/1.1 request head) on a raw connection and returns the status
+/// line's code, or `None` if the connection closed without an answer.
+async fn raw_status(gw: &Gateway, head: &[u8]) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // The server may answer and close before it has read everything we send.
+    let _ = s.write_all(head).await;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                answer.extend_from_slice(&chunk[..n]);
+                if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+fn head_with(headers: &str) -> Vec<u8> {
+    format!(
+        "GET /v1/models HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n{headers}\r\n"
+    )
+    .into_bytes()
+}
+
+async fn models_ok(gw: &Gateway) {
+    let resp = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn http1_heads_over_the_default_caps_get_431_and_others_are_served() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    // 200 KB of headers: far over the 32 KiB default.
+    let big = format!("x-pad: {}\r\n", "a".repeat(200 * 1024));
+    assert_eq!(raw_status(&gw, &head_with(&big)).await, Some(431));
+    // 20 KB is under it: served.
+    let fine = format!("x-pad: {}\r\n", "a".repeat(20 * 1024));
+    assert_eq!(raw_status(&gw, &head_with(&fine)).await, Some(200));
+    // 150 headers: over the default count of 100.
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    assert_eq!(raw_status(&gw, &head_with(&many)).await, Some(431));
+    let some: String = (0..50).map(|i| format!("x-h{i}: v\r\n")).collect();
+    assert_eq!(raw_status(&gw, &head_with(&some)).await, Some(200));
+    models_ok(&gw).await;
+}
+
+#[tokio::test]
+async fn configured_caps_apply_to_http1_and_http2() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {max_header_bytes: 4096, max_headers: 20}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let over = format!("x-pad: {}\r\n", "a".repeat(8 * 1024));
+    assert_eq!(raw_status(&gw, &head_with(&over)).await, Some(431));
+    let under = format!("x-pad: {}\r\n", "a".repeat(1024));
+    assert_eq!(raw_status(&gw, &head_with(&under)).await, Some(200));
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    assert_eq!(raw_status(&gw, &head_with(&many)).await, Some(431));
+
+    // HTTP/2 with prior knowledge on the same plain listener.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let ok = h2
+        .post(gw.url("/v1/images/generations"))
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"prompt": "a kite", "size": "256x256"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.version(), reqwest::Version::HTTP_2);
+    assert_eq!(ok.status(), 200);
+    let refused = h2
+        .get(gw.url("/v1/models"))
+        .bearer_auth(DEMO_KEY)
+        .header("x-pad", "a".repeat(8 * 1024))
+        .send()
+        .await;
+    match refused {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        // h2 may refuse the stream instead of answering it; either way it is not served.
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    }
+    // The connection and the gateway go on serving.
+    let again = h2
+        .get(gw.url("/v1/models"))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    models_ok(&gw).await;
+}
+
+#[test]
+fn header_caps_out_of_range_are_config_errors() {
+    for (server, path) in [
+        ("{max_header_bytes: 100}", "server.max_header_bytes"),
+        ("{max_header_bytes: 4000000}", "server.max_header_bytes"),
+        ("{max_headers: 2}", "server.max_headers"),
+    ] {
+        let yaml = sandbox_config("", "").replace(
+            "log: {level: warn}",
+            &format!("log: {{level: warn}}\nserver: {server}"),
+        );
+        let err = imagegate::config::Config::from_yaml(&yaml, &|name| match name {
+            "PORT" => Some("1".into()),
+            "DATA_DIR" => Some("/tmp".into()),
+            _ => None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(path), "{server}: {err}");
+    }
+}
