@@ -416,16 +416,17 @@ fn serve_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    if workers == 1 {
+    let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    }
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
+        .enable_all()
+        .on_thread_park(imagegate::allocator::release_when_idle)
+        .build()
 }
 
 fn runtime_block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
