@@ -59,6 +59,35 @@ unsafe impl GlobalAlloc for MiMalloc {
     }
 }
 
+/// Hands what this thread's mimalloc heap holds free back to the OS, at most once a second
+/// per thread. Called when a runtime thread parks (it ran out of work): mimalloc purges freed
+/// pages (after its 1 s `purge_delay`) only from inside its own allocation calls, so after a
+/// burst (10,000 requests in flight, bench/inflight.sh) a thread that goes quiet would
+/// otherwise keep the burst's pages resident until its next allocation-heavy moment.
+pub fn release_when_idle() {
+    #[cfg(not(feature = "system-allocator"))]
+    {
+        use std::cell::Cell;
+        use std::time::{Duration, Instant};
+        thread_local! {
+            static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+        }
+        let now = Instant::now();
+        let due = LAST.with(|last| match last.get() {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => false,
+            _ => {
+                last.set(Some(now));
+                true
+            }
+        });
+        if due {
+            // SAFETY: mi_collect only frees and purges memory no live block uses; `false`
+            // purges only pages whose purge delay has passed (not the aggressive mode).
+            unsafe { mi::mi_collect(false) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,35 +145,6 @@ mod tests {
                     a.dealloc(s, layout);
                 }
             }
-        }
-    }
-}
-
-/// Hands what this thread's mimalloc heap holds free back to the OS, at most once a second
-/// per thread. Called when a runtime thread parks (it ran out of work): mimalloc purges freed
-/// pages (after its 1 s `purge_delay`) only from inside its own allocation calls, so after a
-/// burst (10,000 requests in flight, bench/inflight.sh) a thread that goes quiet would
-/// otherwise keep the burst's pages resident until its next allocation-heavy moment.
-pub fn release_when_idle() {
-    #[cfg(not(feature = "system-allocator"))]
-    {
-        use std::cell::Cell;
-        use std::time::{Duration, Instant};
-        thread_local! {
-            static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-        }
-        let now = Instant::now();
-        let due = LAST.with(|last| match last.get() {
-            Some(t) if now.duration_since(t) < Duration::from_secs(1) => false,
-            _ => {
-                last.set(Some(now));
-                true
-            }
-        });
-        if due {
-            // SAFETY: mi_collect only frees and purges memory no live block uses; `false`
-            // purges only pages whose purge delay has passed (not the aggressive mode).
-            unsafe { mi::mi_collect(false) };
         }
     }
 }
