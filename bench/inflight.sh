@@ -15,7 +15,8 @@
 # Gateway and nginx on core 0; the upstream and wrk on core 1 (as bench/run.sh).
 #
 #   bash bench/inflight.sh [seconds per run, default 20] [N list, default "1000 5000 10000"]
-#   env: DELAY (ms, default 2000), SETTLE (s, default 60), NO_NGINX=1
+#   env: DELAY (ms, default 2000), SETTLE (s, default 60), NO_NGINX=1, GW_BIN (the gateway
+#   binary, default target/release/imagegate: an older build for a before/after run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -52,6 +53,7 @@ if [ "$fits" -lt "$max" ]; then
 fi
 
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
+GW_BIN=${GW_BIN:-target/release/imagegate}
 
 . bench/lib.sh
 up_port=19201; gw_port=19280; ng_port=19290; bare_port=19270
@@ -110,7 +112,7 @@ echo "in-flight memory: $(date -u +%F), $(nproc) cores ($(grep -m1 'model name' 
 echo "upstream delay ${delay} ms, ${secs}s per run; gateway and nginx on core 0, upstream and wrk on core 1"
 echo
 for n in $counts; do
-  taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
+  taskset -c 0 "$GW_BIN" serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
   wait_up $gw_port
   sleep 0.5
   run gateway $gw_port "$n" "$gw"

@@ -10,6 +10,8 @@
 # auto, runs tokio's single-threaded scheduler), the upstreams and wrk to core 1.
 #
 #   bash bench/run.sh [seconds per run, default 10] [requests per leak-check stretch, default 100000]
+#   env: GW_BIN, the gateway binary to measure (default target/release/imagegate; an older
+#   build, for before/after runs on one machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -24,6 +26,7 @@ if ! command -v nginx >/dev/null && [ -z "${NO_NGINX:-}" ]; then
 fi
 NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
+GW_BIN=${GW_BIN:-target/release/imagegate}
 
 . bench/lib.sh
 small_port=19101; large_port=19102; gw_port=19180; bare_port=19170; ng_small=19190; ng_large=19191
@@ -36,7 +39,7 @@ taskset -c 1 target/release/examples/fake_upstream --port $small_port 2>/dev/nul
 taskset -c 1 target/release/examples/fake_upstream --port $large_port --b64-bytes 1500000 2>/dev/null & pids+=($!)
 # The floor of the stack the gateway is built on (hyper server + hyper-util client, nothing else).
 taskset -c 0 target/release/examples/bare_proxy --port $bare_port --upstream-port $small_port 2>/dev/null & pids+=($!)
-taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
+taskset -c 0 "$GW_BIN" serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
 
 if [ -n "$NGINX" ]; then
   mkdir -p "$tmp/ng"
@@ -142,7 +145,7 @@ echo "gateway RSS: idle $idle_rss MiB, peak $peak64 MiB (after 64 large answers 
 # through the second. (wrk's thread:stop() stops sending but wrk still runs out its duration,
 # so the 1,000 take one 1 s run and the rest are counted over 5 s runs.)
 kill "$gw"; wait "$gw" 2>/dev/null || true
-taskset -c 0 target/release/imagegate serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
+taskset -c 0 "$GW_BIN" serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$gw_port/healthz" >/dev/null 2>&1 && break; sleep 0.1
 done

@@ -157,11 +157,29 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     match (req.method(), path) {
         (&Method::POST, "/v1/images/generations") => generations(state, req, request_id, log).await,
+        // The other endpoints' futures are boxed: a request's future is allocated at the size
+        // of its largest route, and the generation path (the one held by the thousands of
+        // requests waiting on upstreams) is not the largest (bench/README.md, "Memory per
+        // request in flight").
         (&Method::POST, "/v1/images/edits") => {
-            super::uploads::handle(state, req, request_id, log, Operation::Edit).await
+            Box::pin(super::uploads::handle(
+                state,
+                req,
+                request_id,
+                log,
+                Operation::Edit,
+            ))
+            .await
         }
         (&Method::POST, "/v1/images/variations") => {
-            super::uploads::handle(state, req, request_id, log, Operation::Variation).await
+            Box::pin(super::uploads::handle(
+                state,
+                req,
+                request_id,
+                log,
+                Operation::Variation,
+            ))
+            .await
         }
         (&Method::GET, "/v1/models") => models(state, &req, log).await,
         (&Method::GET, p) if p.starts_with("/v1/models/") => {
@@ -173,7 +191,7 @@ async fn route(
                 || p == "/v1/batches"
                 || p.starts_with("/v1/batches/") =>
         {
-            super::batches::route(state, req, p, log).await
+            Box::pin(super::batches::route(state, req, p, log)).await
         }
         (&Method::GET | &Method::HEAD, "/healthz") => {
             Ok(respond::json(StatusCode::OK, &json!({"status": "ok"})))
@@ -488,7 +506,8 @@ pub(crate) async fn run(
         upstream_cost,
         tokens,
     };
-    if !charge.deliver(delivery, stored).await {
+    // Boxed, as the image delivery in `relay`: neither is held during the upstream wait.
+    if !Box::pin(charge.deliver(delivery, stored)).await {
         tracing::error!(
             request_id,
             "usage ledger unavailable: answering without a durable usage record"
@@ -564,16 +583,14 @@ async fn relay(
         .rules
         .revised_prompt
         .then_some(request.prompt.as_str());
-    let data = state
-        .images
-        .deliver(
-            generation,
-            request.response_format,
-            fallback_revised,
-            &url_policy,
-            deadline,
-        )
-        .await?;
+    let data = Box::pin(state.images.deliver(
+        generation,
+        request.response_format,
+        fallback_revised,
+        &url_policy,
+        deadline,
+    ))
+    .await?;
     Ok(Relayed::Images {
         response: ImagesResponse {
             created: crate::clock::now_unix(),
