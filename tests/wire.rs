@@ -136,3 +136,118 @@ fn header_caps_out_of_range_are_config_errors() {
         assert!(err.contains(path), "{server}: {err}");
     }
 }
+
+/// Everything the server sends on one raw connection until it closes it (or 5 s pass).
+async fn raw_exchange(gw: &Gateway, bytes: &[u8], half_close: bool) -> String {
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    if half_close {
+        let _ = s.shutdown().await;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn statuses(answer: &str) -> Vec<u16> {
+    answer
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| answer.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+/// Request smuggling shapes (RFC 9112 section 6.3): a request framed two ways, or with two
+/// lengths, is refused, and what follows it on the connection is never served as a request.
+#[tokio::test]
+async fn ambiguous_framing_is_refused_and_nothing_is_smuggled() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let smuggled = "GET /v1/models HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer sk-demo\r\n\r\n";
+    let cases = [
+        format!(
+            "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+             content-type: application/json\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n\
+             0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+             content-type: application/json\r\ncontent-length: 2\r\ncontent-length: 40\r\n\r\n{{}}{smuggled}"
+        ),
+        format!(
+            "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+             content-type: application/json\r\ntransfer-encoding: gzip, chunked, identity\r\n\r\n\
+             0\r\n\r\n{smuggled}"
+        ),
+    ];
+    for case in &cases {
+        let answer = raw_exchange(&gw, case.as_bytes(), false).await;
+        let got = statuses(&answer);
+        assert!(
+            !got.is_empty() && got.iter().all(|s| (400..500).contains(s)),
+            "{case:?} -> {answer:?}"
+        );
+        assert!(
+            !answer.contains("\"object\":\"list\""),
+            "smuggled request served: {answer}"
+        );
+    }
+    models_ok(&gw).await;
+}
+
+/// A body shorter than its Content-Length (the client gives up) and a head cut short cost the
+/// gateway nothing: no answer is invented, nothing is charged, others are served.
+#[tokio::test]
+async fn truncated_bodies_and_heads_are_dropped_and_others_are_served() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let short = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"prompt\":\"a"
+    );
+    let answer = raw_exchange(&gw, short.as_bytes(), true).await;
+    assert!(
+        statuses(&answer).iter().all(|s| *s == 400),
+        "a truncated body is a 400 or no answer: {answer:?}"
+    );
+    let answer = raw_exchange(&gw, b"POST /v1/images/gener", true).await;
+    assert!(
+        answer.is_empty() || statuses(&answer) == [400],
+        "{answer:?}"
+    );
+    // Nothing was generated: the image store is empty.
+    let stored = std::fs::read_dir(gw.data_dir.path().join("images"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0);
+    models_ok(&gw).await;
+}
+
+/// Path tricks on the image route never reach a file outside the image store.
+#[tokio::test]
+async fn image_route_path_tricks_are_404_or_403() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    for path in [
+        "/images/../gateway.yaml",
+        "/images/%2e%2e/%2e%2e/etc/passwd",
+        "/images/..%2f..%2fetc%2fpasswd",
+        "/images/%00.png",
+        "/images/a/b/c.png",
+        "/images//etc/passwd",
+        "/images/\u{ff0e}\u{ff0e}/x.png",
+    ] {
+        let answer = raw_exchange(
+            &gw,
+            format!("GET {path} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n").as_bytes(),
+            false,
+        )
+        .await;
+        let got = statuses(&answer);
+        assert!(
+            got.len() == 1 && [400, 403, 404].contains(&got[0]),
+            "{path}: {answer:?}"
+        );
+        assert!(!answer.contains("root:"), "{path} leaked a file");
+    }
+}
