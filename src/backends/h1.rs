@@ -502,6 +502,66 @@ mod tests {
         r
     }
 
+    /// Encodes `body` chunked, with chunk sizes from `sizes` (cycled; 0 ends it early).
+    fn chunked(body: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let (mut at, mut i) = (0, 0);
+        while at < body.len() {
+            let n = sizes[i % sizes.len()].clamp(1, body.len() - at);
+            out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            out.extend_from_slice(&body[at..at + n]);
+            out.extend_from_slice(b"\r\n");
+            at += n;
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    proptest::proptest! {
+        /// Any bytes from an upstream: an answer or an error, never a panic, and never a body
+        /// over the cap.
+        #[test]
+        fn any_answer_bytes_read_or_fail(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            if let Ok(a) = run(read(&raw, 64)) {
+                proptest::prop_assert!(a.body.len() <= 64);
+            }
+        }
+
+        /// Heads that parse, followed by any bytes: still no panic.
+        #[test]
+        fn valid_heads_with_any_bodies(
+            framing in 0u8..3,
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let head: &[u8] = match framing {
+                0 => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                1 => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+                _ => b"HTTP/1.1 200 OK\r\n\r\n",
+            };
+            let raw = [head, &rest].concat();
+            let _ = run(read(&raw, 1000));
+        }
+
+        /// A chunked body, however it is cut into chunks, reads back whole.
+        #[test]
+        fn chunked_bodies_round_trip(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            sizes in proptest::collection::vec(1usize..300, 1..8),
+        ) {
+            let a = run(read(&chunked(&body, &sizes), 4096)).unwrap();
+            proptest::prop_assert_eq!(&a.body[..], &body[..]);
+            proptest::prop_assert!(a.reusable);
+        }
+    }
+
     #[test]
     fn request_head_sets_the_length_and_drops_framing_headers() {
         let mut h = HeaderMap::new();
