@@ -24,16 +24,8 @@ counts=${2:-"1000 5000 10000"}
 delay=${DELAY:-2000}
 settle=${SETTLE:-60}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
-if ! command -v wrk >/dev/null; then
-  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
-if ! command -v nginx >/dev/null && [ -z "${NO_NGINX:-}" ]; then
-  (as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
-    || echo "nginx could not be installed: its rows are skipped"
-fi
-NGINX=""
-[ -z "${NO_NGINX:-}" ] && NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
+. bench/lib.sh
+bench_tools
 
 # Each request in flight holds a client socket and an upstream socket in the proxy, and one
 # socket each in wrk and the upstream: 10,000 in flight needs ~20,500 descriptors in the proxy.
@@ -55,7 +47,6 @@ fi
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
 GW_BIN=${GW_BIN:-target/release/imagegate}
 
-. bench/lib.sh
 up_port=19201; gw_port=19280; ng_port=19290; bare_port=19270
 small_port=$up_port; large_port=$up_port
 write_config

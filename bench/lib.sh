@@ -1,4 +1,4 @@
-# What bench/run.sh and bench/instructions.sh share: a scratch directory ($tmp) and the
+# What bench/run.sh, bench/inflight.sh and bench/instructions.sh share: the tools (bench_tools), a scratch directory ($tmp) and the
 # processes to stop on exit ($pids, removed and killed by an EXIT trap), the gateway's
 # production-like config and wrk's request scripts. Set $gw_port, $small_port and $large_port
 # before write_config.
@@ -9,6 +9,22 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 key=sk-bench-key-0001
+
+# bench_tools: installs wrk, and nginx-light unless NO_NGINX is set, from Debian's packages when
+# missing; sets $NGINX to nginx's path (empty: its rows are skipped).
+bench_tools() {
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+  if ! command -v wrk >/dev/null; then
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+  fi
+  NGINX=""
+  [ -n "${NO_NGINX:-}" ] && return 0
+  if ! command -v nginx >/dev/null; then
+    (as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+      || echo "nginx could not be installed: its rows are skipped"
+  fi
+  NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
+}
 
 # write_config: $tmp/gw.yaml (API key auth, tenant rate and concurrency limits, a budget, the
 # SQLite usage ledger; log level error, as nginx's access_log off).

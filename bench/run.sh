@@ -16,19 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 leak_n=${2:-100000}
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
-if ! command -v wrk >/dev/null; then
-  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
-if ! command -v nginx >/dev/null && [ -z "${NO_NGINX:-}" ]; then
-  (as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
-    || echo "nginx could not be installed: its rows are skipped"
-fi
-NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
+. bench/lib.sh
+bench_tools
 cargo build --release -q --bins --example fake_upstream --example bare_proxy
 GW_BIN=${GW_BIN:-target/release/imagegate}
 
-. bench/lib.sh
 small_port=19101; large_port=19102; gw_port=19180; bare_port=19170; ng_small=19190; ng_large=19191
 write_config
 lua small small url

@@ -51,25 +51,10 @@ fn field_value() -> impl Strategy<Value = serde_json::Value> {
 }
 
 fn request_object() -> impl Strategy<Value = serde_json::Map<String, serde_json::Value>> {
-    let names = prop::sample::select(vec![
-        "prompt",
-        "model",
-        "n",
-        "size",
-        "quality",
-        "style",
-        "response_format",
-        "user",
-        "background",
-        "output_format",
-        "output_compression",
-        "moderation",
-        "stream",
-        "partial_images",
-        "unknown_field",
-        "",
-        "PROMPT",
-    ]);
+    // Every member the contract knows, and a few it does not.
+    let mut all: Vec<&'static str> = imagegate::api::REQUEST_FIELDS.to_vec();
+    all.extend(["unknown_field", "", "PROMPT"]);
+    let names = prop::sample::select(all);
     prop::collection::btree_map(names, field_value(), 0..8)
         .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }

@@ -18,7 +18,7 @@ pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-reques
 pub use edit::{EditInputs, InputImage, Operation};
 pub use format::ImageFormat;
 pub use request::GptParams;
-pub use request::{parse_request, ImageRequest, RawRequest};
+pub use request::{parse_request, ImageRequest, RawRequest, FIELDS as REQUEST_FIELDS};
 pub use response::{GptAnswerFields, ImageData, ImagesResponse, ModelList, ModelObject};
 pub use rules::{
     Background, Complexity, Family, FlexibleSizes, GptQuality, InputFidelity, ModelRules,

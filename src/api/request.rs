@@ -108,7 +108,9 @@ impl ImageRequest {
     }
 }
 
-pub(super) const FIELDS: &[&str] = &[
+/// Every member a generation request may carry (the rest are unknown: refused or passed through
+/// by the model's rules).
+pub const FIELDS: &[&str] = &[
     "model",
     "prompt",
     "n",
