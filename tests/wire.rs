@@ -251,3 +251,73 @@ async fn image_route_path_tricks_are_404_or_403() {
         assert!(!answer.contains("root:"), "{path} leaked a file");
     }
 }
+
+/// A client trickling its body gets 408 after `server.body_timeout`; one that never finishes
+/// its head is cut off after `server.header_timeout`; others are served meanwhile.
+#[tokio::test]
+async fn slow_bodies_get_408_and_slow_heads_are_cut_off() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {body_timeout: 1s, header_timeout: 1s}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let started = std::time::Instant::now();
+    let slow_body = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"prompt\":"
+    );
+    let (body_answer, head_answer, ()) = tokio::join!(
+        raw_exchange(&gw, slow_body.as_bytes(), false),
+        raw_exchange(
+            &gw,
+            b"POST /v1/images/generations HTTP/1.1\r\nhost: g",
+            false
+        ),
+        models_ok(&gw),
+    );
+    assert_eq!(statuses(&body_answer), [408], "{body_answer}");
+    assert!(body_answer.contains("request_timeout"), "{body_answer}");
+    assert!(
+        statuses(&head_answer).iter().all(|s| *s >= 400),
+        "{head_answer:?}"
+    );
+    // Both were ended by the gateway, well before raw_exchange's own 5 s guard.
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    models_ok(&gw).await;
+}
+
+/// A batch's JSON body is capped like any other (it was read whole, uncapped, before).
+#[tokio::test]
+async fn batch_bodies_are_capped_like_any_json_body() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let big = format!(
+        "{{\"input_file_id\":\"file-x\",\"endpoint\":\"/v1/images/generations\",\"completion_window\":\"24h\",\"metadata\":{{\"pad\":\"{}\"}}}}",
+        "a".repeat(2 * 1024 * 1024)
+    );
+    let resp = client()
+        .post(gw.url("/v1/batches"))
+        .bearer_auth(DEMO_KEY)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let err = expect_error(resp, 413).await;
+    assert_eq!(err["code"], "request_too_large");
+}
+
+#[test]
+fn a_body_timeout_under_a_second_is_a_config_error() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {body_timeout: 0s}",
+    );
+    let err = imagegate::config::Config::from_yaml(&yaml, &|name| match name {
+        "PORT" => Some("1".into()),
+        "DATA_DIR" => Some("/tmp".into()),
+        _ => None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("server.body_timeout"), "{err}");
+}

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     NotFound,
     /// 405: a known path with the wrong method.
     MethodNotAllowed,
+    /// 408: the request body did not arrive in time.
+    RequestTimeout,
     /// 409: conflicts with the current state (an idempotent repeat in flight, a duplicate).
     Conflict,
     /// 422: well-formed but unusable here (an Idempotency-Key reused with another body).
@@ -44,6 +46,7 @@ impl ErrorKind {
             ErrorKind::Permission => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -62,6 +65,7 @@ impl ErrorKind {
             | ErrorKind::Permission
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
+            | ErrorKind::RequestTimeout
             | ErrorKind::Conflict
             | ErrorKind::Unprocessable
             | ErrorKind::PayloadTooLarge => "invalid_request_error",

@@ -301,6 +301,9 @@ pub struct ServerConfig {
     /// Time a client has to send its request headers.
     #[serde(default = "default_header_timeout", deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// Time a client has to send a JSON request body once its head is in (408 after it).
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
     /// Largest request head (HTTP/1.1: request line and headers; HTTP/2: the header list as
     /// RFC 9113 counts it); larger ones get 431. nginx's default allows 4 x 8 KiB lines.
     #[serde(default = "default_max_header_bytes")]
@@ -338,6 +341,7 @@ impl Default for ServerConfig {
             max_upload_memory: default_max_upload_memory(),
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
             reload_poll: default_reload_poll(),
@@ -348,6 +352,9 @@ impl Default for ServerConfig {
     }
 }
 
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_header_bytes() -> usize {
     32 * 1024
 }

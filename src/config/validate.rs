@@ -115,6 +115,12 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             "must be at least 1024 bytes",
         ));
     }
+    if config.server.body_timeout < std::time::Duration::from_secs(1) {
+        errors.push(ConfigError::new(
+            "server.body_timeout",
+            "must be at least 1s",
+        ));
+    }
     if !(1024..=1024 * 1024).contains(&config.server.max_header_bytes) {
         errors.push(ConfigError::new(
             "server.max_header_bytes",

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -310,17 +309,8 @@ async fn create(
     principal: &Principal,
     req: Request<Incoming>,
 ) -> Result<http::Response<Body>, ApiError> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("cannot read the body: {e}"),
-            )
-        })?
-        .to_bytes();
+    // Bounded and timed like any JSON body (it was read without a cap before).
+    let body = super::handlers::read_body(req, &rt.config.server).await?;
     api::json::reject_duplicate_keys(&body)?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

@@ -263,7 +263,13 @@ fn too_large(limit: usize) -> ApiError {
     .code("request_too_large")
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+/// A JSON request's body, whole: over `server.max_body_bytes` is 413, not in within
+/// `server.body_timeout` is 408 (a client trickling a body holds a connection, not the gateway).
+pub(super) async fn read_body(
+    req: Request<Incoming>,
+    server: &crate::config::ServerConfig,
+) -> Result<Bytes, ApiError> {
+    let limit = server.max_body_bytes;
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -272,7 +278,18 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large(limit));
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let read = Limited::new(req.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(server.body_timeout, read).await else {
+        return Err(ApiError::new(
+            ErrorKind::RequestTimeout,
+            format!(
+                "The request body was not received within {} seconds.",
+                server.body_timeout.as_secs()
+            ),
+        )
+        .code("request_timeout"));
+    };
+    match read {
         // A body that came in one read with its head is a view of hyper's read buffer:
         // copied, so the buffer is not pinned while the request waits on its upstream (hyper
         // would then take another 8 KiB for the connection's next read; bench/README.md,
@@ -366,7 +383,7 @@ async fn generations(
     let principal = authenticate(&rt, &req, log).await?;
     require_json(&req)?;
     let idem_key = idempotency_key(&req)?;
-    let body = read_body(req, rt.config.server.max_body_bytes).await?;
+    let body = read_body(req, &rt.config.server).await?;
     let raw = api::parse_request(&body)?;
 
     let model_name = raw.model().to_string();
