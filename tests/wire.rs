@@ -48,6 +48,25 @@ async fn models_ok(gw: &Gateway) {
     assert_eq!(resp.status(), 200);
 }
 
+/// The sandbox config with `server: {server}` added.
+fn with_server(server: &str) -> String {
+    sandbox_config("", "").replace(
+        "log: {level: warn}",
+        &format!("log: {{level: warn}}\nserver: {server}"),
+    )
+}
+
+/// The errors of loading the sandbox config with `server: {server}` (it must fail).
+fn config_errors(server: &str) -> String {
+    imagegate::config::Config::from_yaml(&with_server(server), &|name| match name {
+        "PORT" => Some("1".into()),
+        "DATA_DIR" => Some("/tmp".into()),
+        _ => None,
+    })
+    .unwrap_err()
+    .to_string()
+}
+
 #[tokio::test]
 async fn http1_heads_over_the_default_caps_get_431_and_others_are_served() {
     let gw = Gateway::start(&sandbox_config("", "")).await;
@@ -67,10 +86,7 @@ async fn http1_heads_over_the_default_caps_get_431_and_others_are_served() {
 
 #[tokio::test]
 async fn configured_caps_apply_to_http1_and_http2() {
-    let yaml = sandbox_config("", "").replace(
-        "log: {level: warn}",
-        "log: {level: warn}\nserver: {max_header_bytes: 4096, max_headers: 20}",
-    );
+    let yaml = with_server("{max_header_bytes: 4096, max_headers: 20}");
     let gw = Gateway::start(&yaml).await;
     let over = format!("x-pad: {}\r\n", "a".repeat(8 * 1024));
     assert_eq!(raw_status(&gw, &head_with(&over)).await, Some(431));
@@ -122,17 +138,7 @@ fn header_caps_out_of_range_are_config_errors() {
         ("{max_header_bytes: 4000000}", "server.max_header_bytes"),
         ("{max_headers: 2}", "server.max_headers"),
     ] {
-        let yaml = sandbox_config("", "").replace(
-            "log: {level: warn}",
-            &format!("log: {{level: warn}}\nserver: {server}"),
-        );
-        let err = imagegate::config::Config::from_yaml(&yaml, &|name| match name {
-            "PORT" => Some("1".into()),
-            "DATA_DIR" => Some("/tmp".into()),
-            _ => None,
-        })
-        .unwrap_err()
-        .to_string();
+        let err = config_errors(server);
         assert!(err.contains(path), "{server}: {err}");
     }
 }
@@ -256,10 +262,7 @@ async fn image_route_path_tricks_are_404_or_403() {
 /// its head is cut off after `server.header_timeout`; others are served meanwhile.
 #[tokio::test]
 async fn slow_bodies_get_408_and_slow_heads_are_cut_off() {
-    let yaml = sandbox_config("", "").replace(
-        "log: {level: warn}",
-        "log: {level: warn}\nserver: {body_timeout: 1s, header_timeout: 1s}",
-    );
+    let yaml = with_server("{body_timeout: 1s, header_timeout: 1s}");
     let gw = Gateway::start(&yaml).await;
     let started = std::time::Instant::now();
     let slow_body = format!(
@@ -308,16 +311,6 @@ async fn batch_bodies_are_capped_like_any_json_body() {
 
 #[test]
 fn a_body_timeout_under_a_second_is_a_config_error() {
-    let yaml = sandbox_config("", "").replace(
-        "log: {level: warn}",
-        "log: {level: warn}\nserver: {body_timeout: 0s}",
-    );
-    let err = imagegate::config::Config::from_yaml(&yaml, &|name| match name {
-        "PORT" => Some("1".into()),
-        "DATA_DIR" => Some("/tmp".into()),
-        _ => None,
-    })
-    .unwrap_err()
-    .to_string();
+    let err = config_errors("{body_timeout: 0s}");
     assert!(err.contains("server.body_timeout"), "{err}");
 }
