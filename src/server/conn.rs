@@ -27,6 +27,34 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// A service a connection task can run: cloneable, its futures sent between threads.
+pub trait Serves<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+impl<S, B> Serves<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body a connection task can send.
+pub trait SendBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+impl<B> SendBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// The two protocol builders, set up once per listener.
 #[derive(Clone)]
 pub struct Http {
@@ -58,12 +86,8 @@ impl Http {
     /// Serves a plain TCP connection until it ends (or, with `watcher`, drains on shutdown).
     pub async fn serve_tcp<S, B>(&self, stream: TcpStream, service: S, watcher: Option<Watcher>)
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: Serves<B>,
+        B: SendBody,
     {
         let h2 = match tokio::time::timeout(self.header_timeout, is_http2(&stream)).await {
             Ok(Ok(h2)) => h2,
@@ -77,12 +101,8 @@ impl Http {
     pub async fn serve<I, S, B>(&self, io: I, h2: bool, service: S, watcher: Option<Watcher>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: Serves<B>,
+        B: SendBody,
     {
         let ended = if h2 {
             let conn = self.h2.serve_connection(io, service);
