@@ -314,3 +314,63 @@ fn a_body_timeout_under_a_second_is_a_config_error() {
     let err = config_errors("{body_timeout: 0s}");
     assert!(err.contains("server.body_timeout"), "{err}");
 }
+
+/// Invalid UTF-8 where a string goes (a JSON string, the key, the idempotency key, a query,
+/// a path) is a 4xx with an OpenAI-shaped body or hyper's own 400, never a 5xx, and the
+/// gateway goes on serving.
+#[tokio::test]
+async fn invalid_utf8_anywhere_is_a_4xx() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let body_with = |json: &[u8]| {
+        let mut req = format!(
+            "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+             content-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            json.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(json);
+        req
+    };
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "prompt",
+            body_with(b"{\"prompt\":\"a \xff\xfe cat\",\"size\":\"256x256\"}"),
+        ),
+        ("member name", body_with(b"{\"pro\xc3\x28mpt\":\"a cat\"}")),
+        ("lone surrogate", body_with(b"{\"prompt\":\"\\ud800\"}")),
+    ];
+    let mut key = b"POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer sk-\xff\xfe\r\n\
+                    content-type: application/json\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+        .to_vec();
+    cases.push(("api key", std::mem::take(&mut key)));
+    let mut idem = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: application/json\r\nconnection: close\r\nidempotency-key: k"
+    )
+    .into_bytes();
+    idem.extend_from_slice(b"\xff\xfe\r\ncontent-length: 19\r\n\r\n{\"prompt\":\"a cat\"}");
+    cases.push(("idempotency key", idem));
+    cases.push((
+        "query",
+        b"GET /v1/models?x=\xff HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".to_vec(),
+    ));
+    cases.push((
+        "path",
+        b"GET /images/\xff\xfe.png HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".to_vec(),
+    ));
+    for (what, raw) in cases {
+        let answer = raw_exchange(&gw, &raw, false).await;
+        let got = statuses(&answer);
+        assert!(
+            got.len() == 1 && (400..500).contains(&got[0]),
+            "{what}: {answer:?}"
+        );
+        // Ours carry an OpenAI error body; hyper refuses a malformed head with a bare 400.
+        let bare_400 = got[0] == 400 && answer.contains("content-length: 0");
+        assert!(
+            answer.contains("{\"error\":") || bare_400,
+            "{what}: not OpenAI-shaped: {answer:?}"
+        );
+    }
+    models_ok(&gw).await;
+}
