@@ -400,3 +400,20 @@ async fn idle_connections_are_closed_after_the_header_timeout() {
     assert_eq!(closed.iter().filter(|c| **c).count(), 2000);
     models_ok(&gw).await;
 }
+
+/// A connection that has not sent a byte when the gateway is told to stop does not hold the
+/// drain up (load balancers open such connections ahead of use).
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_up_shutdown() {
+    let gw = Gateway::start(&sandbox_config("", "")).await;
+    let _silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    models_ok(&gw).await;
+    let started = std::time::Instant::now();
+    gw.stop().await;
+    // The header timeout (30 s) and the drain timeout (30 s) are far longer.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
+}

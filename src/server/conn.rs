@@ -19,6 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::config::{ServerConfig, DEFAULT_MAX_HEADERS};
 
@@ -84,15 +85,31 @@ impl Http {
     }
 
     /// Serves a plain TCP connection until it ends (or, with `watcher`, drains on shutdown).
-    pub async fn serve_tcp<S, B>(&self, stream: TcpStream, service: S, watcher: Option<Watcher>)
-    where
+    /// `stopping` turns true when the gateway stops: a connection that has sent nothing yet
+    /// is closed then instead of holding the drain up until its header timeout.
+    pub async fn serve_tcp<S, B>(
+        &self,
+        stream: TcpStream,
+        service: S,
+        watcher: Option<Watcher>,
+        mut stopping: Option<watch::Receiver<bool>>,
+    ) where
         S: Serves<B>,
         B: SendBody,
     {
-        let h2 = match tokio::time::timeout(self.header_timeout, is_http2(&stream)).await {
-            Ok(Ok(h2)) => h2,
-            // Nothing sent in time, or the connection failed: nothing to answer.
-            _ => return,
+        let stop = async {
+            match stopping.as_mut() {
+                Some(rx) => drop(rx.wait_for(|stop| *stop).await),
+                None => std::future::pending().await,
+            }
+        };
+        let h2 = tokio::select! {
+            sniffed = tokio::time::timeout(self.header_timeout, is_http2(&stream)) => match sniffed {
+                Ok(Ok(h2)) => h2,
+                // Nothing sent in time, or the connection failed: nothing to answer.
+                _ => return,
+            },
+            () = stop => return,
         };
         self.serve(TokioIo::new(stream), h2, service, watcher).await;
     }

@@ -41,6 +41,8 @@ pub async fn serve(
     };
     let http = Arc::new(conn::Http::new(&state.runtime.load().config.server));
     let graceful = GracefulShutdown::new();
+    // Tells connections still waiting for their first byte that the gateway is stopping.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweep_images(state.clone()));
     let trimmer = tokio::spawn(trim_allocator());
     crate::telemetry::metrics().set_tenant_label(state.runtime.load().config.metrics.tenant_label);
@@ -75,19 +77,29 @@ pub async fn serve(
         let watcher = graceful.watcher();
         match state.tls.load_full() {
             None => {
-                tokio::spawn(async move { http.serve_tcp(stream, service, Some(watcher)).await });
+                let stop_rx = stop_rx.clone();
+                tokio::spawn(async move {
+                    http.serve_tcp(stream, service, Some(watcher), Some(stop_rx))
+                        .await
+                });
             }
             Some(acceptor) => {
                 // The handshake runs in the connection's own task, never in the accept loop.
                 let timeout = header_timeout;
+                let mut stop_rx = stop_rx.clone();
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+                    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+                    // A handshake still pending when the gateway stops does not hold the drain.
+                    let tls = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        _ = stop_rx.wait_for(|stop| *stop) => return,
                     };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     http.serve(TokioIo::new(tls), h2, service, Some(watcher))
@@ -98,6 +110,7 @@ pub async fn serve(
     }
 
     state.draining.store(true, Ordering::SeqCst);
+    let _ = stopping.send(true);
     drop(listener);
     sweeper.abort();
     trimmer.abort();
@@ -238,7 +251,7 @@ pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io
         let tls = state.admin_tls.load_full();
         tokio::spawn(async move {
             match tls {
-                None => http.serve_tcp(stream, service, None).await,
+                None => http.serve_tcp(stream, service, None, None).await,
                 Some(acceptor) => {
                     if let Ok(Ok(tls)) =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
