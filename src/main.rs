@@ -164,6 +164,9 @@ enum KeyCommand {
         /// Expire after this long (`30d`, `12h`).
         #[arg(long)]
         expires_in: Option<String>,
+        /// Let the key manage its tenant's keys in the tenant portal.
+        #[arg(long)]
+        manage_keys: bool,
     },
     /// List keys (JSON lines; never secrets).
     List {
@@ -258,7 +261,7 @@ async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Resu
         TenantCommand::List => {
             let mut after: Option<String> = None;
             loop {
-                let page = db.list_tenants(after.as_deref(), 500).await.map_err(e)?;
+                let page = db.list_tenants(None, after.as_deref(), 500).await.map_err(e)?;
                 for t in &page {
                     print_json(t);
                 }
@@ -284,6 +287,7 @@ async fn keys(db: imagegate::store::Database, command: KeyCommand) -> Result<(),
             name,
             models,
             expires_in,
+            manage_keys,
         } => {
             let expires_at = match expires_in {
                 Some(d) => Some(imagegate::store::keys::now() + duration(&d)?.as_secs() as i64),
@@ -296,6 +300,7 @@ async fn keys(db: imagegate::store::Database, command: KeyCommand) -> Result<(),
                     models,
                     limits: None,
                     expires_at,
+                    manage_keys,
                 })
                 .await
                 .map_err(e)?;
@@ -306,7 +311,7 @@ async fn keys(db: imagegate::store::Database, command: KeyCommand) -> Result<(),
             let mut after: Option<String> = None;
             loop {
                 let page = db
-                    .list_keys(tenant.as_deref(), after.as_deref(), 500)
+                    .list_keys(tenant.as_deref(), None, after.as_deref(), 500)
                     .await
                     .map_err(e)?;
                 for k in &page {

@@ -85,7 +85,7 @@ async fn suite(db: Database) {
     assert_eq!(p.limits.requests_per_minute, Some(100));
 
     // Only the hash is stored, never the secret; listing never shows it.
-    let listed = db.list_keys(Some(&t), None, 10).await.unwrap();
+    let listed = db.list_keys(Some(&t), None, None, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     let shown = serde_json::to_string(&listed[0]).unwrap();
     let secret_part = key.secret.rsplit('-').next().unwrap();
@@ -178,13 +178,13 @@ async fn suite(db: Database) {
         .await
         .unwrap();
     }
-    let first = db.list_keys(Some(&many), None, 2).await.unwrap();
+    let first = db.list_keys(Some(&many), None, None, 2).await.unwrap();
     let second = db
-        .list_keys(Some(&many), Some(&first[1].id), 2)
+        .list_keys(Some(&many), None, Some(&first[1].id), 2)
         .await
         .unwrap();
     let third = db
-        .list_keys(Some(&many), Some(&second[1].id), 2)
+        .list_keys(Some(&many), None, Some(&second[1].id), 2)
         .await
         .unwrap();
     assert_eq!((first.len(), second.len(), third.len()), (2, 2, 1));

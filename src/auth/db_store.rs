@@ -175,17 +175,22 @@ impl KeyStore for DbKeyStore {
             return Err(AuthError::Disabled);
         }
         self.touched.insert(key.id.clone(), at);
-        let mut models = ModelSet::from_list(&tenant.models);
-        if let Some(narrow) = &key.models {
-            models = models.intersect(&ModelSet::from_list(narrow));
-        }
-        Ok(Principal {
-            key_id: Arc::from(key.id.as_str()),
-            tenant: Arc::from(tenant.id.as_str()),
-            models,
-            limits: Arc::new(tenant.effective_limits()),
-            key_limits: key.limits.clone().map(Arc::new),
-            share: Arc::new(super::Share::from_labels(&tenant.labels)),
-        })
+        Ok(principal_of(key, tenant))
+    }
+}
+
+/// What a store key may do: its tenant's models (narrowed by the key's), limits and share.
+pub fn principal_of(key: &KeyRecord, tenant: &TenantRecord) -> Principal {
+    let mut models = ModelSet::from_list(&tenant.models);
+    if let Some(narrow) = &key.models {
+        models = models.intersect(&ModelSet::from_list(narrow));
+    }
+    Principal {
+        key_id: Arc::from(key.id.as_str()),
+        tenant: Arc::from(tenant.id.as_str()),
+        models,
+        limits: Arc::new(tenant.effective_limits()),
+        key_limits: key.limits.clone().map(Arc::new),
+        share: Arc::new(super::Share::from_labels(&tenant.labels)),
     }
 }

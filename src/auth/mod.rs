@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
 
-pub use db_store::DbKeyStore;
+pub use db_store::{principal_of, DbKeyStore};
 pub use jwt::{looks_like_jwt, JwtVerifier};
 pub use static_store::{key_hash, StaticKeyStore};
 
@@ -187,6 +187,38 @@ impl KeyStores {
             .get(&cfg.tenant_claim)
             .and_then(|v| v.as_str())
             .ok_or(AuthError::Unknown)?;
+        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("-");
+        let key_id: String = format!("jwt:{sub}").chars().take(80).collect();
+        let mut principal = self.principal_for_tenant(tenant_id, &key_id).await?;
+        let models = principal.models;
+        principal.models = match claims.get(&cfg.models_claim).and_then(|v| v.as_array()) {
+            Some(list) => {
+                let names: Vec<String> = list
+                    .iter()
+                    .filter_map(|m| m.as_str().map(String::from))
+                    .collect();
+                models.intersect(&ModelSet::from_list(&names))
+            }
+            None => models,
+        };
+        principal.key_limits = match claims.get(&cfg.limits_claim) {
+            Some(v) => Some(Arc::new(
+                serde_json::from_value::<crate::config::LimitsConfig>(v.clone())
+                    .map_err(|_| AuthError::Unknown)?,
+            )),
+            None => None,
+        };
+        Ok(principal)
+    }
+
+    /// A principal acting for tenant `tenant_id` (gateway.yaml's, else the store's) under the
+    /// name `key_id`, with the tenant's models, limits and share: for JWTs that name a tenant
+    /// and for the console's playground. The tenant must exist and be enabled.
+    pub async fn principal_for_tenant(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<Principal, AuthError> {
         let (models, limits, disabled, share) = match self.tenants.get(tenant_id) {
             Some(t) => (
                 ModelSet::from_list(&t.models),
@@ -208,31 +240,12 @@ impl KeyStores {
         if disabled {
             return Err(AuthError::Disabled);
         }
-        let models = match claims.get(&cfg.models_claim).and_then(|v| v.as_array()) {
-            Some(list) => {
-                let names: Vec<String> = list
-                    .iter()
-                    .filter_map(|m| m.as_str().map(String::from))
-                    .collect();
-                models.intersect(&ModelSet::from_list(&names))
-            }
-            None => models,
-        };
-        let key_limits = match claims.get(&cfg.limits_claim) {
-            Some(v) => Some(Arc::new(
-                serde_json::from_value::<crate::config::LimitsConfig>(v.clone())
-                    .map_err(|_| AuthError::Unknown)?,
-            )),
-            None => None,
-        };
-        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("-");
-        let key_id: String = format!("jwt:{sub}").chars().take(80).collect();
         Ok(Principal {
-            key_id: Arc::from(key_id.as_str()),
+            key_id: Arc::from(key_id),
             tenant: Arc::from(tenant_id),
             models,
             limits: Arc::new(limits),
-            key_limits,
+            key_limits: None,
             share: Arc::new(share),
         })
     }

@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub console: ConsoleConfig,
+    #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
@@ -225,6 +227,49 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             tls: None,
             tokens_sha256: Vec::new(),
+        }
+    }
+}
+
+/// The web console: the ops console on the admin listener (`/console/`) and the tenant portal
+/// on the main listener (`/portal/`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// The ops console (admin tokens or admin JWTs log in).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The tenant portal (API keys log in; off by default).
+    #[serde(default)]
+    pub portal: bool,
+    /// How long a console session lasts.
+    #[serde(default = "default_session_ttl", deserialize_with = "duration")]
+    pub session_ttl: Duration,
+    /// Marks session cookies `Secure` even on a plain-HTTP listener (set it behind a proxy
+    /// that terminates TLS); a listener with TLS always does.
+    #[serde(default)]
+    pub secure_cookies: bool,
+    /// Login attempts per minute from one address (each listener counts its own).
+    #[serde(default = "default_login_attempts")]
+    pub login_attempts_per_minute: u32,
+}
+
+fn default_session_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+
+fn default_login_attempts() -> u32 {
+    10
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            portal: false,
+            session_ttl: default_session_ttl(),
+            secure_cookies: false,
+            login_attempts_per_minute: default_login_attempts(),
         }
     }
 }

@@ -62,6 +62,10 @@ impl ImageService {
         self.ttl
     }
 
+    pub fn signer(&self) -> &UrlSigner {
+        &self.signer
+    }
+
     /// Builds the response items in the requested format, whatever the backend returned.
     /// `fallback_revised` fills `revised_prompt` where the model's rules promise one and the
     /// backend gave none; `policy` says how this backend's image URLs are treated.

@@ -32,6 +32,15 @@ impl UrlSigner {
         UrlSigner { key: key.into() }
     }
 
+    /// A key for another purpose (`label`), derived from this one: replicas that share the
+    /// signing key share it too, and neither key reveals the other.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key");
+        mac.update(b"imagegate derive\0");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// The configured key, or the one kept in `data_dir/url-signing.key` (made on first use).
     pub fn load_or_create(configured: Option<&str>, data_dir: &Path) -> std::io::Result<Self> {
         if let Some(key) = configured {

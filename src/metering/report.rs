@@ -45,6 +45,8 @@ pub struct UsageQuery {
     pub tenant: Option<String>,
     pub key: Option<String>,
     pub model: Option<String>,
+    /// `generation`, `edit` or `variation`.
+    pub operation: Option<String>,
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
     pub limit: i64,
@@ -79,6 +81,9 @@ impl UsageQuery {
         }
         if let Some(m) = &self.model {
             push("model =", Param::Text(m.clone()));
+        }
+        if let Some(o) = &self.operation {
+            push("operation =", Param::Text(o.clone()));
         }
         if let Some(f) = self.from_ms {
             push("ts_ms >=", Param::Int(f));
@@ -294,6 +299,10 @@ impl Report {
                 "tenant" => r.query.tenant = Some(v.to_string()),
                 "key" => r.query.key = Some(v.to_string()),
                 "model" => r.query.model = Some(v.to_string()),
+                "operation" => match v {
+                    "generation" | "edit" | "variation" => r.query.operation = Some(v.to_string()),
+                    _ => return bad(k, "expected generation, edit or variation"),
+                },
                 "from" | "to" => {
                     let Some(t) = parse_time(v) else {
                         return bad(

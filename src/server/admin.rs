@@ -28,28 +28,55 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
     }
 }
 
-fn authorized(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn authorized(state: &AppState, req: &Request<Incoming>) -> Result<Admin, ApiError> {
     let token = crate::auth::bearer_token(req.headers().get(http::header::AUTHORIZATION))
         .map_err(|_| ApiError::new(ErrorKind::Authentication, "An admin token is required."))?;
-    let hash = hex::encode(crate::auth::hash_secret(token));
+    admin_of(state, token)
+        .ok_or_else(|| ApiError::new(ErrorKind::Authentication, "Invalid admin token."))
+}
+
+/// Who an admin credential is: an admin token of gateway.yaml or a JWT with the admin role.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Admin {
+    /// The SHA-256 (hex) of the token, as gateway.yaml lists it.
+    Token { sha256: String },
+    Jwt { sub: String, expires_at: Option<u64> },
+}
+
+impl Admin {
+    /// The audit log's name for this admin: never the token, only a short fingerprint.
+    pub(super) fn actor(&self) -> String {
+        match self {
+            Admin::Token { sha256 } => format!("admin:token:{}", &sha256[..12.min(sha256.len())]),
+            Admin::Jwt { sub, .. } => format!("admin:jwt:{sub}"),
+        }
+    }
+}
+
+/// The admin `token` names, if any (compared in constant time with the configured hashes).
+pub(super) fn admin_of(state: &AppState, token: &str) -> Option<Admin> {
     let rt = state.runtime.load();
     if rt.keys.jwt_admin(token) {
-        return Ok(());
+        let claims = rt.keys.jwt.as_ref()?.verify(token).ok()?;
+        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("-");
+        return Some(Admin::Jwt {
+            sub: sub.chars().take(80).collect(),
+            expires_at: claims.get("exp").and_then(|v| v.as_u64()),
+        });
     }
-    let ok = rt
-        .config
-        .admin
-        .tokens_sha256
-        .iter()
-        .any(|t| bool::from(t.to_ascii_lowercase().as_bytes().ct_eq(hash.as_bytes())));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorKind::Authentication,
-            "Invalid admin token.",
-        ))
+    let hash = hex::encode(crate::auth::hash_secret(token));
+    token_configured(state, &hash).then_some(Admin::Token { sha256: hash })
+}
+
+/// Whether the admin token with this SHA-256 (hex) is still in the running config.
+pub(super) fn token_configured(state: &AppState, sha256: &str) -> bool {
+    let rt = state.runtime.load();
+    let mut found = false;
+    for t in &rt.config.admin.tokens_sha256 {
+        // Every entry compared, in constant time.
+        found |= bool::from(t.to_ascii_lowercase().as_bytes().ct_eq(sha256.as_bytes()));
     }
+    found
 }
 
 async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
@@ -68,6 +95,8 @@ struct Page {
     after: Option<String>,
     limit: Option<i64>,
     tenant: Option<String>,
+    /// Only tenants (keys) whose id (or name) contains this.
+    q: Option<String>,
 }
 
 fn page(req: &Request<Incoming>) -> Result<Page, ApiError> {
@@ -76,6 +105,7 @@ fn page(req: &Request<Incoming>) -> Result<Page, ApiError> {
         match k.as_ref() {
             "after" => p.after = Some(v.into_owned()),
             "tenant" => p.tenant = Some(v.into_owned()),
+            "q" => p.q = Some(v.into_owned()).filter(|q| !q.is_empty()),
             "limit" => {
                 let n: i64 = v
                     .parse()
@@ -124,7 +154,7 @@ fn no_batches() -> ApiError {
 }
 
 async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    authorized(state, &req)?;
+    let admin = authorized(state, &req)?;
     let db: Database = state
         .db_keys
         .as_ref()
@@ -138,7 +168,8 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
     let method = req.method().clone();
-    match (method, parts.as_slice()) {
+    let mutates = method != Method::GET;
+    let resp = match (method.clone(), parts.as_slice()) {
         (Method::GET, ["usage"]) => {
             let query = req.uri().query().unwrap_or("").to_string();
             let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
@@ -161,7 +192,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         (Method::GET, ["tenants"]) => {
             let p = page(&req)?;
             let limit = p.limit.unwrap_or(100);
-            let items = db.list_tenants(p.after.as_deref(), limit).await?;
+            let items = db.list_tenants(p.q.as_deref(), p.after.as_deref(), limit).await?;
             let last = items.last().map(|t| t.id.clone());
             Ok(list(items, limit, last))
         }
@@ -255,7 +286,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             let p = page(&req)?;
             let limit = p.limit.unwrap_or(100);
             let items = db
-                .list_keys(p.tenant.as_deref(), p.after.as_deref(), limit)
+                .list_keys(p.tenant.as_deref(), p.q.as_deref(), p.after.as_deref(), limit)
                 .await?;
             let last = items.last().map(|k| k.id.clone());
             Ok(list(items, limit, last))
@@ -299,5 +330,20 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             ErrorKind::NotFound,
             format!("Invalid URL ({m} {path})"),
         )),
+    }?;
+    if mutates && resp.status().is_success() {
+        // The change is made; an audit store failure is logged, not turned into an error.
+        if let Err(e) = db
+            .audit(
+                &admin.actor(),
+                &format!("admin_api.{}", method.as_str().to_ascii_lowercase()),
+                &path,
+                &json!({}),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "audit log write failed");
+        }
     }
+    Ok(resp)
 }

@@ -43,6 +43,8 @@ pub(crate) struct AccessLog {
     rate: crate::policy::RateHeaders,
     /// Micro-dollars charged (price table x images delivered).
     cost: Option<u64>,
+    /// Images delivered.
+    images: u32,
     /// `generation`, `edit` or `variation`, once the request is validated.
     operation: Option<Operation>,
     /// The batch a line belongs to (batch lines run in the batch class, below interactive).
@@ -89,10 +91,25 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => respond::error(&err),
     };
+    finish(&mut resp, &log, &request_id, started, &method, &path, trace_id.as_deref());
+    Ok(resp)
+}
+
+/// What every answered request gets: its id, backend, attempts and rate-limit headers, its
+/// metrics and its access log line.
+fn finish(
+    resp: &mut Response<Body>,
+    log: &AccessLog,
+    request_id: &str,
+    started: Instant,
+    method: &Method,
+    path: &str,
+    trace_id: Option<&str>,
+) {
     let headers = resp.headers_mut();
     // request id, backend, attempts and six rate-limit headers: one growth, not several.
     headers.reserve(9);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID, v);
     }
     // What routing did, for ops: in headers and the log line, never in the body.
@@ -114,13 +131,23 @@ pub async fn handle(
     if path.starts_with("/v1/") {
         let m = crate::telemetry::metrics();
         // From the path, so a request refused before it was read still has one.
-        let operation = match path.as_str() {
+        let operation = match path {
             "/v1/images/generations" => "generation",
             "/v1/images/edits" => "edit",
             "/v1/images/variations" => "variation",
             _ => "-",
         };
         m.request(log.route.as_ref(), operation, status, log.tenant.as_ref());
+        if operation != "-" {
+            crate::telemetry::recent().record(crate::telemetry::recent::Finished {
+                status,
+                latency: elapsed,
+                tenant: log.tenant.as_ref(),
+                model: log.route.as_ref(),
+                images: log.images,
+                spend_micro_usd: log.cost.unwrap_or(0),
+            });
+        }
         if log.attempts > 0 {
             m.overhead(elapsed.saturating_sub(log.upstream_time));
         }
@@ -139,12 +166,36 @@ pub async fn handle(
         backend = %dash(log.backend.as_deref()),
         attempts = log.attempts,
         usage = %log.usage.as_ref().map_or_else(|| "-".to_string(), |u| u.to_string()),
-        trace_id = %dash(trace_id.as_deref()),
+        trace_id = %dash(trace_id),
         cost_micro_usd = log.cost.unwrap_or(0),
         operation = log.operation.map_or("-", Operation::as_str),
         "request"
     );
-    Ok(resp)
+}
+
+/// A generation for `principal` without an API key (the console's playground): the same
+/// path as `POST /v1/images/generations` from parsing on, counted and logged the same way.
+pub(crate) async fn generate_as(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    body: Bytes,
+) -> Response<Body> {
+    let started = Instant::now();
+    let _in_flight = InFlight::new();
+    let request_id = respond::request_id(&http::HeaderMap::new());
+    let path = "/v1/images/generations";
+    let mut log = AccessLog {
+        key_id: Some(principal.key_id.clone()),
+        tenant: Some(principal.tenant.clone()),
+        ..AccessLog::default()
+    };
+    let rt = state.runtime.load_full();
+    let mut resp = match generate(state, &rt, principal, body, None, &request_id, &mut log).await {
+        Ok(resp) => resp,
+        Err(err) => respond::error(&err),
+    };
+    finish(&mut resp, &log, &request_id, started, &Method::POST, path, None);
+    resp
 }
 
 /// `path` is the request's own, read once by [`handle`].
@@ -384,17 +435,30 @@ async fn generations(
     require_json(&req)?;
     let idem_key = idempotency_key(&req)?;
     let body = read_body(req, &rt.config.server).await?;
+    generate(state, &rt, &principal, body, idem_key, request_id, log).await
+}
+
+/// A generation's body, parsed, checked against its model's rules and run.
+async fn generate(
+    state: &Arc<AppState>,
+    rt: &Runtime,
+    principal: &Principal,
+    body: Bytes,
+    idem_key: Option<String>,
+    request_id: &str,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, ApiError> {
     let raw = api::parse_request(&body)?;
 
     let model_name = raw.model().to_string();
-    let route = model_route(&rt, &principal, &model_name, log)?;
+    let route = model_route(rt, principal, &model_name, log)?;
     serves(route, api::Operation::Generation)?;
     let request = raw.validate(&route.rules)?;
     let idempotency = idem_key.as_deref().map(|key| (key, &body[..]));
     run(
         state,
-        &rt,
-        &principal,
+        rt,
+        principal,
         route,
         request,
         idempotency,
@@ -513,6 +577,7 @@ pub(crate) async fn run(
     let cost = route.prices.cost(&request, delivered, usage.as_ref());
     let upstream_cost = upstream_price.map_or(0, |p| p.cost(&request, delivered, usage.as_ref()));
     log.cost = Some(cost);
+    log.images = delivered;
     log.usage = usage;
     route.images.inc_by(delivered as u64);
     crate::telemetry::metrics().spend(&principal.tenant, &route.name, cost);

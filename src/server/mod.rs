@@ -5,6 +5,7 @@ mod batch_runner;
 pub mod batches;
 pub mod compile;
 mod conn;
+mod console;
 mod handlers;
 pub mod models;
 mod respond;
@@ -57,7 +58,7 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -71,7 +72,15 @@ pub async fn serve(
             let state = state.clone();
             // Boxed: the request's future is ~5.6 KiB, and hyper would otherwise copy it
             // whole into its dispatcher.
-            service_fn(move |req| Box::pin(handlers::handle(state.clone(), req)))
+            service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                Box::pin(async move {
+                    if req.uri().path().starts_with("/portal") {
+                        return Ok(console::portal(&state, req, peer.ip()).await);
+                    }
+                    handlers::handle(state, req).await
+                })
+            })
         };
         let http = http.clone();
         let watcher = graceful.watcher();
@@ -215,7 +224,7 @@ async fn sweep_images(state: Arc<AppState>) {
 pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<()> {
     let http = Arc::new(conn::Http::new(&state.runtime.load().config.server));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -229,6 +238,9 @@ pub async fn serve_admin(state: Arc<AppState>, listener: TcpListener) -> std::io
             async move {
                 if req.uri().path().starts_with("/admin/") {
                     return Ok::<_, std::convert::Infallible>(admin::handle(&state, req).await);
+                }
+                if req.uri().path().starts_with("/console") {
+                    return Ok(console::ops(&state, req, peer.ip()).await);
                 }
                 let resp = match (req.method(), req.uri().path()) {
                     (&hyper::Method::GET, "/metrics") => respond::with_type(

@@ -74,7 +74,21 @@ pub struct AppState {
     pub meter: Arc<crate::metering::Meter>,
     /// Bytes of uploads held at once.
     pub uploads: super::uploads::UploadGate,
+    /// The console's sessions, login limiter and audit.
+    pub console: super::console::Console,
+    /// When and from what the running config was loaded, and the last reload refused.
+    pub config_log: Mutex<ConfigLog>,
     probes: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The running config's origin, for the console.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigLog {
+    /// The file's text as loaded (`None`: built in memory).
+    pub source: Option<Arc<str>>,
+    pub loaded_at: u64,
+    /// When a reload was refused, and why.
+    pub rejected: Option<(u64, String)>,
 }
 
 impl AppState {
@@ -153,8 +167,19 @@ impl AppState {
             redis.map(crate::policy::RedisLimiter::new),
         ));
         let (tls, admin_tls) = (compiled.tls.clone(), compiled.admin_tls.clone());
+        let console = super::console::Console::new(images.signer(), &config.console);
+        let config_log = ConfigLog {
+            source: config_path
+                .as_deref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(Arc::from),
+            loaded_at: crate::clock::now_unix(),
+            rejected: None,
+        };
         let runtime = Runtime::new(config, compiled, db_keys.clone(), policy);
         Ok(Arc::new(AppState {
+            console,
+            config_log: Mutex::new(config_log),
             batches,
             db_keys,
             meter,
@@ -173,10 +198,27 @@ impl AppState {
     /// Re-reads the config file, validates it and swaps it in atomically: requests in flight
     /// keep the snapshot they started with. An invalid file changes nothing.
     pub fn reload(&self) -> Result<(), String> {
+        let result = self.reload_file();
+        let mut log = self.config_log.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(text) => {
+                log.source = Some(Arc::from(text.as_str()));
+                log.loaded_at = crate::clock::now_unix();
+            }
+            Err(why) => log.rejected = Some((crate::clock::now_unix(), why.clone())),
+        }
+        result.map(|_| ())
+    }
+
+    /// [`AppState::reload`]'s work: the text of the file now serving, or why it was refused.
+    fn reload_file(&self) -> Result<String, String> {
         let Some(path) = &self.config_path else {
             return Err("this gateway was not started from a config file".into());
         };
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let config = Config::from_yaml(&text, &|name| std::env::var(name).ok())
+            .map_err(|e| e.to_string())?;
         let old = self.runtime.load_full();
         let fixed = [
             ("listen", config.listen != old.config.listen),
@@ -211,7 +253,7 @@ impl AppState {
         crate::telemetry::metrics().set_tenant_label(runtime.config.metrics.tenant_label);
         self.runtime.store(Arc::new(runtime));
         self.restart_probes();
-        Ok(())
+        Ok(text)
     }
 
     /// (Re)starts the active health probes of the current config's backends.

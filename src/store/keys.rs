@@ -99,6 +99,8 @@ pub struct KeyRecord {
     pub last_used_at: Option<i64>,
     pub disabled: bool,
     pub revoked_at: Option<i64>,
+    /// Whether the key may create, rotate and revoke its tenant's keys in the tenant portal.
+    pub manage_keys: bool,
 }
 
 impl TenantInput {
@@ -160,6 +162,9 @@ pub struct KeyInput {
     /// Unix seconds.
     #[serde(default)]
     pub expires_at: Option<i64>,
+    /// May manage its tenant's keys in the tenant portal.
+    #[serde(default)]
+    pub manage_keys: bool,
 }
 
 /// A key with its secret, shown once.
@@ -209,7 +214,21 @@ fn key_row(r: &AnyRow) -> Result<KeyRecord, StoreError> {
         last_used_at: r.try_get("last_used_at")?,
         disabled: r.try_get::<i64, _>("disabled")? != 0,
         revoked_at: r.try_get("revoked_at")?,
+        manage_keys: r.try_get::<i64, _>("manage_keys")? != 0,
     })
+}
+
+/// `%text%` with `text`'s own `%`, `_` and `\` taken literally (`ESCAPE '\'`).
+fn like_pattern(search: Option<&str>) -> String {
+    let mut p = String::from("%");
+    for c in search.unwrap_or("").chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
 }
 
 fn check_id(id: &str, what: &str) -> Result<(), StoreError> {
@@ -229,7 +248,7 @@ fn check_id(id: &str, what: &str) -> Result<(), StoreError> {
 
 const KEY_COLUMNS: &str =
     "id, tenant_id, name, secret_sha256, prev_secret_sha256, prev_valid_until, \
-     models, limits, expires_at, created_at, last_used_at, disabled, revoked_at";
+     models, limits, expires_at, created_at, last_used_at, disabled, revoked_at, manage_keys";
 
 impl Database {
     async fn bump(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), StoreError> {
@@ -345,15 +364,19 @@ impl Database {
             .transpose()
     }
 
-    /// Tenants ordered by id, after the cursor `after`.
+    /// Tenants ordered by id, after the cursor `after`, whose id contains `search` if given.
     pub async fn list_tenants(
         &self,
+        search: Option<&str>,
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<TenantRecord>, StoreError> {
-        sqlx::query("SELECT * FROM tenants WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(after.unwrap_or(""))
-            .bind(limit)
+        sqlx::query(
+            "SELECT * FROM tenants WHERE id > $1 AND id LIKE $2 ESCAPE '\\' ORDER BY id LIMIT $3",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(like_pattern(search))
+        .bind(limit)
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -371,7 +394,7 @@ impl Database {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, name, secret_sha256, models, limits, expires_at, \
-             created_at, disabled) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+             created_at, disabled, manage_keys) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9)",
         )
         .bind(&id)
         .bind(&k.tenant)
@@ -381,6 +404,7 @@ impl Database {
         .bind(k.limits.as_ref().map(json))
         .bind(k.expires_at)
         .bind(at)
+        .bind(i64::from(k.manage_keys))
         .execute(&mut *tx)
         .await?;
         self.bump(&mut tx).await?;
@@ -405,35 +429,33 @@ impl Database {
             .transpose()
     }
 
-    /// Keys ordered by id, optionally of one tenant, after the cursor `after`.
+    /// Keys ordered by id, optionally of one tenant, after the cursor `after`, whose id or
+    /// name contains `search` if given.
     pub async fn list_keys(
         &self,
         tenant: Option<&str>,
+        search: Option<&str>,
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = match tenant {
-            Some(t) => {
-                sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3"
-                ))
-                .bind(t)
-                .bind(after.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2"
-                ))
-                .bind(after.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
+        let tenant_cond = if tenant.is_some() {
+            "tenant_id = $4"
+        } else {
+            "$4 = ''"
         };
-        rows.iter().map(key_row).collect()
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id > $1 AND {tenant_cond} \
+             AND (id LIKE $2 ESCAPE '\\' OR name LIKE $2 ESCAPE '\\') ORDER BY id LIMIT $3"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(like_pattern(search))
+        .bind(limit)
+        .bind(tenant.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_row)
+        .collect()
     }
 
     async fn update_key(

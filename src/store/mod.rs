@@ -2,6 +2,7 @@
 //! replicas), through sqlx's `Any` driver so one set of queries serves both. Migrations run on
 //! start; on PostgreSQL sqlx takes an advisory lock, so replicas starting together are safe.
 
+pub mod audit;
 pub mod keys;
 pub mod redis;
 

@@ -4,6 +4,7 @@
 //! client's W3C `traceparent` continued and passed to upstreams.
 
 mod metrics;
+pub mod recent;
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
 
+pub use recent::recent;
 pub use metrics::{metrics, BackendSeries, Metrics};
 
 /// Spans are exported (some `init` had `log.otlp_endpoint`). Without an exporter no span
