@@ -81,3 +81,19 @@ fi
 cargo test --all-targets
 .venv/bin/python scripts/check-deploy.py "$PWD/target/debug/imagegate"
 IMAGEGATE_BIN="$PWD/target/debug/imagegate" .venv/bin/python -m pytest -q tests/sdk
+
+# The console in a real headless Chromium: Debian's chromium and chromedriver (installed if
+# missing), driven by Selenium with the system driver named (SE_OFFLINE: nothing downloaded),
+# against the release binary. Screenshots land in target/browser-screenshots/.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+fi
+if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then
+  cargo build --release --bin imagegate
+  SE_OFFLINE=true IMAGEGATE_BIN="$PWD/target/release/imagegate" .venv/bin/python -m pytest -q tests/browser
+elif [ -n "${CI:-}" ]; then
+  echo "chromium and chromium-driver are missing and could not be installed" >&2
+  exit 1
+fi

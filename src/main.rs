@@ -261,7 +261,10 @@ async fn tenants(db: imagegate::store::Database, command: TenantCommand) -> Resu
         TenantCommand::List => {
             let mut after: Option<String> = None;
             loop {
-                let page = db.list_tenants(None, after.as_deref(), 500).await.map_err(e)?;
+                let page = db
+                    .list_tenants(None, after.as_deref(), 500)
+                    .await
+                    .map_err(e)?;
                 for t in &page {
                     print_json(t);
                 }

@@ -40,7 +40,10 @@ fn authorized(state: &AppState, req: &Request<Incoming>) -> Result<Admin, ApiErr
 pub(super) enum Admin {
     /// The SHA-256 (hex) of the token, as gateway.yaml lists it.
     Token { sha256: String },
-    Jwt { sub: String, expires_at: Option<u64> },
+    Jwt {
+        sub: String,
+        expires_at: Option<u64>,
+    },
 }
 
 impl Admin {
@@ -192,7 +195,9 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         (Method::GET, ["tenants"]) => {
             let p = page(&req)?;
             let limit = p.limit.unwrap_or(100);
-            let items = db.list_tenants(p.q.as_deref(), p.after.as_deref(), limit).await?;
+            let items = db
+                .list_tenants(p.q.as_deref(), p.after.as_deref(), limit)
+                .await?;
             let last = items.last().map(|t| t.id.clone());
             Ok(list(items, limit, last))
         }
@@ -286,7 +291,12 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             let p = page(&req)?;
             let limit = p.limit.unwrap_or(100);
             let items = db
-                .list_keys(p.tenant.as_deref(), p.q.as_deref(), p.after.as_deref(), limit)
+                .list_keys(
+                    p.tenant.as_deref(),
+                    p.q.as_deref(),
+                    p.after.as_deref(),
+                    limit,
+                )
                 .await?;
             let last = items.last().map(|k| k.id.clone());
             Ok(list(items, limit, last))

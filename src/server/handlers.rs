@@ -91,7 +91,15 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => respond::error(&err),
     };
-    finish(&mut resp, &log, &request_id, started, &method, &path, trace_id.as_deref());
+    finish(
+        &mut resp,
+        &log,
+        &request_id,
+        started,
+        &method,
+        &path,
+        trace_id.as_deref(),
+    );
     Ok(resp)
 }
 
@@ -194,7 +202,15 @@ pub(crate) async fn generate_as(
         Ok(resp) => resp,
         Err(err) => respond::error(&err),
     };
-    finish(&mut resp, &log, &request_id, started, &Method::POST, path, None);
+    finish(
+        &mut resp,
+        &log,
+        &request_id,
+        started,
+        &Method::POST,
+        path,
+        None,
+    );
     resp
 }
 

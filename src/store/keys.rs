@@ -377,11 +377,11 @@ impl Database {
         .bind(after.unwrap_or(""))
         .bind(like_pattern(search))
         .bind(limit)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(tenant_row)
-            .collect()
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant_row)
+        .collect()
     }
 
     pub async fn create_key(&self, k: &KeyInput) -> Result<NewKey, StoreError> {

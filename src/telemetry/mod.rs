@@ -22,8 +22,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
 
-pub use recent::recent;
 pub use metrics::{metrics, BackendSeries, Metrics};
+pub use recent::recent;
 
 /// Spans are exported (some `init` had `log.otlp_endpoint`). Without an exporter no span
 /// carries an OpenTelemetry context, so the per-request trace work below is skipped. Never

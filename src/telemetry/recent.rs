@@ -14,7 +14,20 @@ const NAMED_MINUTES: u64 = 60;
 const MAX_NAMES: usize = 500;
 /// Upper bounds (ms) of the latency buckets; the last is everything above.
 pub const LATENCY_BOUNDS_MS: [u64; 15] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    20_000,
+    30_000,
+    60_000,
+    120_000,
     u64::MAX,
 ];
 
@@ -97,7 +110,10 @@ fn bump(map: &mut HashMap<Arc<str>, u32>, name: Option<&Arc<str>>) {
 }
 
 fn top(merged: HashMap<Arc<str>, u32>, n: usize) -> Vec<(String, u32)> {
-    let mut v: Vec<(String, u32)> = merged.into_iter().map(|(k, c)| (k.to_string(), c)).collect();
+    let mut v: Vec<(String, u32)> = merged
+        .into_iter()
+        .map(|(k, c)| (k.to_string(), c))
+        .collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     v.truncate(n);
     v

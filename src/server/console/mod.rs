@@ -51,11 +51,7 @@ pub async fn ops(state: &Arc<AppState>, req: Request<Incoming>, peer: IpAddr) ->
 }
 
 /// The tenant portal (main listener).
-pub async fn portal(
-    state: &Arc<AppState>,
-    req: Request<Incoming>,
-    peer: IpAddr,
-) -> Response<Body> {
+pub async fn portal(state: &Arc<AppState>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
     let site = Site {
         base: "/portal",
         cookie: "ig_portal",
@@ -133,9 +129,15 @@ pub(super) fn cookie<'r>(req: &'r Request<Incoming>, name: &str) -> Option<&'r s
 }
 
 /// The session of a request's cookie, if it still opens.
-pub(super) fn session_of(state: &AppState, site: &Site, req: &Request<Incoming>) -> Option<Session> {
+pub(super) fn session_of(
+    state: &AppState,
+    site: &Site,
+    req: &Request<Incoming>,
+) -> Option<Session> {
     let cookie = cookie(req, site.cookie)?;
-    state.console.open(cookie, crate::clock::now_unix())
+    state
+        .console
+        .open(site.base, cookie, crate::clock::now_unix())
 }
 
 /// A form body's fields.
@@ -191,7 +193,10 @@ pub(super) fn query(req: &Request<Incoming>) -> Form {
 fn harden(resp: &mut Response<Body>) {
     let h = resp.headers_mut();
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -244,10 +249,13 @@ fn asset(site: &Site, path: &str) -> Option<Response<Body>> {
         "/assets/app.js" => (JS, "text/javascript; charset=utf-8"),
         _ => return None,
     };
-    let mut resp = super::respond::with_type(StatusCode::OK, Bytes::from_static(body.as_bytes()), kind);
+    let mut resp =
+        super::respond::with_type(StatusCode::OK, Bytes::from_static(body.as_bytes()), kind);
     harden(&mut resp);
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    resp.headers_mut().insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
     Some(resp)
 }
 
@@ -291,7 +299,9 @@ where
                 &site.cookie_header(&site.login_cookie(), &nonce, Some(900)),
             ))
         }
-        (Method::POST, "/login") => Gate::Done(login(state, site, req, peer, login_hint, verify).await),
+        (Method::POST, "/login") => {
+            Gate::Done(login(state, site, req, peer, login_hint, verify).await)
+        }
         (method, rest) => {
             let Some(session) = session_of(state, site, &req) else {
                 return Gate::Done(if method == Method::GET {
@@ -400,14 +410,21 @@ where
         Ok((who, exp)) => {
             tracing::info!(actor = %who.actor(), site = site.base, "console login");
             let ttl = exp.saturating_sub(crate::clock::now_unix());
-            let (_, value) = state.console.issue(who, exp);
+            let (_, value) = state.console.issue(site.base, who, exp);
             let resp = redirect(&format!("{}/", site.base));
             let resp = with_cookie(resp, &site.cookie_header(site.cookie, &value, Some(ttl)));
             with_cookie(resp, &site.cookie_header(&site.login_cookie(), "", Some(0)))
         }
         Err(why) => {
             tracing::info!(%peer, site = site.base, "console login refused");
-            login_page(state, site, &nonce, hint, Some(&why), StatusCode::UNAUTHORIZED)
+            login_page(
+                state,
+                site,
+                &nonce,
+                hint,
+                Some(&why),
+                StatusCode::UNAUTHORIZED,
+            )
         }
     }
 }

@@ -134,7 +134,8 @@ async fn with_db(
             };
             match db.create_tenant(&input).await {
                 Ok(t) => {
-                    ctx.audit("tenant.create", &t.id, tenant_detail(&input)).await;
+                    ctx.audit("tenant.create", &t.id, tenant_detail(&input))
+                        .await;
                     redirect(&format!("/console/tenants/{}", t.id))
                 }
                 Err(e) => tenants_error(ctx, db, &e.to_string()).await,
@@ -193,19 +194,34 @@ async fn with_db(
                         json!({"tenant": tenant, "name": created.key.name, "manage_keys": created.key.manage_keys}),
                     )
                     .await;
-                    frame(ctx, "New key", "keys", shared::secret_page(ctx, &created, "Created key"))
+                    frame(
+                        ctx,
+                        "New key",
+                        "keys",
+                        shared::secret_page(ctx, &created, "Created key"),
+                    )
                 }
-                Err(e) => frame(ctx, "Keys", "keys", html! {
-                    (notice("error", &format!("Could not create the key: {e}")))
-                    (keys(ctx, db, &super::Form(Vec::new())).await)
-                }),
+                Err(e) => frame(
+                    ctx,
+                    "Keys",
+                    "keys",
+                    html! {
+                        (notice("error", &format!("Could not create the key: {e}")))
+                        (keys(ctx, db, &super::Form(Vec::new())).await)
+                    },
+                ),
             }
         }
         (Method::GET, ["keys", id]) => match db.get_key(id).await {
-            Ok(Some(k)) => frame(ctx, "Key", "keys", html! {
-                (shared::keys_table(ctx, std::slice::from_ref(&k), None))
-                p { a href={ "/console/usage?key=" (k.id) } { "Usage of this key" } }
-            }),
+            Ok(Some(k)) => frame(
+                ctx,
+                "Key",
+                "keys",
+                html! {
+                    (shared::keys_table(ctx, std::slice::from_ref(&k), None))
+                    p { a href={ "/console/usage?key=" (k.id) } { "Usage of this key" } }
+                },
+            ),
             _ => not_found(),
         },
         (Method::POST, ["keys", id, action @ ("revoke" | "disable" | "enable" | "rotate")]) => {
@@ -217,14 +233,24 @@ async fn with_db(
                 return not_found();
             };
             match shared::key_action(ctx, db, &key, action, &form).await {
-                Ok(Some(rotated)) => frame(ctx, "Rotated key", "keys", shared::secret_page(ctx, &rotated, "Rotated key")),
+                Ok(Some(rotated)) => frame(
+                    ctx,
+                    "Rotated key",
+                    "keys",
+                    shared::secret_page(ctx, &rotated, "Rotated key"),
+                ),
                 Ok(None) => redirect(&format!("/console/tenants/{}", key.tenant)),
                 Err(why) => frame(ctx, "Keys", "keys", notice("error", &why)),
             }
         }
         (Method::GET, ["usage"]) => {
             let q = super::query(&req);
-            frame(ctx, "Usage", "usage", shared::usage(ctx, db, &q, None).await)
+            frame(
+                ctx,
+                "Usage",
+                "usage",
+                shared::usage(ctx, db, &q, None).await,
+            )
         }
         (Method::GET, ["usage.csv"]) => {
             let q = super::query(&req);
@@ -232,7 +258,12 @@ async fn with_db(
         }
         (Method::GET, ["playground"]) => {
             let q = super::query(&req);
-            frame(ctx, "Playground", "playground", shared::playground_form(ctx, &q, None, &served(ctx)))
+            frame(
+                ctx,
+                "Playground",
+                "playground",
+                shared::playground_form(ctx, &q, None, &served(ctx)),
+            )
         }
         (Method::POST, ["playground"]) => {
             let form = match checked_form(ctx, req).await {
@@ -246,10 +277,15 @@ async fn with_db(
                 Ok(principal) => shared::playground_run(ctx, &principal, &form).await,
                 Err(e) => notice("error", &format!("Tenant \"{tenant}\": {e}")),
             };
-            frame(ctx, "Playground", "playground", html! {
-                (shared::playground_form(ctx, &form, None, &served(ctx)))
-                (result)
-            })
+            frame(
+                ctx,
+                "Playground",
+                "playground",
+                html! {
+                    (shared::playground_form(ctx, &form, None, &served(ctx)))
+                    (result)
+                },
+            )
         }
         (Method::GET, ["audit"]) => {
             let q = super::query(&req);
@@ -298,9 +334,9 @@ fn overview_body() -> Markup {
         Some(u64::MAX) => "> 120 s".to_string(),
         Some(v) => format!("≤ {v} ms"),
     };
-    let per = |f: fn(&crate::telemetry::recent::Counts) -> u64, v: &[crate::telemetry::recent::Counts]| -> Vec<u64> {
-        v.iter().map(f).collect()
-    };
+    let per = |f: fn(&crate::telemetry::recent::Counts) -> u64,
+               v: &[crate::telemetry::recent::Counts]|
+     -> Vec<u64> { v.iter().map(f).collect() };
     html! {
         div #live data-refresh="/console/overview?part=1" {
             p.meta { "This replica, updated " (time(crate::clock::now_unix() as i64)) " (every 5 s)." }
@@ -373,9 +409,19 @@ fn config(state: &AppState) -> Markup {
 pub fn redact_yaml(text: &str) -> String {
     fn secretive(name: &str) -> bool {
         let n = name.to_ascii_lowercase();
-        ["key", "secret", "token", "password", "credential", "authorization", "dsn", "postgres", "redis"]
-            .iter()
-            .any(|w| n.contains(w))
+        [
+            "key",
+            "secret",
+            "token",
+            "password",
+            "credential",
+            "authorization",
+            "dsn",
+            "postgres",
+            "redis",
+        ]
+        .iter()
+        .any(|w| n.contains(w))
             && !matches!(n.as_str(), "key_cache_ttl" | "manage_keys" | "tenant_claim")
     }
     fn walk(v: &mut serde_yaml_ng::Value, secret: bool) {
@@ -392,7 +438,8 @@ pub fn redact_yaml(text: &str) -> String {
                 }
             }
             serde_yaml_ng::Value::String(s) if secret => {
-                let reference = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+                let reference =
+                    s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
                 if !reference {
                     *s = "[redacted]".into();
                 }
@@ -545,7 +592,11 @@ pub fn parse_usd(v: &str) -> Option<u64> {
     if !all_digits(whole) || !all_digits(frac) {
         return None;
     }
-    let w: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let w: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let f: u64 = format!("{frac:0<6}").parse().ok()?;
     w.checked_mul(1_000_000)?.checked_add(f)
 }
@@ -565,9 +616,16 @@ async fn tenant_page(
         Ok(None) => return not_found(),
         Err(e) => return frame(ctx, "Tenant", "tenants", notice("error", &e.to_string())),
     };
-    let keys = db.list_keys(Some(id), None, None, PAGE).await.unwrap_or_default();
+    let keys = db
+        .list_keys(Some(id), None, None, PAGE)
+        .await
+        .unwrap_or_default();
     let budget = shared::budget(ctx.state, &t.id, &t.effective_limits()).await;
-    let (action, label) = if t.disabled { ("enable", "Enable tenant") } else { ("disable", "Disable tenant") };
+    let (action, label) = if t.disabled {
+        ("enable", "Enable tenant")
+    } else {
+        ("disable", "Disable tenant")
+    };
     let body = html! {
         @if let Some((kind, text)) = &message { (notice(kind, text)) }
         p { "State: " span class={ "badge " (if t.disabled { "disabled" } else { "active" }) } { (if t.disabled { "disabled" } else { "active" }) }
@@ -713,4 +771,56 @@ fn tiers_of(pool: &crate::routing::Pool) -> Vec<u32> {
     tiers.sort_unstable();
     tiers.dedup();
     tiers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_amounts_parse_to_micro_dollars() {
+        assert_eq!(parse_usd("12"), Some(12_000_000));
+        assert_eq!(parse_usd("12.5"), Some(12_500_000));
+        assert_eq!(parse_usd("$0.000001"), Some(1));
+        assert_eq!(parse_usd(".25"), Some(250_000));
+        for bad in [
+            "",
+            ".",
+            "1.0000001",
+            "-1",
+            "1e3",
+            "1,5",
+            "18446744073709551615",
+        ] {
+            assert_eq!(parse_usd(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_config_page_redacts_every_secret_but_names_variables() {
+        let text = r#"
+admin: {tokens_sha256: [abc123]}
+keys:
+  - {id: demo, tenant: demo, secret: sk-imagegate-demo}
+backends:
+  openai: {kind: openai, api_key: "${OPENAI_API_KEY}", base_url: "https://api.openai.com/v1"}
+  gemini: {kind: gemini, credentials: {private_key: "-----BEGIN", client_email: a@b}}
+state: {postgres: "postgres://u:pw@db/x", key_cache_ttl: 30s}
+images: {signing_key: 0123456789abcdef0123456789abcdef}
+"#;
+        let out = redact_yaml(text);
+        for secret in [
+            "abc123",
+            "sk-imagegate-demo",
+            "-----BEGIN",
+            "u:pw",
+            "0123456789abcdef",
+        ] {
+            assert!(!out.contains(secret), "{secret} shown:\n{out}");
+        }
+        assert!(out.contains("${OPENAI_API_KEY}"));
+        assert!(out.contains("https://api.openai.com/v1"));
+        assert!(out.contains("30s"));
+        assert!(out.contains("[redacted]"));
+    }
 }

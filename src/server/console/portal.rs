@@ -27,7 +27,11 @@ const NAV_ALL: &[(&str, &str)] = &[
     ("keys", "Keys"),
     ("playground", "Playground"),
 ];
-const NAV_USAGE: &[(&str, &str)] = &[("home", "Home"), ("usage", "Usage"), ("playground", "Playground")];
+const NAV_USAGE: &[(&str, &str)] = &[
+    ("home", "Home"),
+    ("usage", "Usage"),
+    ("playground", "Playground"),
+];
 
 /// The logged-in key and its tenant, as the store has them now.
 struct Me {
@@ -49,7 +53,14 @@ pub async fn route(
         if crate::store::keys::parse_token(&credential).is_none() {
             return Err("That is not an API key of this gateway's key store (sk-ig-…).".into());
         }
-        match store.authenticate(&credential).await {
+        // A key made a moment ago may not be in this replica's cache yet: one refresh.
+        let mut result = store.authenticate(&credential).await;
+        if matches!(result, Err(crate::auth::AuthError::Unknown))
+            && store.refresh().await.unwrap_or(false)
+        {
+            result = store.authenticate(&credential).await;
+        }
+        match result {
             Ok(p) => Ok((
                 Who::Key {
                     tenant: p.tenant.to_string(),
@@ -207,7 +218,11 @@ fn frame(ctx: &Ctx<'_>, me: &Me, title: &str, active: &str, content: Markup) -> 
         active,
         session: Some(&ctx.session),
         csrf: &ctx.csrf,
-        nav: if me.key.manage_keys { NAV_ALL } else { NAV_USAGE },
+        nav: if me.key.manage_keys {
+            NAV_ALL
+        } else {
+            NAV_USAGE
+        },
     };
     html_page(StatusCode::OK, layout::page(&f, content))
 }

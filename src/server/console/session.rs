@@ -27,10 +27,18 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL
 pub enum Who {
     /// An admin token of gateway.yaml: `fp` is a keyed fingerprint of its SHA-256, `name` the
     /// first 12 hex digits of that hash (the audit log's name for it).
-    AdminToken { fp: String, name: String },
-    AdminJwt { sub: String },
+    AdminToken {
+        fp: String,
+        name: String,
+    },
+    AdminJwt {
+        sub: String,
+    },
     /// A store API key of `tenant` (the portal).
-    Key { tenant: String, key: String },
+    Key {
+        tenant: String,
+        key: String,
+    },
 }
 
 impl Who {
@@ -65,8 +73,8 @@ fn b64(bytes: &[u8]) -> String {
 
 impl Console {
     pub fn new(signer: &UrlSigner, config: &ConsoleConfig) -> Self {
-        let per_minute = NonZeroU32::new(config.login_attempts_per_minute.max(1))
-            .unwrap_or(NonZeroU32::MIN);
+        let per_minute =
+            NonZeroU32::new(config.login_attempts_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         Console {
             key: signer.derive("console session v1"),
             logins: RateLimiter::keyed(Quota::per_minute(per_minute)),
@@ -95,22 +103,23 @@ impl Console {
         self.logins.check_key(&ip).is_ok()
     }
 
-    /// A new session's cookie value.
-    pub fn issue(&self, who: Who, exp: u64) -> (Session, String) {
+    /// A new session's cookie value, for `site` (`/console` or `/portal`: a cookie of one
+    /// never opens the other).
+    pub fn issue(&self, site: &str, who: Who, exp: u64) -> (Session, String) {
         let session = Session {
             sid: b64(&rand::random::<[u8; 16]>()),
             exp,
             who,
         };
         let body = b64(&serde_json::to_vec(&session).unwrap_or_default());
-        let sig = b64(&self.mac("session", body.as_bytes()));
+        let sig = b64(&self.mac(&format!("session {site}"), body.as_bytes()));
         (session, format!("{body}.{sig}"))
     }
 
     /// The session a cookie value carries, if it is ours, unexpired and not logged out.
-    pub fn open(&self, cookie: &str, now: u64) -> Option<Session> {
+    pub fn open(&self, site: &str, cookie: &str, now: u64) -> Option<Session> {
         let (body, sig) = cookie.split_once('.')?;
-        let want = self.mac("session", body.as_bytes());
+        let want = self.mac(&format!("session {site}"), body.as_bytes());
         let got = B64.decode(sig).ok()?;
         if !bool::from(got.as_slice().ct_eq(&want[..])) {
             return None;
@@ -161,9 +170,10 @@ mod tests {
             tenant: "a".into(),
             key: "k1".into(),
         };
-        let (s, cookie) = c.issue(who.clone(), 1_000);
-        assert_eq!(c.open(&cookie, 999).map(|s| s.who), Some(who));
-        assert!(c.open(&cookie, 1_000).is_none(), "expired");
+        let (s, cookie) = c.issue("/portal", who.clone(), 1_000);
+        assert_eq!(c.open("/portal", &cookie, 999).map(|s| s.who), Some(who));
+        assert!(c.open("/console", &cookie, 999).is_none(), "another site's");
+        assert!(c.open("/portal", &cookie, 1_000).is_none(), "expired");
         // Another tenant in the same signature: refused.
         let (body, sig) = cookie.split_once('.').unwrap();
         let mut forged: Session = serde_json::from_slice(&B64.decode(body).unwrap()).unwrap();
@@ -172,19 +182,19 @@ mod tests {
             key: "k1".into(),
         };
         let forged = format!("{}.{sig}", b64(&serde_json::to_vec(&forged).unwrap()));
-        assert!(c.open(&forged, 10).is_none());
+        assert!(c.open("/portal", &forged, 10).is_none());
         // Another gateway's key: refused.
         let other = Console::new(&UrlSigner::new(vec![8u8; 32]), &ConsoleConfig::default());
-        assert!(other.open(&cookie, 10).is_none());
+        assert!(other.open("/portal", &cookie, 10).is_none());
         c.end(&s, 10);
-        assert!(c.open(&cookie, 10).is_none(), "logged out");
+        assert!(c.open("/portal", &cookie, 10).is_none(), "logged out");
     }
 
     #[test]
     fn csrf_tokens_are_per_session() {
         let c = console();
-        let (a, _) = c.issue(Who::AdminJwt { sub: "x".into() }, 100);
-        let (b, _) = c.issue(Who::AdminJwt { sub: "x".into() }, 100);
+        let (a, _) = c.issue("/console", Who::AdminJwt { sub: "x".into() }, 100);
+        let (b, _) = c.issue("/console", Who::AdminJwt { sub: "x".into() }, 100);
         assert!(c.csrf_ok(&a, &c.csrf(&a)));
         assert!(!c.csrf_ok(&a, &c.csrf(&b)));
         assert!(!c.csrf_ok(&a, ""));

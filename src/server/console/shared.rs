@@ -243,7 +243,15 @@ pub fn usage_report(
     tenant: Option<&str>,
 ) -> Result<(Vec<(String, String)>, crate::metering::report::Report), String> {
     let mut pairs: Vec<(String, String)> = Vec::new();
-    for name in ["tenant", "key", "model", "operation", "from", "to", "group_by"] {
+    for name in [
+        "tenant",
+        "key",
+        "model",
+        "operation",
+        "from",
+        "to",
+        "group_by",
+    ] {
         if let Some(v) = q.trimmed(name) {
             pairs.push((name.to_string(), v.to_string()));
         }
@@ -291,7 +299,12 @@ fn usage_form(ctx: &Ctx<'_>, q: &Form, tenant: Option<&str>) -> Markup {
 }
 
 /// `usage.csv`: exactly the rows or groups the same query shows.
-pub async fn usage_csv(ctx: &Ctx<'_>, db: &Database, q: &Form, tenant: Option<&str>) -> Response<Body> {
+pub async fn usage_csv(
+    ctx: &Ctx<'_>,
+    db: &Database,
+    q: &Form,
+    tenant: Option<&str>,
+) -> Response<Body> {
     let (_, mut report) = match usage_report(q, tenant) {
         Ok(r) => r,
         Err(why) => return super::plain(StatusCode::BAD_REQUEST, &why),
@@ -320,7 +333,14 @@ pub async fn usage_csv(ctx: &Ctx<'_>, db: &Database, q: &Form, tenant: Option<&s
 }
 
 pub const SIZES: [&str; 8] = [
-    "auto", "256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792",
+    "auto",
+    "256x256",
+    "512x512",
+    "1024x1024",
+    "1536x1024",
+    "1024x1536",
+    "1792x1024",
+    "1024x1792",
 ];
 
 /// The playground's form. `tenant`: the portal's; `models`: what may be chosen.
@@ -346,11 +366,7 @@ pub fn playground_form(ctx: &Ctx<'_>, f: &Form, tenant: Option<&str>, models: &[
 
 /// Runs a playground form through the normal request path as `principal` and shows the
 /// answer: the images, the error, and the headers the gateway sent.
-pub async fn playground_run(
-    ctx: &Ctx<'_>,
-    principal: &crate::auth::Principal,
-    f: &Form,
-) -> Markup {
+pub async fn playground_run(ctx: &Ctx<'_>, principal: &crate::auth::Principal, f: &Form) -> Markup {
     let rt = ctx.state.runtime.load_full();
     let model = f.get("model");
     let gpt = rt
@@ -364,12 +380,9 @@ pub async fn playground_run(
     if !gpt {
         body["response_format"] = json!("b64_json");
     }
-    let resp = crate::server::handlers::generate_as(
-        ctx.state,
-        principal,
-        Bytes::from(body.to_string()),
-    )
-    .await;
+    let resp =
+        crate::server::handlers::generate_as(ctx.state, principal, Bytes::from(body.to_string()))
+            .await;
     let status = resp.status();
     let shown: Vec<(String, String)> = resp
         .headers()
@@ -432,8 +445,7 @@ pub async fn budget(
     let Some(b) = limits.budget else {
         return html! { p { "No budget: spending is not capped." } };
     };
-    let (period, _) =
-        crate::metering::budget::period_of(b.period, crate::clock::now_unix());
+    let (period, _) = crate::metering::budget::period_of(b.period, crate::clock::now_unix());
     match state
         .meter
         .budgets()
