@@ -157,6 +157,32 @@ where
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.file_name().map(str::to_string);
         let data = field.bytes().await.map_err(|e| unreadable(e, limit))?;
+        form.add_part(&mut hash, &name, filename, data)?;
+    }
+    form.fingerprint = hash.finalize().to_vec();
+    Ok(form)
+}
+
+/// A form from parts already read (the console's playground reads its own form first).
+pub fn form_from_parts(parts: Vec<(String, Option<String>, Bytes)>) -> Result<Form, ApiError> {
+    let mut form = Form::default();
+    let mut hash = Sha256::new();
+    for (name, filename, data) in parts {
+        form.add_part(&mut hash, &name, filename, data)?;
+    }
+    form.fingerprint = hash.finalize().to_vec();
+    Ok(form)
+}
+
+impl Form {
+    /// One part, folded into the form and into its fingerprint.
+    fn add_part(
+        &mut self,
+        hash: &mut Sha256,
+        name: &str,
+        filename: Option<String>,
+        data: Bytes,
+    ) -> Result<(), ApiError> {
         for piece in [
             name.as_bytes(),
             filename.as_deref().unwrap_or("").as_bytes(),
@@ -166,13 +192,9 @@ where
         }
         hash.update((data.len() as u64).to_le_bytes());
         hash.update(&data);
-        form.take(&name, filename, data)?;
+        self.take(name, filename, data)
     }
-    form.fingerprint = hash.finalize().to_vec();
-    Ok(form)
-}
 
-impl Form {
     fn take(&mut self, name: &str, filename: Option<String>, data: Bytes) -> Result<(), ApiError> {
         let file = |data: Bytes, filename: Option<String>| {
             (data, filename.unwrap_or_else(|| "image".to_string()))

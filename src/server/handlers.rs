@@ -181,27 +181,51 @@ fn finish(
     );
 }
 
-/// A generation for `principal` without an API key (the console's playground): the same
-/// path as `POST /v1/images/generations` from parsing on, counted and logged the same way.
-pub(crate) async fn generate_as(
+/// A request the console's playground makes for a principal, without an API key.
+pub(crate) enum AsRequest {
+    /// A generation's JSON body.
+    Generation(Bytes),
+    /// An edit's form, read.
+    Edit(api::edit::Form),
+}
+
+/// Serves `what` for `principal`: the same path as `POST /v1/images/generations` (or
+/// `/edits`) from parsing on, counted and logged the same way.
+pub(crate) async fn serve_as(
     state: &Arc<AppState>,
     principal: &Principal,
-    body: Bytes,
+    what: AsRequest,
 ) -> Response<Body> {
     let started = Instant::now();
     let _in_flight = InFlight::new();
     let request_id = respond::request_id(&http::HeaderMap::new());
-    let path = "/v1/images/generations";
     let mut log = AccessLog {
         key_id: Some(principal.key_id.clone()),
         tenant: Some(principal.tenant.clone()),
         ..AccessLog::default()
     };
     let rt = state.runtime.load_full();
-    let mut resp = match generate(state, &rt, principal, body, None, &request_id, &mut log).await {
-        Ok(resp) => resp,
-        Err(err) => respond::error(&err),
+    let (path, result) = match what {
+        AsRequest::Generation(body) => (
+            "/v1/images/generations",
+            generate(state, &rt, principal, body, None, &request_id, &mut log).await,
+        ),
+        AsRequest::Edit(form) => (
+            "/v1/images/edits",
+            Box::pin(super::uploads::serve_form(
+                state,
+                &rt,
+                principal,
+                form,
+                None,
+                &request_id,
+                &mut log,
+                Operation::Edit,
+            ))
+            .await,
+        ),
     };
+    let mut resp = result.unwrap_or_else(|err| respond::error(&err));
     finish(
         &mut resp,
         &log,

@@ -11,7 +11,7 @@ pub mod models;
 mod respond;
 mod state;
 pub mod tls;
-mod uploads;
+pub(crate) mod uploads;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

@@ -63,9 +63,26 @@ pub(super) async fn handle(
         })
     });
     let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
+    serve_form(
+        state, &rt, &principal, form, idem_key, request_id, log, operation,
+    )
+    .await
+}
 
+/// An upload's form, read: the model's rules, then the pipeline every request shares.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn serve_form(
+    state: &Arc<AppState>,
+    rt: &super::state::Runtime,
+    principal: &crate::auth::Principal,
+    form: api::edit::Form,
+    idem_key: Option<String>,
+    request_id: &str,
+    log: &mut AccessLog,
+    operation: Operation,
+) -> Result<Response<Body>, ApiError> {
     let model_name = form.model().to_string();
-    let route = model_route(&rt, &principal, &model_name, log)?;
+    let route = model_route(rt, principal, &model_name, log)?;
     super::handlers::serves(route, operation)?;
     if !route.can(operation) {
         return Err(ApiError::invalid(
@@ -85,8 +102,8 @@ pub(super) async fn handle(
     let idempotency = idem_key.as_deref().map(|key| (key, &fingerprint[..]));
     run(
         state,
-        &rt,
-        &principal,
+        rt,
+        principal,
         route,
         request,
         idempotency,

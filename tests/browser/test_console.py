@@ -4,7 +4,9 @@ the key stops the SDK; the playground draws an image; the tenant portal is fence
 tenant; a form without its CSRF token is refused. Screenshots of every page are saved under
 target/browser-screenshots/."""
 
+import struct
 import time
+import zlib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -161,7 +163,16 @@ def test_operator_creates_a_tenant_and_key_that_works_until_revoked(gateway, bro
     assert not csp_errors(d)
 
 
-def test_playground_draws_the_requested_size(gateway, browser_factory, shots):
+def png(width, height):
+    """A real PNG (RGBA, grey) of the given size, from the standard library."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\x00" + b"\x80\x80\x80\xff" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_playground_draws_the_requested_size(gateway, browser_factory, shots, tmp_path):
     d = browser_factory()
     console = gateway.admin + "/console"
     login(d, console, ADMIN_TOKEN)
@@ -179,6 +190,20 @@ def test_playground_draws_the_requested_size(gateway, browser_factory, shots):
     assert "x-request-id" in headers
     shots(d, "07-playground")
     assert not csp_errors(d)
+
+    # Edit: upload a picture through the page's file input, get the edited one back.
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(png(300, 300))
+    form = d.find_element(By.ID, "playground-edit")
+    fill(d, form, {"tenant": "demo", "model": "dall-e-2", "prompt": "add a hat", "size": "256x256"})
+    form.find_element(By.NAME, "image").send_keys(str(picture))
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(d, 20).until(lambda d: "/playground/edit" in d.current_url)
+    img = WebDriverWait(d, 20).until(EC.presence_of_element_located((By.CSS_SELECTOR, "img.generated")))
+    WebDriverWait(d, 10).until(lambda d: d.execute_script("return arguments[0].complete", img))
+    assert d.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img) == [256, 256]
+    assert "Answer: 200" in d.page_source
+    shots(d, "07b-playground-edit")
 
 
 def test_every_ops_page_renders_labelled_and_is_screenshotted(gateway, browser_factory, shots):

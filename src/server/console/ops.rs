@@ -258,34 +258,35 @@ async fn with_db(
         }
         (Method::GET, ["playground"]) => {
             let q = super::query(&req);
-            frame(
-                ctx,
-                "Playground",
-                "playground",
-                shared::playground_form(ctx, &q, None, &served(ctx)),
-            )
+            let models = shared::playground_models(ctx, |_| true);
+            let forms = shared::playground_forms(ctx, &q, None, &models);
+            frame(ctx, "Playground", "playground", forms)
         }
         (Method::POST, ["playground"]) => {
             let form = match checked_form(ctx, req).await {
                 Ok(f) => f,
                 Err(resp) => return resp,
             };
-            let tenant = form.get("tenant").trim();
-            let rt = ctx.state.runtime.load_full();
-            let who = format!("console:{}", ctx.session.who.actor());
-            let result = match rt.keys.principal_for_tenant(tenant, &who).await {
+            let result = match principal(ctx, form.get("tenant").trim()).await {
                 Ok(principal) => shared::playground_run(ctx, &principal, &form).await,
-                Err(e) => notice("error", &format!("Tenant \"{tenant}\": {e}")),
+                Err(e) => e,
             };
-            frame(
-                ctx,
-                "Playground",
-                "playground",
-                html! {
-                    (shared::playground_form(ctx, &form, None, &served(ctx)))
-                    (result)
-                },
-            )
+            let models = shared::playground_models(ctx, |_| true);
+            let forms = shared::playground_forms(ctx, &form, None, &models);
+            frame(ctx, "Playground", "playground", html! { (forms) (result) })
+        }
+        (Method::POST, ["playground", "edit"]) => {
+            let form = match shared::read_edit_form(ctx, req).await {
+                Ok(f) => f,
+                Err(resp) => return resp,
+            };
+            let models = shared::playground_models(ctx, |_| true);
+            let forms = shared::playground_forms(ctx, &form.text, None, &models);
+            let result = match principal(ctx, form.text.get("tenant").trim()).await {
+                Ok(principal) => shared::playground_edit(ctx, &principal, form).await,
+                Err(e) => e,
+            };
+            frame(ctx, "Playground", "playground", html! { (forms) (result) })
         }
         (Method::GET, ["audit"]) => {
             let q = super::query(&req);
@@ -308,14 +309,14 @@ fn frame(ctx: &Ctx<'_>, title: &str, active: &str, content: Markup) -> Response<
     html_page(StatusCode::OK, layout::page(&f, content))
 }
 
-fn served(ctx: &Ctx<'_>) -> Vec<String> {
-    ctx.state
-        .runtime
-        .load()
-        .router
-        .model_names()
-        .map(String::from)
-        .collect()
+/// Who the playground acts as: the tenant the operator names, under the operator's name.
+async fn principal(ctx: &Ctx<'_>, tenant: &str) -> Result<crate::auth::Principal, Markup> {
+    let who = format!("console:{}", ctx.session.who.actor());
+    let rt = ctx.state.runtime.load_full();
+    rt.keys
+        .principal_for_tenant(tenant, &who)
+        .await
+        .map_err(|e| notice("error", &format!("Tenant \"{tenant}\": {e}")))
 }
 
 /// The overview's live part (the page script fetches it again every five seconds).

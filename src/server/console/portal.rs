@@ -102,8 +102,30 @@ pub async fn route(
         }
         (Method::GET, ["playground"]) => {
             let q = super::query(&req);
-            let form = shared::playground_form(&ctx, &q, Some(&tenant), &models(&ctx, &me));
+            let form =
+                shared::playground_forms(&ctx, &q, Some(&tenant), &playground_models(&ctx, &me));
             frame(&ctx, &me, "Playground", "playground", form)
+        }
+        (Method::POST, ["playground", "edit"]) => {
+            let form = match shared::read_edit_form(&ctx, req).await {
+                Ok(f) => f,
+                Err(resp) => return resp,
+            };
+            let forms = shared::playground_forms(
+                &ctx,
+                &form.text,
+                Some(&tenant),
+                &playground_models(&ctx, &me),
+            );
+            let principal = crate::auth::principal_of(&me.key, &me.tenant);
+            let result = shared::playground_edit(&ctx, &principal, form).await;
+            frame(
+                &ctx,
+                &me,
+                "Playground",
+                "playground",
+                html! { (forms) (result) },
+            )
         }
         (Method::POST, ["playground"]) => {
             let form = match checked_form(&ctx, req).await {
@@ -113,7 +135,7 @@ pub async fn route(
             let principal = crate::auth::principal_of(&me.key, &me.tenant);
             let result = shared::playground_run(&ctx, &principal, &form).await;
             let body = html! {
-                (shared::playground_form(&ctx, &form, Some(&tenant), &models(&ctx, &me)))
+                (shared::playground_forms(&ctx, &form, Some(&tenant), &playground_models(&ctx, &me)))
                 (result)
             };
             frame(&ctx, &me, "Playground", "playground", body)
@@ -197,6 +219,11 @@ async fn me(ctx: &Ctx<'_>, db: &Database) -> Option<Me> {
 /// A key of this tenant; another tenant's is as if it did not exist.
 async fn own_key(db: &Database, id: &str, tenant: &str) -> Option<KeyRecord> {
     db.get_key(id).await.ok()?.filter(|k| k.tenant == tenant)
+}
+
+fn playground_models(ctx: &Ctx<'_>, me: &Me) -> (Vec<String>, Vec<String>) {
+    let principal = crate::auth::principal_of(&me.key, &me.tenant);
+    shared::playground_models(ctx, |m| principal.may_use(m))
 }
 
 fn models(ctx: &Ctx<'_>, me: &Me) -> Vec<String> {

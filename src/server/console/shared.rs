@@ -343,11 +343,36 @@ pub const SIZES: [&str; 8] = [
     "1024x1792",
 ];
 
-/// The playground's form. `tenant`: the portal's; `models`: what may be chosen.
-pub fn playground_form(ctx: &Ctx<'_>, f: &Form, tenant: Option<&str>, models: &[String]) -> Markup {
+/// The models a playground may offer: those `may` allows, for generations and for edits.
+pub fn playground_models(ctx: &Ctx<'_>, may: impl Fn(&str) -> bool) -> (Vec<String>, Vec<String>) {
+    let rt = ctx.state.runtime.load();
+    let mut generate = Vec::new();
+    let mut edit = Vec::new();
+    for name in rt.router.model_names().filter(|m| may(m)) {
+        let Some(route) = rt.router.model(name) else {
+            continue;
+        };
+        let serves = |op| route.rules.operations.contains(&op) && route.can(op);
+        if serves(crate::api::Operation::Generation) {
+            generate.push(name.to_string());
+        }
+        if serves(crate::api::Operation::Edit) {
+            edit.push(name.to_string());
+        }
+    }
+    (generate, edit)
+}
+
+/// The playground's two forms, generate and edit. `tenant`: the portal's.
+pub fn playground_forms(
+    ctx: &Ctx<'_>,
+    f: &Form,
+    tenant: Option<&str>,
+    (models, edit_models): &(Vec<String>, Vec<String>),
+) -> Markup {
     let size = f.trimmed("size").unwrap_or("1024x1024");
-    html! {
-        form.card #playground method="post" action={ (ctx.site.base) "/playground" } {
+    let common = |models: &[String]| {
+        html! {
             (csrf_field(&ctx.csrf))
             @if tenant.is_none() {
                 label { "Tenant (who is charged)" input name="tenant" required value=(f.get("tenant")); }
@@ -359,30 +384,163 @@ pub fn playground_form(ctx: &Ctx<'_>, f: &Form, tenant: Option<&str>, models: &[
             label { "Size" select name="size" {
                 @for s in SIZES { option value=(s) selected[size == s] { (s) } }
             } }
-            button type="submit" { "Generate" }
+        }
+    };
+    html! {
+        div.split {
+            form.card #playground method="post" action={ (ctx.site.base) "/playground" } {
+                h2 { "Generate" }
+                (common(models))
+                button type="submit" { "Generate" }
+            }
+            @if !edit_models.is_empty() {
+                form.card #playground-edit method="post" enctype="multipart/form-data" action={ (ctx.site.base) "/playground/edit" } {
+                    h2 { "Edit an image" }
+                    (common(edit_models))
+                    label { "Image (PNG, JPEG or WebP)" input type="file" name="image" required accept="image/png,image/jpeg,image/webp"; }
+                    label { "Mask (optional PNG; transparent where to edit)" input type="file" name="mask" accept="image/png"; }
+                    button type="submit" { "Edit" }
+                }
+            }
         }
     }
 }
 
-/// Runs a playground form through the normal request path as `principal` and shows the
-/// answer: the images, the error, and the headers the gateway sent.
+/// Runs a generate form through the normal request path as `principal` and shows the answer.
 pub async fn playground_run(ctx: &Ctx<'_>, principal: &crate::auth::Principal, f: &Form) -> Markup {
-    let rt = ctx.state.runtime.load_full();
     let model = f.get("model");
-    let gpt = rt
-        .router
-        .model(model)
-        .is_some_and(|r| r.rules.family == crate::api::Family::GptImage);
     let mut body = json!({"model": model, "prompt": f.get("prompt"), "n": 1});
     if let Some(size) = f.trimmed("size") {
         body["size"] = json!(size);
     }
-    if !gpt {
+    if !is_gpt(ctx, model) {
         body["response_format"] = json!("b64_json");
     }
-    let resp =
-        crate::server::handlers::generate_as(ctx.state, principal, Bytes::from(body.to_string()))
-            .await;
+    let what = crate::server::handlers::AsRequest::Generation(Bytes::from(body.to_string()));
+    answer(ctx, principal, what, f.get("prompt")).await
+}
+
+fn is_gpt(ctx: &Ctx<'_>, model: &str) -> bool {
+    ctx.state
+        .runtime
+        .load()
+        .router
+        .model(model)
+        .is_some_and(|r| r.rules.family == crate::api::Family::GptImage)
+}
+
+/// An edit form, read from its multipart body within the upload limits and checked for its
+/// CSRF token: its text fields (for the page) and the parts the edit is made of.
+pub struct EditForm {
+    pub text: Form,
+    parts: Vec<(String, Option<String>, Bytes)>,
+    _held: crate::server::uploads::UploadPermit,
+}
+
+pub async fn read_edit_form(
+    ctx: &Ctx<'_>,
+    req: Request<Incoming>,
+) -> Result<EditForm, Response<Body>> {
+    use futures_util::StreamExt;
+    let rt = ctx.state.runtime.load_full();
+    let limit = rt.config.server.max_upload_bytes;
+    let refuse = |status: StatusCode, why: &str| Err(super::plain(status, why));
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let boundary = match crate::api::edit::boundary(content_type) {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.message),
+    };
+    let held = match ctx
+        .state
+        .uploads
+        .reserve(limit, rt.config.server.max_upload_memory)
+    {
+        Ok(h) => h,
+        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e.message),
+    };
+    let frames = http_body_util::BodyStream::new(req.into_body()).filter_map(|frame| {
+        std::future::ready(match frame {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let constraints =
+        multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limit as u64));
+    let mut multipart = multer::Multipart::with_constraints(frames, boundary, constraints);
+    let mut text = Vec::new();
+    let mut parts = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("Unreadable form: {e}")),
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        let filename = field.file_name().map(str::to_string);
+        let data = match field.bytes().await {
+            Ok(d) => d,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("Unreadable form: {e}")),
+        };
+        match filename {
+            // A file input left empty.
+            Some(_) if data.is_empty() => {}
+            Some(_) => parts.push((name, filename, data)),
+            None => {
+                let value = String::from_utf8_lossy(&data).into_owned();
+                if !matches!(name.as_str(), "csrf" | "tenant") {
+                    parts.push((name.clone(), None, data));
+                }
+                text.push((name, value));
+            }
+        }
+    }
+    let text = Form(text);
+    if !ctx.state.console.csrf_ok(&ctx.session, text.get("csrf")) {
+        return Err(super::csrf_refused());
+    }
+    Ok(EditForm {
+        text,
+        parts,
+        _held: held,
+    })
+}
+
+/// Runs an edit form as `principal` and shows the answer.
+pub async fn playground_edit(
+    ctx: &Ctx<'_>,
+    principal: &crate::auth::Principal,
+    mut form: EditForm,
+) -> Markup {
+    let model = form.text.get("model").to_string();
+    if !is_gpt(ctx, &model) {
+        form.parts.push((
+            "response_format".into(),
+            None,
+            Bytes::from_static(b"b64_json"),
+        ));
+    }
+    let prompt = form.text.get("prompt").to_string();
+    match crate::api::edit::form_from_parts(std::mem::take(&mut form.parts)) {
+        Ok(edit) => {
+            let what = crate::server::handlers::AsRequest::Edit(edit);
+            answer(ctx, principal, what, &prompt).await
+        }
+        Err(e) => notice("error", &e.message),
+    }
+}
+
+/// Serves `what` as `principal` and shows the answer: the images, the error, and the
+/// headers the gateway sent.
+async fn answer(
+    ctx: &Ctx<'_>,
+    principal: &crate::auth::Principal,
+    what: crate::server::handlers::AsRequest,
+    prompt: &str,
+) -> Markup {
+    let resp = crate::server::handlers::serve_as(ctx.state, principal, what).await;
     let status = resp.status();
     let shown: Vec<(String, String)> = resp
         .headers()
@@ -425,7 +583,7 @@ pub async fn playground_run(ctx: &Ctx<'_>, principal: &crate::auth::Principal, f
                 (notice("error", answer["error"]["message"].as_str().unwrap_or("The request failed.")))
             }
             @for (i, src) in images.iter().enumerate() {
-                img.generated src=(src) alt={ "Image " (i + 1) " for: " (f.get("prompt")) };
+                img.generated src=(src) alt={ "Image " (i + 1) " for: " (prompt) };
             }
             @if let Some(p) = answer["data"][0]["revised_prompt"].as_str() { p { "Revised prompt: " (p) } }
             table.headers {
