@@ -186,7 +186,7 @@ pub(crate) enum AsRequest {
     /// A generation's JSON body.
     Generation(Bytes),
     /// An edit's form, read.
-    Edit(api::edit::Form),
+    Edit(Box<api::edit::Form>),
 }
 
 /// Serves `what` for `principal`: the same path as `POST /v1/images/generations` (or
@@ -216,7 +216,7 @@ pub(crate) async fn serve_as(
                 state,
                 &rt,
                 principal,
-                form,
+                *form,
                 None,
                 &request_id,
                 &mut log,

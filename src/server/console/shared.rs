@@ -444,14 +444,14 @@ pub async fn read_edit_form(
     use futures_util::StreamExt;
     let rt = ctx.state.runtime.load_full();
     let limit = rt.config.server.max_upload_bytes;
-    let refuse = |status: StatusCode, why: &str| Err(super::plain(status, why));
+    let refuse = super::plain;
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let boundary = match crate::api::edit::boundary(content_type) {
         Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, &e.message),
+        Err(e) => return Err(refuse(StatusCode::BAD_REQUEST, &e.message)),
     };
     let held = match ctx
         .state
@@ -459,7 +459,7 @@ pub async fn read_edit_form(
         .reserve(limit, rt.config.server.max_upload_memory)
     {
         Ok(h) => h,
-        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e.message),
+        Err(e) => return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, &e.message)),
     };
     let frames = http_body_util::BodyStream::new(req.into_body()).filter_map(|frame| {
         std::future::ready(match frame {
@@ -476,13 +476,23 @@ pub async fn read_edit_form(
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("Unreadable form: {e}")),
+            Err(e) => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Unreadable form: {e}"),
+                ))
+            }
         };
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.file_name().map(str::to_string);
         let data = match field.bytes().await {
             Ok(d) => d,
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("Unreadable form: {e}")),
+            Err(e) => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Unreadable form: {e}"),
+                ))
+            }
         };
         match filename {
             // A file input left empty.
@@ -525,7 +535,7 @@ pub async fn playground_edit(
     let prompt = form.text.get("prompt").to_string();
     match crate::api::edit::form_from_parts(std::mem::take(&mut form.parts)) {
         Ok(edit) => {
-            let what = crate::server::handlers::AsRequest::Edit(edit);
+            let what = crate::server::handlers::AsRequest::Edit(Box::new(edit));
             answer(ctx, principal, what, &prompt).await
         }
         Err(e) => notice("error", &e.message),
