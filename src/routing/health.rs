@@ -4,7 +4,7 @@
 //!
 //! State is per backend, shared by every model routed to it: a dead account is dead for all.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +30,9 @@ pub struct BackendHealth {
     pub name: Arc<str>,
     config: HealthConfig,
     in_flight: AtomicU32,
+    /// Moving average (1/5 weight per sample) of a successful attempt's time, in
+    /// microseconds; 0 until one has finished.
+    latency_us: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -60,6 +63,7 @@ pub struct Permit {
     health: Arc<BackendHealth>,
     probe: bool,
     recorded: bool,
+    started: Instant,
 }
 
 /// Why a backend takes no requests right now.
@@ -79,6 +83,7 @@ impl BackendHealth {
             name: Arc::from(name),
             config,
             in_flight: AtomicU32::new(0),
+            latency_us: AtomicU64::new(0),
             state: Mutex::new(State::default()),
         })
     }
@@ -127,6 +132,7 @@ impl BackendHealth {
             health: self.clone(),
             probe,
             recorded: false,
+            started: now,
         })
     }
 
@@ -211,7 +217,24 @@ impl BackendHealth {
             cooldown_ms: (s.ejections > 0).then(|| self.cooldown(s.ejections).as_millis() as u64),
             consecutive_failures: s.consecutive_failures,
             in_flight: self.in_flight(),
+            recent_latency_ms: match self.latency_us.load(Ordering::Relaxed) {
+                0 => None,
+                us => Some(us.div_ceil(1000)),
+            },
         }
+    }
+
+    fn observe_latency(&self, took: Duration) {
+        let sample = (took.as_micros() as u64).max(1);
+        let _ = self
+            .latency_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old * 4 + sample) / 5
+                })
+            });
     }
 }
 
@@ -226,6 +249,10 @@ impl Permit {
 
     pub fn record_at(mut self, outcome: Outcome, now: Instant) {
         self.recorded = true;
+        if outcome == Outcome::Success {
+            self.health
+                .observe_latency(now.saturating_duration_since(self.started));
+        }
         self.health.apply(self.probe, outcome, now);
     }
 }
@@ -251,6 +278,9 @@ pub struct HealthSnapshot {
     pub cooldown_ms: Option<u64>,
     pub consecutive_failures: u32,
     pub in_flight: u32,
+    /// The moving average of a successful attempt's time on this backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recent_latency_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -271,6 +301,26 @@ mod tests {
 
     fn fail(h: &Arc<BackendHealth>, now: Instant) {
         h.acquire(now).unwrap().record_at(Outcome::Failure, now);
+    }
+
+    #[test]
+    fn recent_latency_averages_successes_only() {
+        let h = health(3);
+        let t0 = Instant::now();
+        assert_eq!(h.snapshot(t0).recent_latency_ms, None);
+        h.acquire(t0)
+            .unwrap()
+            .record_at(Outcome::Success, t0 + Duration::from_millis(1000));
+        assert_eq!(h.snapshot(t0).recent_latency_ms, Some(1000));
+        // A failure after 30 s says nothing of how fast answers come.
+        h.acquire(t0)
+            .unwrap()
+            .record_at(Outcome::Failure, t0 + Duration::from_secs(30));
+        assert_eq!(h.snapshot(t0).recent_latency_ms, Some(1000));
+        h.acquire(t0)
+            .unwrap()
+            .record_at(Outcome::Success, t0 + Duration::from_millis(2000));
+        assert_eq!(h.snapshot(t0).recent_latency_ms, Some(1200));
     }
 
     #[test]

@@ -716,7 +716,7 @@ pub fn backends_of(state: &AppState) -> Markup {
     html! {
         div.scroll { table #backends {
             thead { tr { th scope="col" { "Backend" } th scope="col" { "State" } th scope="col" { "Recovers" }
-                th scope="col" { "In flight" } th scope="col" { "Queued" } th scope="col" { "Job time" }
+                th scope="col" { "In flight" } th scope="col" { "Queued" } th scope="col" { "Recent latency" }
                 th scope="col" { "Failures in a row" } th scope="col" { "Models" } } }
             tbody { @for (name, s) in &states { tr {
                 th scope="row" { (name) }
@@ -724,7 +724,7 @@ pub fn backends_of(state: &AppState) -> Markup {
                 td { (s.health.until.map_or("-".to_string(), |u| format!("{} (in {} s)", time(u as i64), u.saturating_sub(unix_now)))) }
                 td.num { (s.health.in_flight) }
                 td.num { (s.queue_depth) }
-                td.num { (s.job_time_ms.map_or("-".to_string(), |t| format!("{t} ms"))) }
+                td.num { (s.health.recent_latency_ms.or(s.job_time_ms).map_or("-".to_string(), |t| format!("{t} ms"))) }
                 td.num { (s.health.consecutive_failures) }
                 td { (models_of.get(name).map_or(String::new(), |v| v.join(", "))) }
             } } }

@@ -210,17 +210,19 @@ pub async fn usage(ctx: &Ctx<'_>, db: &Database, q: &Form, tenant: Option<&str>)
                         thead { tr { th scope="col" { "Time" } th scope="col" { "Request" }
                             @if tenant.is_none() { th scope="col" { "Tenant" } }
                             th scope="col" { "Key" } th scope="col" { "Model" } th scope="col" { "Operation" } th scope="col" { "Backend" }
-                            th scope="col" { "Status" } th scope="col" { "Images" } th scope="col" { "Charged" } th scope="col" { "Upstream cost" } } }
+                            th scope="col" { "Status" } th scope="col" { "Images" } th scope="col" { "Charged" } th scope="col" { "Upstream cost" } th scope="col" { "Margin" } } }
                         tbody { @for r in &rows { tr {
                             td { (time(r.ts_ms / 1000)) } td { code { (r.request_id) } }
                             @if tenant.is_none() { td { (r.tenant) } }
                             td { code { (r.key_id) } } td { (r.model) } td { (r.operation) } td { (r.backend.as_deref().unwrap_or("-")) }
                             td.num { (r.status) } td.num { (r.n_delivered) } td.num { (usd(r.cost_micro_usd as i64)) }
                             td.num { (usd(r.upstream_cost_micro_usd as i64)) }
+                            td.num { (usd(r.cost_micro_usd as i64 - r.upstream_cost_micro_usd as i64)) }
                         } } }
                         tfoot { tr { th scope="row" { "Total (" (rows.len()) " rows)" }
                             td colspan=(if tenant.is_none() { 7 } else { 6 }) {}
-                            td.num { (images) } td.num { (usd(cost as i64)) } td.num { (usd(upstream as i64)) } } }
+                            td.num { (images) } td.num { (usd(cost as i64)) } td.num { (usd(upstream as i64)) }
+                            td.num { (usd(cost as i64 - upstream as i64)) } } }
                     } }
                     @if rows.len() as i64 == report.query.limit {
                         p.more { "Showing the newest " (rows.len()) " rows; narrow the dates or raise the limit (up to 1000)." }
