@@ -82,6 +82,12 @@ cargo test --all-targets
 .venv/bin/python scripts/check-deploy.py "$PWD/target/debug/imagegate"
 IMAGEGATE_BIN="$PWD/target/debug/imagegate" .venv/bin/python -m pytest -q tests/sdk
 
+# The release binary for the last two suites.
+cargo build --release --bin imagegate
+
+# The public API against its OpenAPI document (docs/openapi.json), fuzzed by Schemathesis.
+IMAGEGATE_BIN="$PWD/target/release/imagegate" .venv/bin/python -m pytest -q -s tests/schema
+
 # The console in a real headless Chromium: Debian's chromium and chromedriver (installed if
 # missing), driven by Selenium with the system driver named (SE_OFFLINE: nothing downloaded),
 # against the release binary. Screenshots land in target/browser-screenshots/.
@@ -91,7 +97,6 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
   fi
 fi
 if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then
-  cargo build --release --bin imagegate
   SE_OFFLINE=true IMAGEGATE_BIN="$PWD/target/release/imagegate" .venv/bin/python -m pytest -q tests/browser
 elif [ -n "${CI:-}" ]; then
   echo "chromium and chromium-driver are missing and could not be installed" >&2

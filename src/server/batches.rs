@@ -179,11 +179,16 @@ pub(super) async fn route(
                 url::form_urlencoded::parse(query.as_bytes())
                     .into_owned()
                     .collect();
-            let limit = q
-                .get("limit")
-                .and_then(|l| l.parse::<i64>().ok())
-                .unwrap_or(20)
-                .clamp(1, 100);
+            let limit = match q.get("limit") {
+                None => 20,
+                Some(l) => l
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", "Invalid 'limit': expected 1 to 100.")
+                    })?,
+            };
             let mut page = b
                 .store
                 .batches(&tenant, q.get("after").map(String::as_str), limit + 1)

@@ -51,6 +51,9 @@ pub(crate) struct AccessLog {
     pub(crate) batch: Option<String>,
 }
 
+/// The public API's OpenAPI 3.1 document (docs/openapi.json), served at `/openapi.json`.
+const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
 const BACKEND: HeaderName = HeaderName::from_static("x-imagegate-backend");
 const ATTEMPTS: HeaderName = HeaderName::from_static("x-imagegate-attempts");
 
@@ -288,6 +291,11 @@ async fn route(
             Ok(respond::json(StatusCode::OK, &json!({"status": "ok"})))
         }
         (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(state)),
+        (&Method::GET | &Method::HEAD, "/openapi.json") => Ok(respond::with_type(
+            StatusCode::OK,
+            Bytes::from_static(OPENAPI.as_bytes()),
+            "application/json",
+        )),
         (&Method::GET | &Method::HEAD, p) if p.starts_with(FILES_PREFIX) => {
             file(state, &req, &p[FILES_PREFIX.len()..]).await
         }
