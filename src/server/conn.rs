@@ -57,6 +57,11 @@ pub trait SendBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 impl<B> SendBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 /// The two protocol builders, set up once per listener.
+/// HTTP/2 streams open at once per connection (hyper's default is 200).
+pub const H2_MAX_STREAMS: u32 = 128;
+/// Streams reset by the client before they were accepted, at once per connection.
+const H2_MAX_PENDING_RESETS: usize = 20;
+
 #[derive(Clone)]
 pub struct Http {
     h1: http1::Builder,
@@ -76,7 +81,15 @@ impl Http {
         }
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+            // Streams a client may hold open on one connection; more are refused
+            // (REFUSED_STREAM), so one connection cannot hold thousands of requests.
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            // Rapid reset (CVE-2023-44487): streams the client opens and cancels before they
+            // are served; past this many at once the connection gets GOAWAY(ENHANCE_YOUR_CALM).
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            // Streams the gateway itself had to reset for a client's protocol errors.
+            .max_local_error_reset_streams(Some(1024));
         Http {
             h1,
             h2,
