@@ -177,7 +177,13 @@ async fn streams_over_the_limit_are_refused_and_others_are_served() {
     let (mut refused, mut other_resets, mut goaway) = (0u32, 0u32, None);
     while let Some(f) = next_frame(&mut s, &mut buf).await {
         match f.kind {
-            RST_STREAM if code(&f) == REFUSED_STREAM => refused += 1,
+            RST_STREAM if code(&f) == REFUSED_STREAM => {
+                assert!(
+                    f.stream % 2 == 1 && f.stream < 2 * streams,
+                    "a stream we opened"
+                );
+                refused += 1
+            }
             RST_STREAM => other_resets += 1,
             GOAWAY => {
                 goaway = Some(code(&f));
