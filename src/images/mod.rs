@@ -240,8 +240,9 @@ fn decode_base64(b64: &[u8]) -> Result<Bytes, ApiError> {
     Ok(bytes)
 }
 
-/// Checks base64 text without decoding it all: the alphabet and padding throughout, and the
-/// image magic number in its first bytes. Passing it on unchanged then makes no copy.
+/// Checks base64 text without decoding it all: the alphabet and padding throughout, the
+/// image magic number in its first bytes and the format's end in its last (a truncated image
+/// is refused). Passing it on unchanged then makes no copy.
 fn check_base64(b64: &[u8]) -> Result<ImageFormat, ApiError> {
     if b64.is_empty() || base64_simd::STANDARD.check(b64).is_err() {
         return Err(bad_base64());
@@ -249,17 +250,39 @@ fn check_base64(b64: &[u8]) -> Result<ImageFormat, ApiError> {
     let head = B64
         .decode(&b64[..b64.len().min(16)])
         .map_err(|_| bad_base64())?;
-    checked_format(&head)
+    // The last 24 characters (a multiple of 4, so a whole base64 group): 16 to 18 bytes.
+    let tail = B64
+        .decode(&b64[b64.len() - b64.len().min(24)..])
+        .map_err(|_| bad_base64())?;
+    let padding = b64.iter().rev().take(2).filter(|&&c| c == b'=').count();
+    let len = b64.len() / 4 * 3 - padding;
+    complete(&head, &tail, len)
 }
 
 fn checked_format(bytes: &[u8]) -> Result<ImageFormat, ApiError> {
-    ImageFormat::sniff(bytes).ok_or_else(|| {
+    let tail = &bytes[bytes.len().saturating_sub(16)..];
+    complete(&bytes[..bytes.len().min(16)], tail, bytes.len())
+}
+
+/// The format of an image whose first and last bytes are `head` and `tail`, if it is one we
+/// take and it is whole.
+fn complete(head: &[u8], tail: &[u8], len: usize) -> Result<ImageFormat, ApiError> {
+    let bad = |what: &str| {
         ApiError::new(
             ErrorKind::BadGateway,
-            "The upstream provider returned data that is not a PNG, JPEG or WebP image.",
+            format!("The upstream provider returned {what}."),
         )
         .code("upstream_error")
-    })
+    };
+    let format = ImageFormat::sniff(head)
+        .ok_or_else(|| bad("data that is not a PNG, JPEG or WebP image"))?;
+    if !format.is_complete(head, tail, len) {
+        return Err(bad(&format!(
+            "a truncated {} image",
+            format.extension().to_uppercase()
+        )));
+    }
+    Ok(format)
 }
 
 #[cfg(test)]
@@ -286,7 +309,7 @@ mod tests {
 
     #[test]
     fn base64_is_checked_without_decoding_it_all() {
-        let png = b"\x89PNG\r\n\x1a\n0123456789abcdef";
+        let png = b"\x89PNG\r\n\x1a\n0123456789abcdef\0\0\0\0IEND\xAE\x42\x60\x82";
         let good = encode_base64(png);
         assert_eq!(check_base64(&good).unwrap(), ImageFormat::Png);
         assert!(check_base64(&encode_base64(b"<html>not an image</html>")).is_err());
@@ -297,6 +320,41 @@ mod tests {
         assert!(check_base64(b"").is_err());
         assert!(check_base64(&good[..good.len() - 1]).is_err());
         assert_eq!(decode_base64(&good).unwrap().as_ref(), png);
+    }
+
+    #[test]
+    fn truncated_images_are_refused_in_base64_and_in_bytes() {
+        let mut png = Vec::new();
+        image::RgbImage::from_pixel(40, 40, image::Rgb([9, 80, 200]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(40, 40, image::Rgb([9, 80, 200]))
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        let mut webp = b"RIFF\0\0\0\0WEBPVP8L".to_vec();
+        webp.extend_from_slice(&[0u8; 27]);
+        let size = (webp.len() - 8) as u32;
+        webp[4..8].copy_from_slice(&size.to_le_bytes());
+        for (name, whole) in [("png", &png), ("jpeg", &jpeg), ("webp", &webp)] {
+            assert!(checked_format(whole).is_ok(), "{name} whole");
+            assert!(
+                check_base64(&encode_base64(whole)).is_ok(),
+                "{name} whole, base64"
+            );
+            // Cut at every length that keeps the base64 valid: all refused.
+            for cut in (12..whole.len() - 1).step_by(7) {
+                let part = &whole[..cut];
+                assert!(checked_format(part).is_err(), "{name} cut at {cut}");
+                assert!(
+                    check_base64(&encode_base64(part)).is_err(),
+                    "{name} cut at {cut}, base64"
+                );
+            }
+        }
     }
 
     #[test]
