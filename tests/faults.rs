@@ -82,7 +82,8 @@ async fn misbehave(mut s: TcpStream) {
             }
             "reset" => {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-ty").await;
-                let _ = s.set_linger(Some(Duration::ZERO));
+                // Closing with SO_LINGER 0 sends a reset instead of a FIN.
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                 return;
             }
             "short" => {
