@@ -38,16 +38,6 @@ fn head_with(headers: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn models_ok(gw: &Gateway) {
-    let resp = client()
-        .get(gw.url("/v1/models"))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-}
-
 /// The sandbox config with `server: {server}` added.
 fn with_server(server: &str) -> String {
     sandbox_config("", "").replace(

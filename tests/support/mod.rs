@@ -157,6 +157,17 @@ pub async fn expect_error(resp: reqwest::Response, status: u16) -> serde_json::V
 
 /// A gateway config around a sandbox backend and the demo key; `extra_models` is YAML
 /// inserted under `models:`, `extra_backends` under `backends:`.
+/// `GET /v1/models` with the demo key answers 200: the gateway is serving.
+pub async fn models_ok(gw: &Gateway) {
+    let resp = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 pub fn sandbox_config(extra_backends: &str, extra_models: &str) -> String {
     format!(
         r#"
