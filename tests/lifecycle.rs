@@ -131,13 +131,15 @@ async fn drains_on_sigterm(server: &str) {
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&base).await;
 
-    // Eight requests at once, each held 1.5 s by the backend.
+    // Eight requests at once, each held 1.5 s by the backend. One client, made before: making
+    // eight (each loads its TLS roots) can take longer than the wait below on a busy machine.
+    let http = reqwest::Client::new();
     let requests: Vec<_> = (0..8)
         .map(|_| {
             let url = format!("{base}/v1/images/generations");
+            let http = http.clone();
             tokio::spawn(async move {
-                reqwest::Client::new()
-                    .post(url)
+                http.post(url)
                     .bearer_auth("sk-lifecycle-key")
                     .json(&serde_json::json!({"prompt": "slow", "size": "256x256", "response_format": "b64_json"}))
                     .send()
@@ -145,8 +147,8 @@ async fn drains_on_sigterm(server: &str) {
             })
         })
         .collect();
-    // Let the request reach the backend, then ask the gateway to stop.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Let the requests reach the backend, then ask the gateway to stop.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

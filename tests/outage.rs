@@ -1,9 +1,11 @@
 //! Dependencies that go away under load, for real: a private PostgreSQL server stopped
-//! (`pg_ctl stop -m immediate`) and started again while clients keep sending, and a private
-//! Redis killed with SIGKILL and restarted. The gateway answers only 200 or a retryable 503
-//! meanwhile, recovers without a restart, and afterwards every 200 a client saw has exactly
-//! one ledger row: nothing lost, nothing doubled. Needs PostgreSQL's and Redis's server
-//! binaries (scripts/test.sh installs them); without them the tests say so and pass.
+//! (`pg_ctl stop -m immediate`) and started again while clients keep sending, a private Redis
+//! SIGKILLed and restarted, a private S3 server (moto) killed and restarted, the data disk
+//! filled. The gateway answers only 200 or a retryable 503 meanwhile, recovers without a
+//! restart, and afterwards every 200 a client saw has exactly one ledger row: nothing lost,
+//! nothing doubled. Needs PostgreSQL's and Redis's server binaries and moto (scripts/test.sh
+//! installs them) and, for the full disk, root to mount a tmpfs; without them a test says so
+//! and passes.
 
 mod support;
 
@@ -292,18 +294,19 @@ async fn postgres_stopped_and_restarted_under_load_loses_and_doubles_nothing() {
     eprintln!("postgres outage: {ok} served, {refused} refused with 503, none lost or doubled");
 }
 
-/// A private redis-server on a free port, killed when dropped (a failed assertion must not
-/// leave it running, holding the test's output open).
-struct Redis(Child);
+/// A private server process, SIGKILLed when dropped (a failed assertion must not leave it
+/// running, holding the test's output open).
+struct Server(Child);
 
-impl Drop for Redis {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn redis(port: u16) -> Option<Redis> {
+/// A private redis-server on a free port.
+fn redis(port: u16) -> Option<Server> {
     Command::new("redis-server")
         .args([
             "--port",
@@ -319,7 +322,7 @@ fn redis(port: u16) -> Option<Redis> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()
-        .map(Redis)
+        .map(Server)
 }
 
 #[tokio::test]
@@ -374,4 +377,172 @@ async fn redis_killed_and_restarted_under_load_recovers_and_loses_nothing() {
     );
     drop(server);
     eprintln!("redis outage: {ok} served, {refused} refused, none lost or doubled");
+}
+
+/// A private moto S3 server on `port`, killed when dropped.
+fn moto(port: u16) -> Option<Server> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Server(child))
+}
+
+/// Waits for moto and creates the bucket (moto keeps nothing across a restart).
+async fn bucket_up(port: u16) {
+    for _ in 0..100 {
+        if let Ok(r) = client()
+            .put(format!("http://127.0.0.1:{port}/outage"))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("moto did not come up");
+}
+
+#[tokio::test]
+async fn the_s3_store_down_is_a_retryable_503_for_urls_only_and_recovers() {
+    let port = free_port();
+    let Some(server) = moto(port) else {
+        eprintln!("moto_server is not installed in .venv: skipped");
+        return;
+    };
+    bucket_up(port).await;
+    let yaml = config("{store: sqlite}").replace(
+        "admin: {",
+        &format!(
+            "images: {{store: s3, s3: {{bucket: outage, endpoint: \"http://127.0.0.1:{port}\", path_style: true, access_key_id: t, secret_access_key: t}}}}\nadmin: {{"
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let url =
+        json!({"model": "dall-e-2", "prompt": "x", "size": "256x256", "response_format": "url"});
+    let b64 = json!({"model": "dall-e-2", "prompt": "x", "size": "256x256", "response_format": "b64_json"});
+    assert_eq!(gw.generate(url.clone()).await.status(), 200);
+
+    drop(server);
+    let started = Instant::now();
+    let resp = gw.generate(url.clone()).await;
+    assert_eq!(resp.status(), 503, "a store outage is retryable");
+    assert!(resp.headers().contains_key("retry-after"));
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "image_store_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the store's retries held the request {:?}",
+        started.elapsed()
+    );
+    // Pictures that need no store are still served.
+    assert_eq!(gw.generate(b64.clone()).await.status(), 200);
+
+    let _server = moto(port).unwrap();
+    bucket_up(port).await;
+    let resp = gw.generate(url).await;
+    assert_eq!(resp.status(), 200, "recovered without a restart");
+    let link = resp.json::<Value>().await.unwrap()["data"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(client().get(link).send().await.unwrap().status(), 200);
+    // Nothing was charged for the failed one: its ledger row (if any) costs nothing.
+    let rows = ledger_rows(&gw, 3).await;
+    let failed_cost: u64 = rows
+        .values()
+        .flatten()
+        .filter(|r| r["status"] != 200)
+        .map(|r| r["cost_micro_usd"].as_u64().unwrap())
+        .sum();
+    assert_eq!(failed_cost, 0);
+}
+
+/// A small tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// Fills the file system under `dir` to the last byte.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let mut byte = [0u8; 1];
+    while f.write_all(&byte).is_ok() {
+        byte[0] ^= 1;
+    }
+    let _ = f.sync_all();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_disk_loses_no_usage_record_and_recovers_when_space_returns() {
+    let Some(disk) = Tmpfs::mount("16m") else {
+        eprintln!("cannot mount a tmpfs (needs root): skipped");
+        return;
+    };
+    let yaml = config("{store: sqlite}").replace(
+        "data_dir: ${DATA_DIR}",
+        &format!("data_dir: {}", disk.path().display()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, tasks) = load(&gw, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = seen.lock().unwrap().len();
+    let dir = disk.path().to_path_buf();
+    let filler = tokio::task::spawn_blocking(move || fill(&dir))
+        .await
+        .unwrap();
+    // A picture to host has nowhere to go: a retryable 503, nothing charged.
+    let probe = gw
+        .generate(json!({"model": "dall-e-2", "prompt": "probe", "size": "256x256"}))
+        .await;
+    assert_eq!(probe.status(), 503);
+    let err: Value = probe.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "image_store_unavailable");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = seen.lock().unwrap().len() - before;
+    std::fs::remove_file(filler).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, refused) = every_success_once(&gw, &seen).await;
+    let resp = gw
+        .generate(json!({"model": "dall-e-2", "prompt": "after", "size": "256x256", "response_format": "b64_json"}))
+        .await;
+    assert_eq!(resp.status(), 200, "recovered without a restart");
+    assert!(during > 0);
+    eprintln!("full disk: {ok} served, {refused} refused, none lost or doubled");
 }

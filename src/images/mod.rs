@@ -151,8 +151,14 @@ impl ImageService {
         let id: [u8; 16] = rand::random();
         let name = format!("{}.{}", hex::encode(id), format.extension());
         self.store.put(&name, bytes).await.map_err(|e| {
+            // The image store (disk or S3) is down or full: retryable, and nothing is charged.
             tracing::error!(error = %e, "cannot store image");
-            ApiError::internal("The gateway could not store the generated image.")
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "The gateway could not store the generated image; please retry, or ask for b64_json.",
+            )
+            .code("image_store_unavailable")
+            .retry_after(Duration::from_secs(1))
         })?;
         let (query, _) = self.signer.sign(&name, SystemTime::now(), self.ttl);
         Ok(format!("{}{FILES_PREFIX}{name}?{query}", self.public_base))

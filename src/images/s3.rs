@@ -1,7 +1,7 @@
 //! The `s3` image store: any S3-compatible service through `object_store`, so that every
 //! replica can serve every link.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,7 +24,23 @@ fn io(e: object_store::Error) -> std::io::Error {
 
 impl S3Store {
     pub fn new(c: &S3Config) -> Result<Self, object_store::Error> {
+        // A request waits on the store while it is answered: a few quick retries, never
+        // object_store's default of ten over three minutes.
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                base: 2.0,
+            },
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(5),
+        };
+        let options = object_store::ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(30));
         let mut b = AmazonS3Builder::new()
+            .with_retry(retry)
+            .with_client_options(options)
             .with_bucket_name(&c.bucket)
             .with_region(&c.region)
             .with_virtual_hosted_style_request(!c.path_style);

@@ -54,7 +54,8 @@ fn postgres_insert() -> &'static str {
     SQL.get_or_init(|| {
         format!(
             "INSERT INTO usage_ledger ({COLUMNS}) SELECT {COLUMNS} FROM \
-             json_populate_recordset(NULL::usage_ledger, $1::json) ON CONFLICT (id) DO NOTHING"
+             json_populate_recordset(NULL::usage_ledger, $1::json) ON CONFLICT (id) DO NOTHING \
+             RETURNING id"
         )
     })
 }
@@ -73,10 +74,19 @@ pub(super) async fn write_batch(
     let rows: Vec<&UsageRow> = batch.iter().map(|s| &s.row).collect();
     // One parameter (a JSON array): one prepared statement whatever the batch size.
     let json = serde_json::to_string(&rows).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    sqlx::query(postgres_insert())
+    // The rows this transaction adds: a batch tried again after a commit whose answer was
+    // lost finds its rows there already, and must not add their cost to the budgets twice.
+    let inserted: std::collections::HashSet<String> = sqlx::query_scalar(postgres_insert())
         .bind(json)
-        .execute(&mut *tx)
-        .await?;
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    let fresh: Vec<&Settlement> = batch
+        .iter()
+        .copied()
+        .filter(|s| inserted.contains(&s.row.id))
+        .collect();
     // One statement per budget row touched by the batch.
     // Holds in the database (PostgreSQL without Redis) are given back by deleting their rows
     // (a hold whose lease already ran out was given back by the sweep, and is not again);
@@ -98,7 +108,7 @@ pub(super) async fn write_batch(
             .await?;
         }
     }
-    for ((scope, period), cost) in budget_spent(batch) {
+    for ((scope, period), cost) in budget_spent(&fresh) {
         sqlx::query(ADD_SPENT)
             .bind(scope)
             .bind(period)

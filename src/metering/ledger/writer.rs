@@ -91,8 +91,28 @@ type Batch = Vec<(Box<Settlement>, Option<oneshot::Sender<bool>>)>;
 async fn run(sink: Sink, mut rx: mpsc::UnboundedReceiver<Msg>, journal: Option<Arc<Journal>>) {
     let mut batch: Batch = Vec::new();
     let mut flushes = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
+    // Rows whose write failed (the database down, the disk full): kept, first in the next
+    // batch, and retried until they are written; never dropped. Their waiters were told
+    // "not durable" already. `held_journaled` of them are in the journal too.
+    let mut held: Batch = Vec::new();
+    let mut held_journaled = 0usize;
+    let mut closed = false;
+    loop {
+        let first = if held.is_empty() {
+            match rx.recv().await {
+                Some(m) => Some(m),
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                m = rx.recv(), if !closed => {
+                    closed = m.is_none();
+                    m
+                }
+                () = tokio::time::sleep(HELD_RETRY) => None,
+            }
+        };
+        let mut next = first;
         let mut lingered = false;
         loop {
             while let Some(msg) = next.take() {
@@ -107,7 +127,7 @@ async fn run(sink: Sink, mut rx: mpsc::UnboundedReceiver<Msg>, journal: Option<A
             // Journaled settlements are durable already: gather a few milliseconds' worth
             // into one transaction, unless someone waits for this batch.
             let waited_on = !flushes.is_empty() || batch.iter().any(|(_, d)| d.is_some());
-            if lingered || waited_on || batch.len() >= MAX_BATCH {
+            if batch.is_empty() || lingered || waited_on || batch.len() >= MAX_BATCH {
                 break;
             }
             lingered = true;
@@ -117,22 +137,44 @@ async fn run(sink: Sink, mut rx: mpsc::UnboundedReceiver<Msg>, journal: Option<A
                 break;
             }
         }
-        if !batch.is_empty() {
+        if !batch.is_empty() || !held.is_empty() {
+            let fresh_journaled = batch.iter().filter(|(_, d)| d.is_none()).count();
+            let mut all = std::mem::take(&mut held);
+            all.append(&mut batch);
             let ok;
-            (batch, ok) = write_with_retry(&sink, std::mem::take(&mut batch)).await;
-            crate::telemetry::metrics().ledger_batch(batch.len(), ok);
-            let mut journaled = 0;
-            for (_, done) in batch.drain(..) {
-                match done {
-                    Some(done) => {
-                        let _ = done.send(ok);
+            (all, ok) = write_with_retry(&sink, all).await;
+            crate::telemetry::metrics().ledger_batch(all.len(), ok);
+            if ok {
+                for (_, done) in all.drain(..) {
+                    if let Some(done) = done {
+                        let _ = done.send(true);
                     }
-                    None => journaled += 1,
                 }
-            }
-            if let (Some(j), true) = (&journal, ok) {
-                // Journaled entries that failed stay in the file for the next start.
-                j.committed(journaled);
+                if let Some(j) = &journal {
+                    j.committed(held_journaled + fresh_journaled);
+                }
+                held_journaled = 0;
+            } else {
+                // Not written: waiters hear so now, the rows stay for the next try.
+                for (_, done) in all.iter_mut() {
+                    if let Some(done) = done.take() {
+                        let _ = done.send(false);
+                    }
+                }
+                // An empty batch: the SQLite writer thread died holding it, and its journaled
+                // rows stay in the journal for the next start.
+                held_journaled = if all.is_empty() {
+                    0
+                } else {
+                    held_journaled + fresh_journaled
+                };
+                held = all;
+                if !held.is_empty() {
+                    tracing::error!(
+                        rows = held.len(),
+                        "usage ledger unavailable: rows kept in memory and retried"
+                    );
+                }
             }
         }
         for f in flushes.drain(..) {
@@ -140,6 +182,9 @@ async fn run(sink: Sink, mut rx: mpsc::UnboundedReceiver<Msg>, journal: Option<A
         }
     }
 }
+
+/// How often rows that could not be written are tried again.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// Applies what a previous process journaled, skipping rows already committed.
 async fn replay(sink: &Sink, path: &Path) -> Result<(), StoreError> {
