@@ -611,6 +611,17 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             "key has a plaintext `secret` in the config; use `secret_sha256` outside local demos"
         );
     }
+    match server::raise_open_file_limit() {
+        Ok((now, before)) if now > before => {
+            tracing::info!(from = before, to = now, "open-file limit raised")
+        }
+        Ok((now, _)) if now < 16_384 => tracing::warn!(
+            limit = now,
+            "open-file limit is low: each client connection takes one; raise LimitNOFILE / ulimit -Hn"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let listen = config.listen;
     let admin = match config.admin.listen {
         Some(addr) => Some(

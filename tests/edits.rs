@@ -307,6 +307,100 @@ async fn uploads_over_the_limit_are_413_before_they_are_read() {
     assert_eq!(err["code"], "request_too_large");
 }
 
+/// A variation's multipart request for `image`, whole, with its head.
+fn raw_variation(image: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let boundary = "ig-test-boundary-7f3a";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"response_format\"\r\n\r\nb64_json\r\n\
+             --{boundary}\r\ncontent-disposition: form-data; name=\"size\"\r\n\r\n256x256\r\n\
+             --{boundary}\r\ncontent-disposition: form-data; name=\"image\"; filename=\"in.png\"\r\n\
+             content-type: image/png\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(image);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let head = format!(
+        "POST /v1/images/variations HTTP/1.1\r\nhost: gw\r\nconnection: close\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: multipart/form-data; boundary={boundary}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    (head.into_bytes(), body)
+}
+
+/// Sends `head`, then `body` in `chunk`-byte pieces `every` apart (stopping if the gateway
+/// answers first), and returns the answer's status and body text.
+async fn trickle(
+    gw: &Gateway,
+    head: &[u8],
+    body: &[u8],
+    chunk: usize,
+    every: std::time::Duration,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            rd.read_to_end(&mut answer),
+        )
+        .await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    wr.write_all(head).await.unwrap();
+    for piece in body.chunks(chunk) {
+        if reader.is_finished() || wr.write_all(piece).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+    let answer = reader.await.unwrap();
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// An upload must keep a pace (`server.min_upload_rate` after `server.body_timeout`): one
+/// trickled at 1 KiB/s against 2 KiB/s is cut with 408 and its memory reservation given back
+/// (the upload memory fits one such upload: the next one would get 503 otherwise); one sent at
+/// 16 KiB/s, which takes well past the 1 s grace, is served; others are served meanwhile.
+#[tokio::test]
+async fn a_trickled_upload_is_cut_with_408_and_a_steady_slow_one_is_served() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {body_timeout: 1s, min_upload_rate: 2048, max_upload_bytes: 250000, max_upload_memory: 250000}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let (head, body) = raw_variation(&picture(256, 256));
+    assert!((40_000..250_000).contains(&body.len()), "{}", body.len());
+    let ms = std::time::Duration::from_millis;
+
+    let started = std::time::Instant::now();
+    let ((status, answer), ()) = tokio::join!(trickle(&gw, &head, &body, 512, ms(500)), async {
+        tokio::time::sleep(ms(300)).await;
+        models_ok(&gw).await;
+    });
+    let took = started.elapsed();
+    assert_eq!(status, 408, "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // 1 s of grace plus 1 s per 2 KiB, at 1 KiB/s: cut at about 2 s, not at the end (~40 s).
+    assert!(took < std::time::Duration::from_secs(8), "{took:?}");
+
+    let started = std::time::Instant::now();
+    let (status, answer) = trickle(&gw, &head, &body, 4096, ms(250)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("b64_json"), "{answer}");
+    assert!(started.elapsed() > std::time::Duration::from_secs(2));
+    models_ok(&gw).await;
+}
+
 #[tokio::test]
 async fn a_model_none_of_whose_backends_can_edit_says_so() {
     // ComfyUI serves generations only (its edit workflow is still to come).

@@ -627,3 +627,101 @@ async fn cli_bootstraps_tenants_and_keys_before_the_server_runs() {
     );
     drop(child);
 }
+
+/// Descriptors open in process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Ten thousand connections that never send a byte, against the binary as ops run it: it
+/// raises its own open-file limit, accepts and holds all of them, serves a real request
+/// meanwhile, and closes every one after `server.header_timeout`, giving the descriptors back.
+/// (The test raises its own limit for its ends; the gateway's RSS while holding them is
+/// printed, not asserted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_are_held_then_closed() {
+    const N: usize = 10_000;
+    let (limit, _) = imagegate::server::raise_open_file_limit().unwrap();
+    assert!(
+        limit as usize > N + 500,
+        "this test needs an open-file hard limit over {} (ulimit -Hn is {limit})",
+        N + 500
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "server: {shutdown_timeout: 20s}",
+        "server: {shutdown_timeout: 20s, header_timeout: 10s}",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let before = open_fds(pid);
+
+    let mut idle = Vec::with_capacity(N);
+    while idle.len() < N {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect {}: {e}", idle.len()),
+        }
+    }
+    // Every one accepted (not left in the listen queue): the gateway holds a descriptor each.
+    let mut held = 0;
+    for _ in 0..100 {
+        held = open_fds(pid);
+        if held >= N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(held >= N, "gateway holds {held} descriptors");
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    eprintln!("gateway holding {N} idle connections: {held} descriptors, RSS {rss_kib} KiB");
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth("sk-lifecycle-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let closed = futures_util::future::join_all(idle.iter_mut().map(|s| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }))
+    .await;
+    assert_eq!(closed.iter().filter(|c| **c).count(), N);
+    drop(idle);
+    let mut after = usize::MAX;
+    for _ in 0..50 {
+        after = open_fds(pid);
+        if after <= before + 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        after <= before + 10,
+        "{after} descriptors left (had {before})"
+    );
+    let _ = child.kill().await;
+}

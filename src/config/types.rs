@@ -349,6 +349,11 @@ pub struct ServerConfig {
     /// Time a client has to send a JSON request body once its head is in (408 after it).
     #[serde(default = "default_body_timeout", deserialize_with = "duration")]
     pub body_timeout: Duration,
+    /// Slowest upload (edits, variations) accepted, in bytes a second: an upload must be in
+    /// within `body_timeout` plus one second for every this many bytes received (Apache's
+    /// `mod_reqtimeout` rule), else 408. 0: no pace is required.
+    #[serde(default = "default_min_upload_rate")]
+    pub min_upload_rate: u64,
     /// Largest request head (HTTP/1.1: request line and headers; HTTP/2: the header list as
     /// RFC 9113 counts it); larger ones get 431. nginx's default allows 4 x 8 KiB lines.
     #[serde(default = "default_max_header_bytes")]
@@ -387,6 +392,7 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
+            min_upload_rate: default_min_upload_rate(),
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
             reload_poll: default_reload_poll(),
@@ -399,6 +405,11 @@ impl Default for ServerConfig {
 
 fn default_body_timeout() -> Duration {
     Duration::from_secs(60)
+}
+/// 16 KiB/s: a 4 MB picture over a 130 kbit/s link still makes it; a client trickling bytes
+/// to hold an upload's memory reservation does not.
+fn default_min_upload_rate() -> u64 {
+    16 * 1024
 }
 fn default_max_header_bytes() -> usize {
     32 * 1024

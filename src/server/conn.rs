@@ -23,6 +23,31 @@ use tokio::sync::watch;
 
 use crate::config::{ServerConfig, DEFAULT_MAX_HEADERS};
 
+/// Raises this process's open-file limit to its hard limit (as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do): every client connection, upstream connection and open file is
+/// a descriptor, and many systems start processes at a soft limit of 1,024. Returns the
+/// limit now in force, and what it was.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, u32 on some targets
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur as u64;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((lim.rlim_cur as u64, before))
+}
+
 /// What an HTTP/2 client sends first (RFC 9113 section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

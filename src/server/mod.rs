@@ -24,6 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 pub use compile::{check, compile, Compiled};
+pub use conn::raise_open_file_limit;
 pub use state::{open_store, AppState, Runtime};
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and waits up to

@@ -5,7 +5,7 @@
 //! would pass `server.max_upload_memory` gets a 503 with `retry-after`, so a burst of large
 //! uploads cannot take the process's memory.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,11 +62,84 @@ pub(super) async fn handle(
             Err(e) => Some(Err(e)),
         })
     });
-    let form = api::edit::read_form(frames, &boundary, limit as u64).await?;
+    let server = &rt.config.server;
+    let slow = Arc::new(AtomicBool::new(false));
+    let frames = paced(
+        frames,
+        server.body_timeout,
+        server.min_upload_rate,
+        slow.clone(),
+    );
+    let form = match api::edit::read_form(frames, &boundary, limit as u64).await {
+        Err(_) if slow.load(Ordering::Relaxed) => return Err(too_slow(server)),
+        read => read?,
+    };
     serve_form(
         state, &rt, &principal, form, idem_key, request_id, log, operation,
     )
     .await
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `frames`, cut off once they arrive slower than the upload pace allows: the whole body must
+/// be in within `grace` plus one second per `min_rate` bytes received so far (Apache's
+/// `mod_reqtimeout` rule, `body=grace,MinRate=min_rate`). A client trickling bytes would
+/// otherwise hold its share of `server.max_upload_memory` for as long as it liked. When cut,
+/// `slow` is set and the stream ends in an error.
+fn paced<S, E>(
+    frames: S,
+    grace: Duration,
+    min_rate: u64,
+    slow: Arc<AtomicBool>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BoxError>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    let start = tokio::time::Instant::now();
+    let state = (Box::pin(frames), 0u64, false);
+    futures_util::stream::unfold(state, move |(mut frames, received, ended)| {
+        let slow = slow.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let next = if min_rate == 0 {
+                frames.next().await
+            } else {
+                let allowed = grace + Duration::from_secs_f64(received as f64 / min_rate as f64);
+                match tokio::time::timeout_at(start + allowed, frames.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        slow.store(true, Ordering::Relaxed);
+                        let cut: BoxError = "the upload arrived too slowly".into();
+                        return Some((Err(cut), (frames, received, true)));
+                    }
+                }
+            };
+            match next {
+                None => None,
+                Some(Ok(bytes)) => {
+                    let received = received + bytes.len() as u64;
+                    Some((Ok(bytes), (frames, received, false)))
+                }
+                Some(Err(e)) => Some((Err(e.into()), (frames, received, true))),
+            }
+        }
+    })
+}
+
+fn too_slow(server: &crate::config::ServerConfig) -> ApiError {
+    ApiError::new(
+        ErrorKind::RequestTimeout,
+        format!(
+            "The upload arrived too slowly: it must be in within {} seconds plus one second per {} bytes.",
+            server.body_timeout.as_secs(),
+            server.min_upload_rate
+        ),
+    )
+    .code("request_timeout")
 }
 
 /// An upload's form, read: the model's rules, then the pipeline every request shares.
