@@ -111,7 +111,9 @@ async fn a_single_threaded_gateway_serves_concurrent_requests_and_drains() {
     drains_on_sigterm("worker_threads: 1").await;
 }
 
-async fn drains_on_sigterm(server: &str) {
+/// The binary serving the test config with `server` settings added to its `server:` map;
+/// returns once healthy, with its base URL and the folder that holds its config and data.
+async fn serve_with(server: &str) -> (tokio::process::Child, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = write_config(dir.path(), port, "");
@@ -120,7 +122,7 @@ async fn drains_on_sigterm(server: &str) {
         &format!("server: {{shutdown_timeout: 20s, {server}}}"),
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
+    let child = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
@@ -130,6 +132,11 @@ async fn drains_on_sigterm(server: &str) {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&base).await;
+    (child, base, dir)
+}
+
+async fn drains_on_sigterm(server: &str) {
+    let (mut child, base, _dir) = serve_with(server).await;
 
     // Eight requests at once, each held 1.5 s by the backend. One client, made before: making
     // eight (each loads its TLS roots) can take longer than the wait below on a busy machine.
@@ -647,25 +654,9 @@ async fn ten_thousand_idle_connections_are_held_then_closed() {
         "this test needs an open-file hard limit over {} (ulimit -Hn is {limit})",
         N + 500
     );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port, "");
-    let yaml = std::fs::read_to_string(&config).unwrap().replace(
-        "server: {shutdown_timeout: 20s}",
-        "server: {shutdown_timeout: 20s, header_timeout: 10s}",
-    );
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, base, _dir) = serve_with("header_timeout: 10s").await;
     let pid = child.id().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&base).await;
+    let port = base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
     let before = open_fds(pid);
 
     let mut idle = Vec::with_capacity(N);

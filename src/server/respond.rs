@@ -89,6 +89,19 @@ impl http_body::Body for Body {
 
 pub use crate::api::REQUEST_ID;
 
+/// An answer's body read back as JSON, for callers that serve a request in-process (the
+/// batch runner, the console's playground); `Null` if it is not JSON.
+pub async fn json_of(resp: Response<Body>) -> serde_json::Value {
+    use http_body_util::BodyExt;
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+}
+
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => with_type(status, Bytes::from(bytes), "application/json"),

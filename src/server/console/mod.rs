@@ -13,6 +13,7 @@ mod ops;
 mod portal;
 pub mod session;
 mod shared;
+mod tenants;
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use maud::{html, Markup};
 use serde_json::json;
@@ -563,13 +562,7 @@ async fn answer(
         })
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let answer = crate::server::respond::json_of(resp).await;
     let images: Vec<String> = answer["data"]
         .as_array()
         .map(|d| {
