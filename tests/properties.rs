@@ -126,3 +126,154 @@ proptest! {
         }
     }
 }
+
+/// `WIDTHxHEIGHT` as the size grammar has it: one to five digits each side, neither zero.
+fn is_size(s: &str) -> bool {
+    let Some((w, h)) = s.split_once('x') else {
+        return false;
+    };
+    let side = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 5
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && v.bytes().any(|b| b != b'0')
+    };
+    side(w) && side(h)
+}
+
+/// A multipart body of `parts` (name, filename, bytes) with `boundary`, as the SDKs send it.
+fn multipart(boundary: &str, parts: &[(String, Option<String>, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"").as_bytes(),
+        );
+        if let Some(f) = filename {
+            body.extend_from_slice(
+                format!("; filename=\"{f}\"\r\ncontent-type: image/png").as_bytes(),
+            );
+        }
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// `body` cut at `cuts` (fractions of its length) and read as a multipart form.
+fn read_in_pieces(
+    body: &[u8],
+    cuts: &[u16],
+    limit: u64,
+) -> Result<imagegate::api::edit::Form, imagegate::api::ApiError> {
+    let mut at: Vec<usize> = cuts
+        .iter()
+        .map(|c| body.len() * *c as usize / u16::MAX as usize)
+        .collect();
+    at.push(0);
+    at.push(body.len());
+    at.sort_unstable();
+    at.dedup();
+    let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = at
+        .windows(2)
+        .map(|w| Ok(bytes::Bytes::copy_from_slice(&body[w[0]..w[1]])))
+        .collect();
+    let stream = futures_util::stream::iter(pieces);
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(imagegate::api::edit::read_form(
+            stream,
+            "XyZ-boundary",
+            limit,
+        ))
+}
+
+fn form_part() -> impl Strategy<Value = (String, Option<String>, Vec<u8>)> {
+    let name = prop_oneof![
+        Just("prompt".to_string()),
+        Just("model".to_string()),
+        Just("n".to_string()),
+        Just("size".to_string()),
+        Just("response_format".to_string()),
+        Just("image".to_string()),
+        Just("image[]".to_string()),
+        Just("mask".to_string()),
+        "[a-z_]{1,12}",
+    ];
+    (
+        name,
+        prop::option::of("[a-z]{1,8}\\.png"),
+        prop_oneof![
+            "[ -~]{0,40}".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..300),
+        ],
+    )
+}
+
+proptest! {
+    /// Any string: a size exactly when it is `WIDTHxHEIGHT` (1-5 digits, neither zero), and a
+    /// size's text parses back to itself.
+    #[test]
+    fn the_size_grammar_accepts_exactly_width_x_height(s in prop_oneof!["[0-9x]{0,13}", ".{0,16}", "[0-9]{1,6}x[0-9]{1,6}"]) {
+        let parsed = s.parse::<imagegate::api::Size>();
+        prop_assert_eq!(parsed.is_ok(), is_size(&s), "{:?}", s);
+        if let Ok(size) = parsed {
+            prop_assert_eq!(size.text().parse::<imagegate::api::Size>(), Ok(size));
+            prop_assert!(size.width >= 1 && size.width <= 99_999);
+        }
+    }
+
+    /// Any bytes as a multipart body, in any pieces: a form, a 400 or a 413, never a panic;
+    /// a form read then becomes an edit, a variation or a 400 naming a field.
+    #[test]
+    fn any_bytes_as_a_multipart_body_are_a_form_or_a_4xx(
+        body in prop::collection::vec(any::<u8>(), 0..600),
+        cuts in prop::collection::vec(any::<u16>(), 0..6),
+    ) {
+        match read_in_pieces(&body, &cuts, 400) {
+            Err(e) => prop_assert!(matches!(e.status().as_u16(), 400 | 413), "{}", e.status()),
+            Ok(form) => {
+                if let Err(e) = form.into_variation() {
+                    prop_assert_eq!(e.status().as_u16(), 400);
+                }
+            }
+        }
+    }
+
+    /// A well-formed form, cut into pieces anywhere: read the same (one fingerprint) however it
+    /// arrives; it becomes an edit or a 400 naming a field; over the size limit it is a 413.
+    #[test]
+    fn a_form_reads_the_same_however_it_is_cut(
+        parts in prop::collection::vec(form_part(), 1..6),
+        cuts in prop::collection::vec(any::<u16>(), 0..8),
+    ) {
+        let body = multipart("XyZ-boundary", &parts);
+        let whole = read_in_pieces(&body, &[], 1 << 20);
+        let cut = read_in_pieces(&body, &cuts, 1 << 20);
+        match (whole, cut) {
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(a.fingerprint(), b.fingerprint());
+                for r in rules() {
+                    let form = imagegate::api::edit::form_from_parts(
+                        parts.iter().map(|(n, f, d)| (n.clone(), f.clone(), bytes::Bytes::from(d.clone()))).collect(),
+                    );
+                    match form.and_then(|f| f.into_edit(&r)) {
+                        Ok(req) => prop_assert!(!req.prompt.is_empty()),
+                        Err(e) => {
+                            prop_assert_eq!(e.status().as_u16(), 400);
+                            prop_assert!(e.param.is_some(), "{}", e.message);
+                        }
+                    }
+                }
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a.status(), b.status()),
+            (a, b) => prop_assert!(false, "whole {:?} vs cut {:?}", a.map(|f| f.fingerprint().to_vec()), b.map(|f| f.fingerprint().to_vec())),
+        }
+        if body.len() > 64 {
+            let small = read_in_pieces(&body, &cuts, 64);
+            prop_assert_eq!(small.err().map(|e| e.status().as_u16()), Some(413));
+        }
+    }
+}

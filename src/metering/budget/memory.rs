@@ -41,8 +41,11 @@ impl MemoryBudgets {
                 None => self.rows.entry(key.to_string()).or_default(),
             };
             let (spent, held) = *row;
-            if spent + held + amount > limit {
-                return Err(limit.saturating_sub(spent + held));
+            // Saturating: a limit near u64::MAX (budgets given in dollars, unchecked upward)
+            // must not wrap the sum and let a hold through.
+            let committed = spent.saturating_add(held);
+            if committed.saturating_add(amount) > limit {
+                return Err(limit.saturating_sub(committed));
             }
             row.1 += amount;
             Ok(())
@@ -229,5 +232,77 @@ mod tests {
         b.reserve("tenant:t", "total", 10, 70).unwrap();
         b.settle(&hold, 10);
         assert_eq!(b.spent("tenant:t", "total"), (10, 60));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve(u64),
+        /// Settle an open hold (picked by index) at this many thousandths of its amount.
+        Settle(usize, u64),
+        Release(usize),
+    }
+
+    fn op(max: u64) -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..=max).prop_map(Op::Reserve),
+            (any::<usize>(), 0u64..=1000).prop_map(|(i, p)| Op::Settle(i, p)),
+            any::<usize>().prop_map(Op::Release),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of holds, settlements (at most the amount held) and releases:
+        /// a hold is refused exactly when it would pass the limit (and says what is left),
+        /// spent is exactly the sum settled, held exactly the sum of open holds (never below
+        /// zero), and spent never passes the limit. Small amounts and amounts near u64::MAX.
+        #[test]
+        fn holds_and_settlements_never_overspend_or_lose_a_micro_dollar(
+            (limit, ops) in proptest::prop_oneof![
+                (0u64..20_000_000, proptest::collection::vec(op(5_000_000), 1..200)),
+                (u64::MAX - 1_000..=u64::MAX, proptest::collection::vec(op(u64::MAX / 3), 1..50)),
+            ]
+        ) {
+            use proptest::{prop_assert, prop_assert_eq};
+            let b = MemoryBudgets::default();
+            let mut open: Vec<Hold> = Vec::new();
+            let mut spent: u64 = 0;
+            for op in ops {
+                match op {
+                    Op::Reserve(amount) => {
+                        let (s, h) = b.spent("tenant:t", "2026-12");
+                        let got = b.reserve("tenant:t", "2026-12", amount, limit);
+                        if (s as u128) + (h as u128) + (amount as u128) > limit as u128 {
+                            prop_assert_eq!(got, Err(limit - s - h));
+                        } else {
+                            prop_assert_eq!(got, Ok(()));
+                            open.push(Hold { scope: "tenant:t".into(), period: "2026-12".into(), amount });
+                        }
+                    }
+                    Op::Settle(i, per_mille) if !open.is_empty() => {
+                        let hold = open.swap_remove(i % open.len());
+                        let actual = ((hold.amount as u128) * (per_mille as u128) / 1000) as u64;
+                        b.settle(&hold, actual);
+                        spent += actual;
+                    }
+                    Op::Release(i) if !open.is_empty() => {
+                        let hold = open.swap_remove(i % open.len());
+                        b.settle(&hold, 0);
+                    }
+                    _ => {}
+                }
+                let held: u128 = open.iter().map(|h| h.amount as u128).sum();
+                let (s, h) = b.spent("tenant:t", "2026-12");
+                prop_assert_eq!(s, spent);
+                prop_assert_eq!(h as u128, held);
+                prop_assert!((s as u128) + (h as u128) <= limit as u128);
+            }
+            for hold in open.drain(..) {
+                b.settle(&hold, hold.amount);
+                spent += hold.amount;
+            }
+            prop_assert_eq!(b.spent("tenant:t", "2026-12"), (spent, 0));
+            prop_assert!(spent <= limit);
+        }
     }
 }
