@@ -265,4 +265,18 @@ async fn an_endless_event_stream_ends_at_the_deadline_with_an_error_event() {
         took < Duration::from_secs(6),
         "the stream outlived its 2 s deadline: {took:?}"
     );
+    // No image went through: recorded as failed, nothing charged (it was charged as asked
+    // before, as soon as the upstream started answering).
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = spent(&gw).await.1;
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["status"], 502, "{rows:?}");
+    assert_eq!(rows[0]["cost_micro_usd"], 0, "{rows:?}");
+    assert_eq!(rows[0]["n_delivered"], 0, "{rows:?}");
 }

@@ -1,6 +1,7 @@
 //! `stream: true` on GPT image models: upstream events reach the client as they arrive, a
-//! client that leaves closes the upstream connection, and backends that cannot stream answer
-//! with completed events.
+//! client that leaves closes the upstream connection, backends that cannot stream answer
+//! with completed events, and a stream is charged when it ends for the images that went
+//! through, at the usage its completed event reports.
 
 mod support;
 
@@ -15,7 +16,38 @@ fn config(url: &str) -> String {
     let backends = format!("  gpt: {{kind: openai, base_url: \"{url}/v1\", api_key: sk-up}}");
     let models = "  gpt-image-2: {rules: gpt-image-2, route: {targets: [{backend: gpt, dialect: gpt-image}]}}\n  \
                   gpt-local: {rules: gpt-image-2, route: {targets: [{backend: sandbox}]}}";
-    sandbox_config(&backends, models)
+    sandbox_config(&backends, models).replace(
+        "log: {level: warn}",
+        &format!(
+            "log: {{level: warn}}\nadmin: {{tokens_sha256: [{}]}}",
+            hex::encode(imagegate::auth::hash_secret(ADMIN))
+        ),
+    )
+}
+
+const ADMIN: &str = "streaming-admin-token";
+
+/// The demo tenant's ledger rows once there are `want` (the stream's charge is written when
+/// it ends, after the client has read its last byte).
+async fn rows(gw: &Gateway, want: usize) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        let resp = client()
+            .get(format!("{}/admin/v1/usage?tenant=demo", gw.admin_base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        rows = resp.json::<Value>().await.unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if rows.len() >= want {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} ledger rows, wanted {want}: {rows:?}", rows.len());
 }
 
 /// Reads the body until it holds `events` complete server-sent events.
@@ -65,6 +97,13 @@ async fn events_reach_the_client_before_the_upstream_has_finished() {
     let all = read_events(&mut resp, &mut buf, 2).await;
     assert_eq!(all[1]["type"], "image_generation.completed");
     assert_eq!(all[1]["usage"]["output_tokens"], 4160);
+    // Charged once the stream ended: one image, at the tokens its completed event reported.
+    while resp.chunk().await.unwrap().is_some() {}
+    let row = &rows(&gw, 1).await[0];
+    assert_eq!(row["status"], 200, "{row}");
+    assert_eq!(row["n_delivered"], 1, "{row}");
+    assert_eq!(row["output_tokens"], 4160, "{row}");
+    assert!(row["cost_micro_usd"].as_u64().unwrap() > 0, "{row}");
     let sent = up.bodies.lock().unwrap()[0].clone();
     assert_eq!(
         (sent["stream"].as_bool(), sent["partial_images"].as_u64()),
@@ -93,6 +132,10 @@ async fn a_client_that_leaves_mid_stream_closes_the_upstream_connection() {
         "the upstream connection stayed open after the client left"
     );
     assert!(!up.completed_sent.load(Ordering::SeqCst));
+    // It left before its image: recorded, nothing charged.
+    let row = &rows(&gw, 1).await[0];
+    assert_eq!(row["status"], 499, "{row}");
+    assert_eq!(row["cost_micro_usd"], 0, "{row}");
 }
 
 #[tokio::test]
@@ -118,4 +161,11 @@ async fn a_backend_that_cannot_stream_answers_with_a_completed_event() {
         resp.chunk().await.unwrap().is_none(),
         "the stream ends after the last image"
     );
+    let row = &rows(&gw, 1).await[0];
+    assert_eq!(
+        (row["status"].as_u64(), row["n_delivered"].as_u64()),
+        (Some(200), Some(1)),
+        "{row}"
+    );
+    assert!(row["cost_micro_usd"].as_u64().unwrap() > 0, "{row}");
 }

@@ -122,6 +122,19 @@ pub fn check(
             ));
             continue;
         };
+        // A batch writes each answer to its output file: there is nobody to stream to.
+        if body
+            .get("stream")
+            .is_some_and(|s| s != &Value::Bool(false) && !s.is_null())
+        {
+            errors.push(LineError::at(
+                number,
+                "invalid_request",
+                "`stream` is not supported in a batch: each answer goes to the output file.",
+                Some("body.stream"),
+            ));
+            continue;
+        }
         let body = body.to_string();
         if let Err((param, message)) = body_ok(body.as_bytes()) {
             errors.push(LineError {
@@ -177,6 +190,8 @@ mod tests {
             r#"{"custom_id":"c","method":"POST","url":"/v1/chat/completions","body":{}}"#,
             "",
             r#"{"custom_id":"d","method":"POST","url":"/v1/images/generations","body":{"prompt":""}}"#,
+            r#"{"custom_id":"e","method":"POST","url":"/v1/images/generations","body":{"prompt":"z","stream":true}}"#,
+            r#"{"custom_id":"f","method":"POST","url":"/v1/images/generations","body":{"prompt":"z","stream":false}}"#,
         ]
         .join("\n");
         let errors = check(file.as_bytes(), URL, |b| {
@@ -198,9 +213,11 @@ mod tests {
                 (Some(4), "invalid_method"),
                 (Some(5), "mismatched_url"),
                 (Some(7), "invalid_request"),
+                (Some(8), "invalid_request"),
             ]
         );
         assert_eq!(errors[4].param.as_deref(), Some("body.prompt"));
+        assert_eq!(errors[5].param.as_deref(), Some("body.stream"));
         let ok = check(
             br#"{"custom_id":"a","method":"POST","url":"/v1/images/generations","body":{"prompt":"x"}}"#,
             URL,

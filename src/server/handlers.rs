@@ -598,9 +598,29 @@ pub(crate) async fn run(
         }
     };
     let (delivered, usage, resp, stored, upstream_price) = match relayed {
-        Relayed::Events(resp, upstream_price) => {
-            // Charged as asked once the upstream has started answering.
-            (request.n, None, resp, None, upstream_price)
+        Relayed::Events(events, upstream_price) => {
+            // Relayed as the events arrive and charged when the stream ends, for the images
+            // that went through (server/metered.rs); the concurrency slots go with it.
+            let pricing = super::metered::Pricing {
+                prices: route.prices.clone(),
+                upstream_price,
+                request,
+                backend: log.backend.clone(),
+                tenant: principal.tenant.clone(),
+                route: route.name.clone(),
+                images: route.images.clone(),
+            };
+            let metered = super::metered::Metered::new(events, charge, pricing, _permits);
+            let mut resp = respond::with_type(
+                StatusCode::OK,
+                Body::stream(Box::pin(metered)),
+                "text/event-stream",
+            );
+            resp.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            );
+            return Ok(resp);
         }
         Relayed::Images {
             response,
@@ -648,7 +668,10 @@ pub(crate) async fn run(
 
 /// What the upstream gave, ready for the client.
 enum Relayed {
-    Events(Response<Body>, Option<Arc<crate::metering::PriceTable>>),
+    Events(
+        crate::backends::EventStream,
+        Option<Arc<crate::metering::PriceTable>>,
+    ),
     Images {
         response: ImagesResponse,
         usage: Option<serde_json::Value>,
@@ -694,13 +717,7 @@ async fn relay(
         Output::Events(events) => {
             // Server-sent events, relayed as they arrive; the client going away drops the
             // stream and with it the upstream connection.
-            let mut resp =
-                respond::with_type(StatusCode::OK, Body::stream(events), "text/event-stream");
-            resp.headers_mut().insert(
-                http::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-cache"),
-            );
-            return Ok(Relayed::Events(resp, dispatch.upstream_price));
+            return Ok(Relayed::Events(events, dispatch.upstream_price));
         }
     };
     let url_policy = dispatch

@@ -7,6 +7,7 @@ pub mod compile;
 mod conn;
 mod console;
 mod handlers;
+mod metered;
 pub mod models;
 mod respond;
 mod state;
