@@ -2,13 +2,16 @@
 //! `image_generation.completed` / `image_edit.completed` event is an image delivered, and the
 //! last one's `usage` prices a token-priced model. A stream the upstream breaks off or that
 //! runs into its deadline (an `error` event, no image) is recorded as failed and charges
-//! nothing; a client that leaves mid-stream pays for the images it was sent. The request's
-//! concurrency slots are held until the stream ends, as a whole answer's are until it is sent.
+//! nothing; a client that leaves mid-stream pays for the images it was sent. The chunk that
+//! completes the last image asked for waits until the settlement is durable, as a whole
+//! answer waits for its own. The request's concurrency slots are held until the stream ends,
+//! as a whole answer's are until it is sent.
 //!
 //! Events are read as they pass, without holding them: partial images (most of the bytes)
 //! are skipped line by line once their `event:` line names them; only a completed event's
 //! data is kept, to read its `usage`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -176,11 +179,16 @@ pub(super) struct Pricing {
     pub images: prometheus_client::metrics::counter::Counter,
 }
 
+type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The event stream the client reads, charging its request when it ends or is dropped.
 pub(super) struct Metered {
     inner: crate::backends::EventStream,
     tally: Tally,
     end: Option<(Charge, Pricing, Permits)>,
+    /// A settlement being made durable, and the chunk that waits for it (`None`: the end of
+    /// the stream).
+    settling: Option<(Settling, Option<Bytes>)>,
 }
 
 impl Metered {
@@ -194,28 +202,28 @@ impl Metered {
             inner,
             tally: Tally::default(),
             end: Some((charge, pricing, permits)),
+            settling: None,
         }
     }
 
-    /// Settles the request for what went through (once): `ended` if the stream finished,
-    /// else the client left.
-    fn settle(&mut self, ended: bool) {
-        let Some((charge, p, permits)) = self.end.take() else {
-            return;
-        };
+    /// The settlement of the request for what went through (once): `ended` if the stream
+    /// finished, else the client left. `None` when there is nothing to write: a client that
+    /// left before any image is the charge's own 499 (its drop records it).
+    fn settlement(&mut self, ended: bool) -> Option<Settling> {
+        let (charge, p, permits) = self.end.take()?;
         drop(permits);
         let delivered = self.tally.completed;
         if delivered == 0 {
             // Nothing delivered: a stream that ended without an image (broken off, out of
-            // time) is a failure; a client that left before any image is the charge's own
-            // 499. Nothing charged either way.
-            if ended || self.tally.errors > 0 {
-                let backend = p.backend;
-                spawn(async move {
-                    charge.fail(502, backend.as_deref()).await;
-                });
+            // time) is a failure. Nothing charged either way.
+            if !ended && self.tally.errors == 0 {
+                drop(charge);
+                return None;
             }
-            return;
+            let backend = p.backend;
+            return Some(Box::pin(async move {
+                charge.fail(502, backend.as_deref()).await;
+            }));
         }
         let usage = self.tally.usage.take();
         let cost = p.prices.cost(&p.request, delivered, usage.as_ref());
@@ -225,7 +233,7 @@ impl Metered {
             .map_or(0, |u| u.cost(&p.request, delivered, usage.as_ref()));
         p.images.inc_by(u64::from(delivered));
         crate::telemetry::metrics().spend(&p.tenant, &p.route, cost);
-        spawn(async move {
+        Some(Box::pin(async move {
             let delivery = Delivered {
                 backend: p.backend.as_deref(),
                 images: delivered,
@@ -238,13 +246,18 @@ impl Metered {
                     "usage ledger unavailable: a streamed answer has no durable usage record"
                 );
             }
-        });
+        }))
+    }
+
+    /// The images the request asked for, while it is not settled.
+    fn asked(&self) -> Option<u32> {
+        self.end.as_ref().map(|(_, p, _)| p.request.n)
     }
 }
 
-/// Runs `f` on the runtime; outside one (a process stopping), the charge's own drop records
-/// the request instead.
-fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
+/// Runs `f` on the runtime; outside one (a process stopping) it is dropped, and the charge's
+/// own drop records the request.
+fn spawn(f: Settling) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(f);
     }
@@ -253,25 +266,53 @@ fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
 impl Stream for Metered {
     type Item = Bytes;
 
+    /// The chunk that completes the last image asked for, and the end of the stream, are
+    /// passed on only once the settlement is durable: a client never holds its last image,
+    /// or sees its stream end, before the ledger has the request.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(chunk)) => {
-                this.tally.feed(&chunk);
-                Poll::Ready(Some(chunk))
+        loop {
+            if let Some((settling, _)) = &mut this.settling {
+                if settling.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let (_, held) = this.settling.take().expect("settling");
+                return match held {
+                    Some(chunk) => Poll::Ready(Some(chunk)),
+                    None => Poll::Ready(None),
+                };
             }
-            Poll::Ready(None) => {
-                this.settle(true);
-                Poll::Ready(None)
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    let asked = this.asked();
+                    this.tally.feed(&chunk);
+                    if asked.is_some_and(|n| this.tally.completed >= n) {
+                        if let Some(settling) = this.settlement(true) {
+                            this.settling = Some((settling, Some(chunk)));
+                            continue;
+                        }
+                    }
+                    return Poll::Ready(Some(chunk));
+                }
+                Poll::Ready(None) => match this.settlement(true) {
+                    Some(settling) => this.settling = Some((settling, None)),
+                    None => return Poll::Ready(None),
+                },
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        self.settle(false);
+        // A settlement under way finishes without the client; one not begun begins.
+        if let Some((settling, _)) = self.settling.take() {
+            spawn(settling);
+        }
+        if let Some(settling) = self.settlement(false) {
+            spawn(settling);
+        }
     }
 }
 
