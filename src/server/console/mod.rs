@@ -345,14 +345,14 @@ pub(super) fn csrf_refused() -> Response<Body> {
 }
 
 fn login_page(
-    _state: &AppState,
+    state: &AppState,
     site: &Site,
     nonce: &str,
     hint: &str,
     error: Option<&str>,
     status: StatusCode,
 ) -> Response<Body> {
-    let csrf = _state.console.login_csrf(nonce);
+    let csrf = state.console.login_csrf(nonce);
     let frame = layout::Frame {
         base: site.base,
         title: "Log in",
