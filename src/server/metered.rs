@@ -233,6 +233,7 @@ impl Metered {
             .map_or(0, |u| u.cost(&p.request, delivered, usage.as_ref()));
         p.images.inc_by(u64::from(delivered));
         crate::telemetry::metrics().spend(&p.tenant, &p.route, cost);
+        crate::telemetry::recent().delivered_later(delivered, cost);
         Some(Box::pin(async move {
             let delivery = Delivered {
                 backend: p.backend.as_deref(),

@@ -74,6 +74,22 @@ pub struct Finished<'a> {
     pub spend_micro_usd: u64,
 }
 
+/// The ring's slot for `minute`, emptied first if it holds an older minute; `None` if it
+/// holds a newer one (the minute is a day late).
+fn slot_for(ring: &mut [Minute], minute: u64) -> Option<&mut Minute> {
+    let slot = &mut ring[(minute % MINUTES as u64) as usize];
+    if slot.at > minute {
+        return None;
+    }
+    if slot.at != minute {
+        *slot = Minute {
+            at: minute,
+            ..Minute::default()
+        };
+    }
+    Some(slot)
+}
+
 pub struct Recent {
     ring: Mutex<Vec<Minute>>,
 }
@@ -130,19 +146,22 @@ impl Recent {
         self.record_at(crate::clock::now_unix() / 60, f);
     }
 
+    /// Images and spend of a request recorded before they were known (a stream, charged when
+    /// it ends), added to the minute they were delivered in.
+    pub fn delivered_later(&self, images: u32, spend_micro_usd: u64) {
+        let minute = crate::clock::now_unix() / 60;
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slot_for(&mut ring, minute) {
+            slot.counts.images += u64::from(images);
+            slot.counts.spend_micro_usd += spend_micro_usd;
+        }
+    }
+
     pub fn record_at(&self, minute: u64, f: Finished<'_>) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = &mut ring[(minute % MINUTES as u64) as usize];
-        if slot.at > minute {
-            // A day late: its slot holds a newer minute.
+        let Some(slot) = slot_for(&mut ring, minute) else {
             return;
-        }
-        if slot.at != minute {
-            *slot = Minute {
-                at: minute,
-                ..Minute::default()
-            };
-        }
+        };
         let c = &mut slot.counts;
         c.requests += 1;
         c.images += u64::from(f.images);
@@ -286,6 +305,21 @@ mod tests {
         assert_eq!(o.top_tenants[0], ("a".to_string(), 2));
         assert_eq!(o.p50_ms, Some(50));
         assert_eq!(o.p95_ms, Some(1_000));
+    }
+
+    #[test]
+    fn a_streams_images_and_spend_land_in_the_minute_they_were_delivered() {
+        let r = Recent::new();
+        let now = crate::clock::now_unix() / 60;
+        let t: Arc<str> = Arc::from("t");
+        r.record_at(now, done(200, 40, &t, 0));
+        r.delivered_later(2, 80_000);
+        // Read now (the minute may have turned since `now`): the hour holds both.
+        let o = r.overview();
+        assert_eq!(
+            (o.hour.requests, o.hour.images, o.hour.spend_micro_usd),
+            (1, 2, 80_000)
+        );
     }
 
     #[test]
