@@ -401,6 +401,40 @@ async fn a_trickled_upload_is_cut_with_408_and_a_steady_slow_one_is_served() {
     models_ok(&gw).await;
 }
 
+/// A batch file upload (`POST /v1/files`) keeps the same pace and memory reservation as an
+/// edit: trickled, it is cut with 408; sent steadily past the grace, it is stored.
+#[tokio::test]
+async fn a_trickled_batch_file_is_cut_with_408_too() {
+    let yaml = sandbox_config("", "").replace(
+        "log: {level: warn}",
+        "log: {level: warn}\nserver: {body_timeout: 1s, min_upload_rate: 2048, max_upload_bytes: 250000, max_upload_memory: 250000}",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let lines: String = (0..400)
+        .map(|i| format!("{{\"custom_id\":\"c{i}\",\"method\":\"POST\",\"url\":\"/v1/images/generations\",\"body\":{{\"prompt\":\"x\"}}}}\n"))
+        .collect();
+    let boundary = "ig-test-boundary-batch";
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         content-type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    )
+    .into_bytes();
+    assert!(body.len() > 30_000, "{}", body.len());
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nhost: gw\r\nconnection: close\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: multipart/form-data; boundary={boundary}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let ms = std::time::Duration::from_millis;
+    let (status, answer) = trickle(&gw, head.as_bytes(), &body, 512, ms(500)).await;
+    assert_eq!(status, 408, "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    let (status, answer) = trickle(&gw, head.as_bytes(), &body, 4096, ms(250)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"purpose\":\"batch\""), "{answer}");
+}
+
 #[tokio::test]
 async fn a_model_none_of_whose_backends_can_edit_says_so() {
     // ComfyUI serves generations only (its edit workflow is still to come).

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -243,29 +242,32 @@ async fn upload(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let boundary = api::edit::boundary(content_type)?;
-    let stream = http_body_util::BodyStream::new(req.into_body());
-    let frames = futures_util::StreamExt::filter_map(stream, |f| {
-        std::future::ready(match f {
-            Ok(frame) => frame.into_data().ok().map(Ok::<Bytes, hyper::Error>),
-            Err(e) => Some(Err(e)),
-        })
-    });
+    // Held to the end of the upload: its memory reservation and pace, as an edit's.
+    let rt = state.runtime.load_full();
+    let server = &rt.config.server;
+    let (frames, received) = super::uploads::receive(state, server, req, limit)?;
     let constraints =
         multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limit as u64));
     let mut form = multer::Multipart::with_constraints(frames, boundary, constraints);
     let (mut purpose, mut file) = (None, None);
     let bad = |m: String| ApiError::new(ErrorKind::InvalidRequest, m);
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| bad(format!("Invalid upload: {e}")))?
-    {
+    let unreadable = |e: multer::Error| {
+        received.or_slow(
+            server,
+            match e {
+                multer::Error::StreamSizeExceeded { .. } => ApiError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("The request body exceeds the maximum upload size of {limit} bytes."),
+                )
+                .code("request_too_large"),
+                e => bad(format!("Invalid upload: {e}")),
+            },
+        )
+    };
+    while let Some(field) = form.next_field().await.map_err(unreadable)? {
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.file_name().map(str::to_string);
-        let data = field
-            .bytes()
-            .await
-            .map_err(|e| bad(format!("Invalid upload: {e}")))?;
+        let data = field.bytes().await.map_err(unreadable)?;
         match name.as_str() {
             "purpose" => purpose = Some(String::from_utf8_lossy(&data).into_owned()),
             "file" => file = Some((filename.unwrap_or_else(|| "file.jsonl".into()), data)),

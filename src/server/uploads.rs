@@ -39,7 +39,56 @@ pub(super) async fn handle(
             .and_then(|v| v.to_str().ok()),
     )?;
     let idem_key = idempotency_key(&req)?;
-    let limit = rt.config.server.max_upload_bytes;
+    let server = &rt.config.server;
+    let limit = server.max_upload_bytes;
+    // `received` holds the upload's memory until the request ends.
+    let (frames, received) = receive(state, server, req, limit)?;
+    let form = api::edit::read_form(frames, &boundary, limit as u64)
+        .await
+        .map_err(|e| received.or_slow(server, e))?;
+    serve_form(
+        state, &rt, &principal, form, idem_key, request_id, log, operation,
+    )
+    .await
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upload's body, as the multipart reader takes it.
+pub(super) type Frames =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, BoxError>> + Send>>;
+
+/// An upload being received: its share of `server.max_upload_memory` (given back on drop) and
+/// whether it was cut for its pace.
+pub(super) struct Received {
+    slow: Arc<AtomicBool>,
+    _held: UploadPermit,
+}
+
+impl Received {
+    /// The error reading the upload ended with: 408 if it was cut for its pace, else `other`.
+    pub(super) fn or_slow(
+        &self,
+        server: &crate::config::ServerConfig,
+        other: ApiError,
+    ) -> ApiError {
+        if self.slow.load(Ordering::Relaxed) {
+            too_slow(server)
+        } else {
+            other
+        }
+    }
+}
+
+/// Admits a multipart upload (edits, variations, batch files): one that declares more than
+/// `limit` bytes is 413 before a byte is read; its declared size (or `limit`) is reserved from
+/// `server.max_upload_memory` (503 `uploads_busy` past it); its body must keep the upload pace.
+pub(super) fn receive(
+    state: &AppState,
+    server: &crate::config::ServerConfig,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<(Frames, Received), ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -53,16 +102,13 @@ pub(super) async fn handle(
         .code("request_too_large"));
     }
     let reserve = declared.map_or(limit, |len| len as usize);
-    let _held = state
-        .uploads
-        .reserve(reserve, rt.config.server.max_upload_memory)?;
+    let held = state.uploads.reserve(reserve, server.max_upload_memory)?;
     let frames = BodyStream::new(req.into_body()).filter_map(|frame| {
         std::future::ready(match frame {
             Ok(frame) => frame.into_data().ok().map(Ok),
             Err(e) => Some(Err(e)),
         })
     });
-    let server = &rt.config.server;
     let slow = Arc::new(AtomicBool::new(false));
     let frames = paced(
         frames,
@@ -70,17 +116,8 @@ pub(super) async fn handle(
         server.min_upload_rate,
         slow.clone(),
     );
-    let form = match api::edit::read_form(frames, &boundary, limit as u64).await {
-        Err(_) if slow.load(Ordering::Relaxed) => return Err(too_slow(server)),
-        read => read?,
-    };
-    serve_form(
-        state, &rt, &principal, form, idem_key, request_id, log, operation,
-    )
-    .await
+    Ok((Box::pin(frames), Received { slow, _held: held }))
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `frames`, cut off once they arrive slower than the upload pace allows: the whole body must
 /// be in within `grace` plus one second per `min_rate` bytes received so far (Apache's
