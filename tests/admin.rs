@@ -313,3 +313,39 @@ async fn a_key_can_narrow_its_tenants_limits() {
     );
     assert!(status_within_a_second(&gw, other["secret"].as_str().unwrap(), 200).await);
 }
+
+/// A key created through the admin API works on the very next request to the replica that
+/// made it, and one revoked there stops on the very next request (the replica's key cache
+/// takes its own changes in at once; other replicas within their 500 ms poll). Ten rounds, so
+/// a cache that waited for its poll would be caught.
+#[tokio::test]
+async fn a_key_changed_here_takes_effect_on_the_next_request() {
+    let gw = gateway().await;
+    let (status, _) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/tenants",
+        Some(json!({"id": "now", "models": ["*"]})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let body = json!({"prompt": "x", "size": "256x256", "response_format": "b64_json"});
+    for round in 0..10 {
+        let (status, key) = admin(
+            &gw,
+            "POST",
+            "/admin/v1/keys",
+            Some(json!({"tenant": "now"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{key}");
+        let secret = key["secret"].as_str().unwrap();
+        let s = gw.generate_as(secret, body.clone()).await.status();
+        assert_eq!(s, 200, "round {round}: a new key");
+        let id = key["id"].as_str().unwrap();
+        let (status, _) = admin(&gw, "POST", &format!("/admin/v1/keys/{id}/revoke"), None).await;
+        assert_eq!(status, 200);
+        let s = gw.generate_as(secret, body.clone()).await.status();
+        assert_eq!(s, 401, "round {round}: a revoked key");
+    }
+}

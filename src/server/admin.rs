@@ -354,6 +354,18 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         {
             tracing::error!(error = %e, "audit log write failed");
         }
+        refresh_keys(state).await;
     }
     Ok(resp)
+}
+
+/// After a change to keys or tenants made on this replica: its key cache sees it at once (a
+/// key created here works on the next request, one revoked here stops), instead of at the
+/// next poll of the store's revision. Other replicas see it within their poll (500 ms).
+pub(crate) async fn refresh_keys(state: &AppState) {
+    if let Some(keys) = &state.db_keys {
+        if let Err(e) = keys.refresh().await {
+            tracing::warn!(error = %e, "key store refresh after a change failed");
+        }
+    }
 }

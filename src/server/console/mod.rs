@@ -111,6 +111,8 @@ impl Ctx<'_> {
         {
             tracing::error!(error = %e, action, "audit log write failed");
         }
+        // Every change is audited: the key cache takes it in here too.
+        crate::server::admin::refresh_keys(self.state).await;
     }
 }
 
