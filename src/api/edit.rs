@@ -118,7 +118,8 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, ApiError> {
         })
 }
 
-fn too_large(limit: u64) -> ApiError {
+/// 413 for a multipart upload over `limit` bytes (edits, variations, batch files).
+pub fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         ErrorKind::PayloadTooLarge,
         format!("The request body exceeds the maximum upload size of {limit} bytes."),

@@ -255,11 +255,7 @@ async fn upload(
         received.or_slow(
             server,
             match e {
-                multer::Error::StreamSizeExceeded { .. } => ApiError::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("The request body exceeds the maximum upload size of {limit} bytes."),
-                )
-                .code("request_too_large"),
+                multer::Error::StreamSizeExceeded { .. } => api::edit::too_large(limit as u64),
                 e => bad(format!("Invalid upload: {e}")),
             },
         )

@@ -362,6 +362,14 @@ fn too_large(limit: usize) -> ApiError {
     .code("request_too_large")
 }
 
+/// The body length a request declares (`Content-Length`), if it is a number.
+pub(super) fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// A JSON request's body, whole: over `server.max_body_bytes` is 413, not in within
 /// `server.body_timeout` is 408 (a client trickling a body holds a connection, not the gateway).
 pub(super) async fn read_body(
@@ -369,12 +377,7 @@ pub(super) async fn read_body(
     server: &crate::config::ServerConfig,
 ) -> Result<Bytes, ApiError> {
     let limit = server.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
+    if declared_length(&req).is_some_and(|len| len > limit as u64) {
         return Err(too_large(limit));
     }
     let read = Limited::new(req.into_body(), limit).collect();

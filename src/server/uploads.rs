@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::api::{ApiError, ErrorKind};
 use futures_util::StreamExt;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use http_body_util::BodyStream;
 use hyper::body::Incoming;
@@ -89,17 +89,9 @@ pub(super) fn receive(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<(Frames, Received), ApiError> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = super::handlers::declared_length(&req);
     if declared.is_some_and(|len| len > limit as u64) {
-        return Err(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("The request body exceeds the maximum upload size of {limit} bytes."),
-        )
-        .code("request_too_large"));
+        return Err(api::edit::too_large(limit as u64));
     }
     let reserve = declared.map_or(limit, |len| len as usize);
     let held = state.uploads.reserve(reserve, server.max_upload_memory)?;
