@@ -12,7 +12,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::batches::{principal_from, Batches};
-use super::handlers::{run as run_request, AccessLog};
+use super::handlers::AccessLog;
+use super::pipeline::run as run_request;
 use super::state::AppState;
 use crate::api::{self, ApiError};
 use crate::batch::{self, Claimed, FileObject, LineResult};
@@ -243,8 +244,10 @@ async fn write_file(
 async fn run_line(state: &Arc<AppState>, c: &Claimed) -> Option<LineResult> {
     let request_id = format!("req_{}", hex::encode(rand::random::<[u8; 12]>()));
     let started = std::time::Instant::now();
-    let mut log = AccessLog::default();
-    log.batch = Some(c.batch_id.clone());
+    let mut log = AccessLog {
+        batch: Some(c.batch_id.clone()),
+        ..AccessLog::default()
+    };
     let answer = execute(state, c, &request_id, &mut log).await;
     let (status, body) = match answer {
         Err(e) if e.code.as_deref() == Some("idempotency_key_in_use") => return None,

@@ -9,6 +9,7 @@ mod console;
 mod handlers;
 mod metered;
 pub mod models;
+mod pipeline;
 mod respond;
 mod state;
 pub mod tls;

@@ -1,5 +1,5 @@
 //! `POST /v1/images/edits` and `POST /v1/images/variations` up to validation (from there
-//! `handlers::run` serves them as it serves a generation), and the bound on the bytes of
+//! `pipeline::run` serves them as it serves a generation), and the bound on the bytes of
 //! uploads held at once: an upload reserves what it declares (or the largest upload, when it
 //! declares nothing) before it is read, and gives it back when its request ends. One that
 //! would pass `server.max_upload_memory` gets a 503 with `retry-after`, so a burst of large
@@ -16,7 +16,8 @@ use http::{Request, Response};
 use http_body_util::BodyStream;
 use hyper::body::Incoming;
 
-use super::handlers::{authenticate, idempotency_key, model_route, run, AccessLog};
+use super::handlers::{authenticate, idempotency_key, model_route, AccessLog};
+use super::pipeline::run;
 use super::respond::Body;
 use super::state::AppState;
 use crate::api::{self, Operation};
