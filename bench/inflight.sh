@@ -16,13 +16,15 @@
 #
 #   bash bench/inflight.sh [seconds per run, default 20] [N list, default "1000 5000 10000"]
 #   env: DELAY (ms, default 2000), SETTLE (s, default 60), NO_NGINX=1, GW_BIN (the gateway
-#   binary, default target/release/imagegate: an older build for a before/after run)
+#   binary, default target/release/imagegate: an older build for a before/after run),
+#   ONLY (the proxies to run, default "gateway bare nginx")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
 counts=${2:-"1000 5000 10000"}
 delay=${DELAY:-2000}
 settle=${SETTLE:-60}
+only=" ${ONLY:-gateway bare nginx} "
 
 . bench/lib.sh
 bench_tools
@@ -103,6 +105,7 @@ echo "in-flight memory: $(date -u +%F), $(nproc) cores ($(grep -m1 'model name' 
 echo "upstream delay ${delay} ms, ${secs}s per run; gateway and nginx on core 0, upstream and wrk on core 1"
 echo
 for n in $counts; do
+  if [[ $only == *" gateway "* ]]; then
   taskset -c 0 "$GW_BIN" serve --config "$tmp/gw.yaml" & gw=$!; pids+=($gw)
   wait_up $gw_port
   sleep 0.5
@@ -112,12 +115,15 @@ for n in $counts; do
     echo "         gateway RSS ${settle}s after the load stopped: $(mib "$(kib "$gw" VmRSS)") MiB"
   fi
   kill "$gw"; wait "$gw" 2>/dev/null || true
+  fi
+  if [[ $only == *" bare "* ]]; then
   taskset -c 0 target/release/examples/bare_proxy --port $bare_port --upstream-port $up_port 2>/dev/null & bare=$!; pids+=($bare)
   wait_up $bare_port
   sleep 0.5
   run bare $bare_port "$n" "$bare"
   kill "$bare"; wait "$bare" 2>/dev/null || true
-  if [ -n "$NGINX" ]; then
+  fi
+  if [ -n "$NGINX" ] && [[ $only == *" nginx "* ]]; then
     taskset -c 0 "$NGINX" -c "$tmp/nginx.conf" & ng=$!; pids+=($ng)
     wait_up $ng_port
     sleep 0.5

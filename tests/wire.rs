@@ -381,3 +381,61 @@ async fn a_silent_connection_does_not_hold_up_shutdown() {
         started.elapsed()
     );
 }
+
+/// While a request waits on its upstream, its connection reads only into a small buffer
+/// (vendor/hyper/IMAGEGATE-PATCH.md) to notice the client leaving. A request pipelined behind
+/// the waiting one, whether sent with it or during the wait, and with a head far larger than
+/// that buffer, is still read whole and answered after it, in order.
+#[tokio::test]
+async fn requests_pipelined_behind_a_waiting_one_are_answered_in_order() {
+    let gw = Gateway::start(&sandbox_config(
+        "  slow: {kind: sandbox, delay: 400ms}",
+        "  slow-model: {rules: dall-e-2, route: {targets: [{backend: slow}]}}",
+    ))
+    .await;
+    let body = r#"{"model":"slow-model","prompt":"a lighthouse","size":"256x256"}"#;
+    let first = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // 6 KiB of head: a hundred times the buffer read into while the first request waits.
+    let second = format!(
+        "GET /v1/models HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n\
+         x-padding: {}\r\nconnection: close\r\n\r\n",
+        "p".repeat(6000)
+    );
+    for during_the_wait in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        if during_the_wait {
+            s.write_all(first.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            // In pieces, as a slow client would send it.
+            for piece in second.as_bytes().chunks(1000) {
+                s.write_all(piece).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        } else {
+            s.write_all(format!("{first}{second}").as_bytes())
+                .await
+                .unwrap();
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.read_to_end(&mut answer),
+        )
+        .await
+        .expect("both answers within 10 s")
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(statuses(&answer), [200, 200], "{answer}");
+        let image = answer.find("\"b64_json\"").or(answer.find("\"url\""));
+        let list = answer.find("\"object\":\"list\"");
+        assert!(
+            matches!((image, list), (Some(i), Some(l)) if i < l),
+            "the image first, then the model list: {answer}"
+        );
+    }
+    models_ok(&gw).await;
+}
