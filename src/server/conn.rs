@@ -159,11 +159,14 @@ impl Http {
         S: Serves<B>,
         B: SendBody,
     {
+        // HTTP/2's connection future is boxed: it is more than twice HTTP/1's, and every
+        // connection's task would otherwise be allocated at its size (bench/README.md,
+        // "Memory per request in flight").
         let ended = if h2 {
             let conn = self.h2.serve_connection(io, service);
             match watcher {
-                Some(w) => w.watch(conn).await,
-                None => conn.await,
+                Some(w) => Box::pin(w.watch(conn)).await,
+                None => Box::pin(conn).await,
             }
         } else {
             let conn = self.h1.serve_connection(io, service);

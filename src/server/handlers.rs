@@ -72,7 +72,7 @@ impl Drop for InFlight {
 
 pub async fn handle(
     state: Arc<AppState>,
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = InFlight::new();
@@ -241,7 +241,7 @@ pub(crate) async fn serve_as(
 /// `path` is the request's own, read once by [`handle`].
 async fn route(
     state: &Arc<AppState>,
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
     path: &str,
     request_id: &str,
     log: &mut AccessLog,
@@ -255,7 +255,7 @@ async fn route(
         (&Method::POST, "/v1/images/edits") => {
             Box::pin(super::uploads::handle(
                 state,
-                req,
+                *req,
                 request_id,
                 log,
                 Operation::Edit,
@@ -265,7 +265,7 @@ async fn route(
         (&Method::POST, "/v1/images/variations") => {
             Box::pin(super::uploads::handle(
                 state,
-                req,
+                *req,
                 request_id,
                 log,
                 Operation::Variation,
@@ -282,7 +282,7 @@ async fn route(
                 || p == "/v1/batches"
                 || p.starts_with("/v1/batches/") =>
         {
-            Box::pin(super::batches::route(state, req, p, log)).await
+            Box::pin(super::batches::route(state, *req, p, log)).await
         }
         (&Method::GET | &Method::HEAD, "/healthz") => {
             Ok(respond::json(StatusCode::OK, &json!({"status": "ok"})))
@@ -473,7 +473,7 @@ pub(super) fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>,
 /// `POST /v1/images/generations`.
 async fn generations(
     state: &Arc<AppState>,
-    req: Request<Incoming>,
+    req: Box<Request<Incoming>>,
     request_id: &str,
     log: &mut AccessLog,
 ) -> Result<Response<Body>, ApiError> {
@@ -482,7 +482,7 @@ async fn generations(
     let principal = authenticate(&rt, &req, log).await?;
     require_json(&req)?;
     let idem_key = idempotency_key(&req)?;
-    let body = read_body(req, &rt.config.server).await?;
+    let body = read_body(*req, &rt.config.server).await?;
     generate(state, &rt, &principal, body, idem_key, request_id, log).await
 }
 
@@ -496,12 +496,7 @@ async fn generate(
     request_id: &str,
     log: &mut AccessLog,
 ) -> Result<Response<Body>, ApiError> {
-    let raw = api::parse_request(&body)?;
-
-    let model_name = raw.model().to_string();
-    let route = model_route(rt, principal, &model_name, log)?;
-    serves(route, api::Operation::Generation)?;
-    let request = raw.validate(&route.rules)?;
+    let (route, request) = validated(rt, principal, &body, log)?;
     let idempotency = idem_key.as_deref().map(|key| (key, &body[..]));
     super::pipeline::run(
         state,
@@ -514,6 +509,21 @@ async fn generate(
         log,
     )
     .await
+}
+
+/// A generation's body, parsed and checked against its model's rules. Apart from
+/// [`generate`], so the parsed body is gone before the request waits on its upstream: a local
+/// borrowed in an async fn keeps its slot in the future until its scope ends.
+fn validated<'r>(
+    rt: &'r Runtime,
+    principal: &Principal,
+    body: &[u8],
+    log: &mut AccessLog,
+) -> Result<(&'r crate::routing::ModelRoute, api::ImageRequest), ApiError> {
+    let raw = api::parse_request(body)?;
+    let route = model_route(rt, principal, raw.model(), log)?;
+    serves(route, api::Operation::Generation)?;
+    Ok((route, raw.validate(&route.rules)?))
 }
 
 fn model_object(rt: &Runtime, id: &str) -> ModelObject {

@@ -73,13 +73,17 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = {
             let state = state.clone();
-            // Boxed: the request's future is ~5.6 KiB, and hyper would otherwise copy it
-            // whole into its dispatcher.
+            // Boxed: the request's future is several KiB, and hyper would otherwise copy it
+            // whole into its dispatcher. So is the request's head (~250 bytes), which each
+            // layer of that future would otherwise hold a slot for until the answer, long
+            // after the body is read; and the portal's future, so that it never sets the size
+            // of a generation's (bench/README.md, "Memory per request in flight").
             service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let state = state.clone();
+                let req = Box::new(req);
                 Box::pin(async move {
                     if req.uri().path().starts_with("/portal") {
-                        return Ok(console::portal(&state, req, peer.ip()).await);
+                        return Ok(Box::pin(console::portal(&state, *req, peer.ip())).await);
                     }
                     handlers::handle(state, req).await
                 })

@@ -92,9 +92,9 @@ pub(crate) async fn run(
     let relayed = match relay(state, principal, route, &request, request_id, log).await {
         Ok(r) => r,
         Err(e) => {
-            charge
-                .fail(e.kind.status().as_u16(), log.backend.as_deref())
-                .await;
+            // Boxed, as the settlement below: a ledger write's future (~2 KiB) would
+            // otherwise set the size of this one, which is held during the upstream wait.
+            Box::pin(charge.fail(e.kind.status().as_u16(), log.backend.as_deref())).await;
             return Err(e);
         }
     };
