@@ -1,6 +1,6 @@
 //! A fast fake OpenAI Images upstream for benchmarks: answers every
 //! `POST /v1/images/generations` with `n` images (the request's `n`), each either a small URL
-//! or a base64 "PNG" of a fixed size, after an optional delay. The answer is built from one
+//! or a base64 "PNG" of a fixed size (its signature, noise and its closing `IEND` chunk), after an optional delay. The answer is built from one
 //! pre-encoded image shared by every response (no per-request encoding), so the fake costs
 //! as little as possible and the gateway's cost is what the benchmark sees.
 //!
@@ -21,13 +21,16 @@ use hyper::Request;
 fn image_b64(len: usize) -> Bytes {
     let mut raw = Vec::with_capacity(len);
     raw.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    // PNG's closing chunk: the gateway refuses an image cut short (issue 26).
+    const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
     let mut x: u32 = 2463534242;
-    while raw.len() < len {
+    while raw.len() + IEND.len() < len {
         x ^= x << 13;
         x ^= x >> 17;
         x ^= x << 5;
         raw.push(x as u8);
     }
+    raw.extend_from_slice(&IEND);
     Bytes::from(base64::engine::general_purpose::STANDARD.encode(&raw))
 }
 
