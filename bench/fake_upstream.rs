@@ -1,8 +1,9 @@
 //! A fast fake OpenAI Images upstream for benchmarks: answers every
 //! `POST /v1/images/generations` with `n` images (the request's `n`), each either a small URL
-//! or a base64 "PNG" of a fixed size (its signature, noise and its closing `IEND` chunk), after an optional delay. The answer is built from one
-//! pre-encoded image shared by every response (no per-request encoding), so the fake costs
-//! as little as possible and the gateway's cost is what the benchmark sees.
+//! or a base64 "PNG" of a fixed size (its signature, noise and its closing `IEND` chunk),
+//! after an optional delay. The answer is built from one pre-encoded image shared by every
+//! response (no per-request encoding), so the fake costs as little as possible and the
+//! gateway's cost is what the benchmark sees.
 //!
 //! Usage: fake_upstream [--port P] [--b64-bytes N] [--delay-ms D]
 //!   --b64-bytes 0 (default) answers with URLs; N > 0 answers with N raw bytes per image,
